@@ -1,0 +1,157 @@
+"""Single-process training: the reference semantics every distributed run must equal.
+
+One epoch = every user once, in a seeded order (``epoch_order``), in batches of
+``batch_size`` CSR rows. Validation every ``eval_every`` epochs on Recall@20 (the
+``select_metric``); training stops after ``patience`` epochs without improvement, and the
+test metrics are those of the best validation checkpoint (the reference's model selection).
+"""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import runs
+from .data import InteractionData, load_data
+from .evaluate import evaluate
+from .models import Progress, build_model, parameter_groups
+from .progress import StepProgress, format_seconds, log, peak_rss_mib
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def epoch_order(n_users: int, seed: int, epoch: int) -> np.ndarray:
+    """[n_users] permutation for this epoch; a function of (seed, epoch) so resume repeats it."""
+    return np.random.default_rng([seed, epoch]).permutation(n_users)
+
+
+def batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def prepare_partition(cfg: dict, data: InteractionData, run_dir: Path | None):
+    """L-DiffRec's item partition: reused from the run (or ``ldiffrec.partition``), else built."""
+    if cfg["model"] != "ldiffrec":
+        return None
+    from .partition import Partition, build_partition
+    saved = cfg["ldiffrec"]["partition"] or (
+        run_dir / runs.PARTITION if run_dir is not None else None)
+    if saved is not None and Path(saved).is_file():
+        return Partition.load(saved, n_items=data.n_items)
+    partition = build_partition(cfg, data)
+    if run_dir is not None:
+        partition.save(run_dir / runs.PARTITION)
+    return partition
+
+
+def describe_model(model: torch.nn.Module) -> str:
+    counts = (model.parameter_counts() if hasattr(model, "parameter_counts")
+              else {"total": sum(p.numel() for p in model.parameters())})
+    return ", ".join(f"{k} {v:,}" for k, v in counts.items())
+
+
+def train_epoch(model, optimizer, data: InteractionData, cfg: dict, epoch: int,
+                progress: Progress) -> float:
+    """One pass over all users; returns the mean batch loss."""
+    model.train()
+    order = batches(epoch_order(data.n_users, cfg["seed"], epoch), cfg["batch_size"])
+    meter = StepProgress(epoch + 1, len(order))
+    total = 0.0
+    for i, users in enumerate(order, 1):
+        rows = data.train.take_rows(users).to_torch()
+        optimizer.zero_grad(set_to_none=True)
+        loss = model.training_loss(rows, progress)["loss"]
+        loss.backward()
+        optimizer.step()
+        progress.step += 1
+        total += loss.item()
+        meter.step(i, total / i)
+    return total / max(len(order), 1)
+
+
+def _metrics(model, data, split, cfg) -> dict:
+    return evaluate(model, data, split=split, ks=cfg["topk"], convention=cfg["convention"],
+                    batch_size=cfg["eval_batch_size"])
+
+
+def _state(model, optimizer, progress, record) -> dict:
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "epoch": progress.epoch, "step": progress.step, "record": record,
+            "torch_rng": torch.get_rng_state()}
+
+
+def train(cfg: dict, run_dir: str | Path, resume: bool = False) -> dict:
+    """Train per ``cfg``, writing checkpoints and metrics.json to ``run_dir``; returns metrics."""
+    run_dir = Path(run_dir)
+    seed_everything(cfg["seed"])
+    data = load_data(cfg)          # validates the input before anything is written
+    run_dir.mkdir(parents=True, exist_ok=True)
+    runs.write_config(run_dir, cfg)
+    partition = prepare_partition(cfg, data, run_dir)
+    model = build_model(cfg, data.n_items, partition)
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg))
+    progress = Progress()
+    record = {"history": [], "best": -1.0, "best_epoch": 0, "valid": {}}
+    if resume:
+        state = runs.load_checkpoint(run_dir, "last")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        progress = Progress(epoch=state["epoch"], step=state["step"])
+        record = state["record"]
+        torch.set_rng_state(state["torch_rng"])
+        log.info("resumed from %s at epoch %d", run_dir / runs.CHECKPOINTS / "last.pt",
+                 progress.epoch)
+    log.info("data %s: %d users x %d items, %d train interactions",
+             data.name, data.n_users, data.n_items, data.train.nnz)
+    log.info("model %s: %s parameters", cfg["model"], describe_model(model))
+
+    metric = cfg["select_metric"]
+    started = time.perf_counter()
+    first_epoch = progress.epoch
+    for epoch in range(first_epoch, cfg["epochs"]):
+        t0 = time.perf_counter()
+        loss = train_epoch(model, optimizer, data, cfg, epoch, progress)
+        seconds = time.perf_counter() - t0
+        progress.epoch = epoch + 1
+        entry = {"epoch": epoch + 1, "loss": loss, "seconds": seconds}
+        done = epoch + 1 - first_epoch
+        eta = (time.perf_counter() - started) / done * (cfg["epochs"] - epoch - 1)
+        line = f"epoch {epoch + 1}/{cfg['epochs']} | loss {loss:.4f} | {seconds:.1f} s"
+        if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == cfg["epochs"]:
+            valid = _metrics(model, data, "valid", cfg)
+            entry["valid"] = {k: valid[k] for k in (f"recall@20", "ndcg@20") if k in valid}
+            line += f" | valid recall@20 {valid['recall@20']:.4f} ndcg@20 {valid['ndcg@20']:.4f}"
+            if valid[metric] > record["best"]:
+                record.update(best=valid[metric], best_epoch=epoch + 1, valid=valid)
+                runs.save_checkpoint(run_dir, "best", _state(model, optimizer, progress, record))
+                line += " *"
+        record["history"].append(entry)
+        log.info("%s | ETA %s | peak RSS %.0f MiB", line, format_seconds(eta), peak_rss_mib())
+        runs.save_checkpoint(run_dir, "last", _state(model, optimizer, progress, record))
+        if epoch + 1 - record["best_epoch"] >= cfg["patience"] and record["best_epoch"] > 0:
+            log.info("early stop: no better valid %s for %d epochs (best epoch %d)",
+                     metric, cfg["patience"], record["best_epoch"])
+            break
+
+    best = runs.load_checkpoint(run_dir, "best")
+    model.load_state_dict(best["model"])
+    metrics = {
+        "model": cfg["model"], "data": data.name, "convention": cfg["convention"],
+        "best_epoch": record["best_epoch"],
+        "valid": _metrics(model, data, "valid", cfg),
+        "test": _metrics(model, data, "test", cfg),
+        "history": record["history"],
+        "peak_rss_mib": peak_rss_mib(),
+    }
+    runs.write_json(run_dir / runs.METRICS, metrics)
+    log.info("best epoch %d | test recall@20 %.4f ndcg@20 %.4f | wrote %s",
+             record["best_epoch"], metrics["test"]["recall@20"], metrics["test"]["ndcg@20"],
+             run_dir / runs.METRICS)
+    return metrics
