@@ -21,14 +21,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> int:
-    from .config import load_config
+    from .config import absolute_paths, load_config
     from .runs import CHECKPOINTS
     overrides = list(args.overrides)
     if args.workers is not None:
         overrides.append(f"distributed.workers={args.workers}")
     if args.address is not None:
         overrides.append(f"distributed.address={args.address}")
-    cfg = load_config(args.config, overrides)
+    cfg = absolute_paths(load_config(args.config, overrides))
     out = Path(args.out)
     if (out / CHECKPOINTS).exists() and not (args.resume or args.overwrite):
         raise ConfigError(f"{out}: already holds a run; pass --resume to continue it or "

@@ -56,19 +56,24 @@ DEFAULTS: dict = {
     "denoiser": {"dims": [200, 600], "emb_size": 10, "norm": False, "dropout": 0.5},
     "multvae": {"dims": [200, 600], "dropout": 0.5, "anneal_cap": 0.2,
                 "total_anneal_steps": 200000},
-    "ldiffrec": {
+    "ldiffrec": {                # semantics and sources: scale_diffrec/models/ldiffrec.py
         "n_clusters": 2,
-        "in_dims": [300],
-        "out_dims": [],
+        "in_dims": [300],        # reference flag order: latent size first (reversed to build)
+        "out_dims": [],          # [] = one Linear(latent -> I); non-empty = per-cluster decoders
         "mlp_dims": [300],
-        "lamda": 0.03,
-        "anneal_cap": 0.3,
-        "anneal_steps": 200,
-        "vae_anneal_cap": 0.3,
+        "lamda": 0.03,           # diffusion-loss weight: max((1 - epochs/anneal_steps) * lamda,
+        "anneal_cap": 0.005,     #   anneal_cap), epochs = epochs done (reference defaults 500,
+        "anneal_steps": 500,     #   0.005: L-DiffRec/main.py, not passed by run.sh)
+        "vae_anneal_cap": 0.3,   # KL weight: min(vae_anneal_cap, batches done / vae_anneal_steps)
+        "vae_anneal_steps": 200,
+        "lr_vae": None,          # autoencoder learning rate (reference lr1); None = lr (lr2)
+        "weight_decay_vae": None,  # autoencoder weight decay (reference wd1); None = weight_decay
         "act": "tanh",
         "dropout": 0.1,
-        "embeddings": "file",    # file (data.item_emb / item_emb.npy) | svd
-        "emb_dim": 64,
+        "recon_target": "dropped",  # dropped (reference: x after input dropout) | clean (x)
+        "embeddings": "auto",    # file (data.item_emb / item_emb.npy) | svd | auto (file if any)
+        "emb_dim": 64,           # svd embedding dimensions
+        "kmeans_niter": 50,
         "partition": None,       # path of a saved partition artifact to reuse
     },
     "distributed": {
@@ -143,3 +148,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> di
 
 def save_config(cfg: dict, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+PATH_KEYS = (("data", "path"), ("data", "item_emb"), ("ldiffrec", "partition"))
+
+
+def absolute_paths(cfg: dict) -> dict:
+    """Resolve the config's file paths against the current directory, so a saved run's
+    config.yaml still finds its data from anywhere (and from Ray workers)."""
+    cfg = copy.deepcopy(cfg)
+    for section, key in PATH_KEYS:
+        if cfg[section][key]:
+            cfg[section][key] = str(Path(cfg[section][key]).expanduser().resolve())
+    return cfg

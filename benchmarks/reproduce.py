@@ -1,0 +1,98 @@
+"""Reproduce the paper's ML-1M rows: train each model with its config, write test metrics
+beside the paper's numbers and the reference implementation's measured ones.
+
+    python benchmarks/reproduce.py                       # every row
+    python benchmarks/reproduce.py --only diffrec-clean  # one row
+    python benchmarks/reproduce.py --set epochs=5        # quick look (overrides all rows)
+
+Writes benchmarks/results/reproduce.json (rows merged by name, so rows can run separately).
+Metrics use the reference convention (sums over users with test items / all users).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scale_diffrec.config import load_config  # noqa: E402
+from scale_diffrec.progress import setup_logging  # noqa: E402
+from scale_diffrec.runs import write_json  # noqa: E402
+from scale_diffrec.train import train  # noqa: E402
+
+# ../shared/PAPER.md: arXiv 2304.04971 Table 2 (clean ML-1M) and the authors' code run on a
+# 2-core CPU here.
+PAPER = {
+    "multvae-clean": {"recall@10": 0.1007, "recall@20": 0.1726, "ndcg@10": 0.0825, "ndcg@20": 0.1076},
+    "diffrec-clean": {"recall@10": 0.1058, "recall@20": 0.1787, "ndcg@10": 0.0901, "ndcg@20": 0.1148},
+    "ldiffrec-clean": {"recall@10": 0.1060, "recall@20": 0.1809, "ndcg@10": 0.0868, "ndcg@20": 0.1122},
+}
+REFERENCE_MEASURED = {
+    "diffrec-clean": {"recall@10": 0.1007, "recall@20": 0.1697, "ndcg@10": 0.0862, "ndcg@20": 0.1094,
+                      "note": "authors' code, 20-epoch cap, best valid epoch 10"},
+    "ldiffrec-clean": {"recall@10": 0.0913, "recall@20": 0.1587, "ndcg@10": 0.0799, "ndcg@20": 0.1030,
+                       "note": "authors' code, best valid epoch 30", "epoch_seconds": 3.1},
+}
+ROWS = {
+    "diffrec-clean": "configs/ml1m-clean-diffrec.yaml",
+    "diffrec-noisy": "configs/ml1m-noisy-diffrec.yaml",
+    "multvae-clean": "configs/ml1m-clean-multvae.yaml",
+    "ldiffrec-clean": "configs/ml1m-clean-ldiffrec.yaml",
+    "ldiffrec-noisy": "configs/ml1m-noisy-ldiffrec.yaml",
+}
+KEYS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
+
+
+def run_row(name: str, overrides: list[str], runs_dir: Path) -> dict:
+    cfg = load_config(ROOT / ROWS[name], overrides)
+    if cfg["data"]["path"] and not Path(cfg["data"]["path"]).is_absolute():
+        cfg["data"]["path"] = str((ROOT / cfg["data"]["path"]).resolve())
+    if not Path(cfg["data"]["path"]).is_dir():
+        return {"skipped": f"data folder {cfg['data']['path']} is absent"}
+    started = time.perf_counter()
+    metrics = train(cfg, runs_dir / name)
+    seconds = [h["seconds"] for h in metrics["history"]]
+    row = {
+        "config": ROWS[name], "overrides": overrides, "convention": metrics["convention"],
+        "best_epoch": metrics["best_epoch"], "epochs_run": len(seconds),
+        "test": {k: metrics["test"][k] for k in KEYS},
+        "valid": {k: metrics["valid"][k] for k in KEYS},
+        "epoch_seconds_median": statistics.median(seconds),
+        "wall_seconds": time.perf_counter() - started,
+        "peak_rss_mib": metrics["peak_rss_mib"],
+    }
+    if name in PAPER:
+        row["paper"] = PAPER[name]
+        row["ratio_to_paper"] = {k: row["test"][k] / PAPER[name][k] for k in KEYS}
+    if name in REFERENCE_MEASURED:
+        row["reference_measured"] = REFERENCE_MEASURED[name]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", action="append", choices=sorted(ROWS))
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--runs", default=str(ROOT / "runs" / "reproduce"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reproduce.json"))
+    args = parser.parse_args()
+    setup_logging()
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.is_file() else {"rows": {}}
+    results["machine"] = {"platform": platform.platform(), "processor": platform.machine(),
+                          "python": platform.python_version(), "cpus": os.cpu_count()}
+    for name in args.only or ROWS:
+        results["rows"][name] = run_row(name, args.overrides, Path(args.runs))
+        write_json(out, results)
+        print(json.dumps({name: results["rows"][name].get("test")}))
+
+
+if __name__ == "__main__":
+    main()

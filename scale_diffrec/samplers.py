@@ -1,0 +1,101 @@
+"""Diffusion-step samplers: uniform, and importance sampling by the loss second moment.
+
+Both return (t [B], weights [B]) with weights = 1 / (T p_t), so that
+E_t[weights * loss_t] = mean_t loss_t: the importance-sampled loss stays unbiased.
+
+LossSecondMomentResampler (Nichol & Dhariwal 2021; DiffRec's only sampler): keeps the last
+``history_per_step`` losses seen at each step t; until every t has that many it samples
+uniformly, then p_t ∝ sqrt(E[L_t^2]) mixed with a ``uniform_prob`` share of uniform.
+Distributed: ``update_with_local_losses`` all-gathers every rank's (t, loss) pairs and
+records them in rank order, so all ranks hold identical histories and sample identically.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class UniformSampler(nn.Module):
+    def __init__(self, steps: int):
+        super().__init__()
+        self.steps = steps
+
+    def probabilities(self) -> torch.Tensor:
+        return torch.full((self.steps,), 1.0 / self.steps, dtype=torch.float64)
+
+    def sample(self, batch_size: int, device=None,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """t ~ p [B] (long) and weights 1 / (T p_t) [B] (float32)."""
+        p = self.probabilities()
+        t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
+        weights = 1.0 / (self.steps * p[t])
+        return t.to(device), weights.float().to(device)
+
+    def update_with_local_losses(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        """Uniform sampling keeps no history."""
+
+
+class LossSecondMomentResampler(UniformSampler):
+    def __init__(self, steps: int, history_per_step: int = 10, uniform_prob: float = 0.001):
+        super().__init__(steps)
+        self.history_per_step, self.uniform_prob = history_per_step, uniform_prob
+        self.register_buffer("loss_history", torch.zeros(steps, history_per_step,
+                                                         dtype=torch.float64))
+        self.register_buffer("loss_counts", torch.zeros(steps, dtype=torch.long))
+
+    def warmed_up(self) -> bool:
+        return bool((self.loss_counts == self.history_per_step).all())
+
+    def probabilities(self) -> torch.Tensor:
+        """[T] float64: uniform before warm-up, else (1-u) sqrt(E L_t^2)/sum + u/T."""
+        if not self.warmed_up():
+            return super().probabilities()
+        rms = self.loss_history.pow(2).mean(dim=-1).sqrt()
+        p = rms / rms.sum()
+        return p * (1 - self.uniform_prob) + self.uniform_prob / self.steps
+
+    def update_with_all_losses(self, ts: list[int], losses: list[float]) -> None:
+        """Record each (t, loss) in order; a full history drops its oldest loss (FIFO)."""
+        for t, loss in zip(ts, losses):
+            count = int(self.loss_counts[t])
+            if count == self.history_per_step:
+                self.loss_history[t, :-1] = self.loss_history[t, 1:].clone()
+                self.loss_history[t, -1] = loss
+            else:
+                self.loss_history[t, count] = loss
+                self.loss_counts[t] = count + 1
+
+    def update_with_local_losses(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        """Gather (t, loss) pairs of every rank (unequal batch sizes allowed), then record."""
+        pairs = torch.stack([t.detach().double().cpu(), losses.detach().double().cpu()], dim=1)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            pairs = _all_gather_rows(pairs)
+        self.update_with_all_losses(pairs[:, 0].long().tolist(), pairs[:, 1].tolist())
+
+
+def _all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's [n_r, k] rows in rank order (n_r may differ)."""
+    device = torch.device("cuda", torch.cuda.current_device()) \
+        if dist.get_backend() == "nccl" else torch.device("cpu")
+    world = dist.get_world_size()
+    count = torch.tensor([rows.shape[0]], device=device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    longest = int(max(c.item() for c in counts))
+    padded = torch.zeros(longest, rows.shape[1], dtype=rows.dtype, device=device)
+    padded[: rows.shape[0]] = rows.to(device)
+    gathered = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[: int(c.item())] for g, c in zip(gathered, counts)]).cpu()
+
+
+def build_sampler(dcfg: dict) -> UniformSampler:
+    """'importance' (LossSecondMomentResampler, the reference's choice) or 'uniform'."""
+    if dcfg["sampler"] == "importance":
+        return LossSecondMomentResampler(dcfg["steps"], dcfg["history_per_step"],
+                                         dcfg["uniform_prob"])
+    if dcfg["sampler"] == "uniform":
+        return UniformSampler(dcfg["steps"])
+    raise ValueError(f"config key 'diffusion.sampler': unknown sampler '{dcfg['sampler']}' "
+                     f"(importance or uniform)")
