@@ -104,8 +104,32 @@ def _merge(base: dict, update: dict, prefix: str = "") -> dict:
         elif isinstance(base[key], dict):
             out[key] = {**base[key], **(value or {})}
         else:
-            out[key] = value
+            out[key] = _typed(dotted, base[key], value)
     return out
+
+
+def _typed(dotted: str, default, value):
+    """``value`` in the default's type: YAML reads '1e-3' as a string, so numbers written
+    without a dot are converted here; anything else of the wrong kind is an error."""
+    if isinstance(default, bool) or value is None or default is None:
+        if isinstance(value, str):
+            try:
+                return float(value) if any(c in value.lower() for c in ".e") else value
+            except ValueError:
+                return value
+        return value
+    if isinstance(default, (int, float)):
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"config key '{dotted}' must be a number, got '{value}'") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{dotted}' must be a number, got {value!r}")
+        if isinstance(default, int) and float(value) != int(value):
+            raise ConfigError(f"config key '{dotted}' must be an integer, got {value!r}")
+        return int(value) if isinstance(default, int) else float(value)
+    return value
 
 
 def parse_override(text: str) -> tuple[list[str], object]:

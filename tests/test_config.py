@@ -36,3 +36,13 @@ def test_defaults_are_not_mutated():
     cfg = load_config(None, ["denoiser.dims=[1]"])
     cfg["topk"].append(5)
     assert DEFAULTS["denoiser"]["dims"] == [200, 600] and 5 not in DEFAULTS["topk"]
+
+
+def test_numbers_without_a_dot_are_numbers_and_wrong_kinds_are_named():
+    cfg = load_config(None, ["lr=1e-3", "ldiffrec.lr_vae=5e-4", "epochs=3.0"])
+    assert cfg["lr"] == 0.001 and cfg["ldiffrec"]["lr_vae"] == 0.0005
+    assert cfg["epochs"] == 3 and isinstance(cfg["epochs"], int)
+    with pytest.raises(ConfigError, match="'epochs' must be an integer"):
+        load_config(None, ["epochs=2.5"])
+    with pytest.raises(ConfigError, match="'batch_size' must be a number"):
+        load_config(None, ["batch_size=lots"])
