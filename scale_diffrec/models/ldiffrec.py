@@ -1,0 +1,535 @@
+"""L-DiffRec: diffusion in the latent space of per-cluster VAEs (Wang et al., SIGIR 2023).
+
+Reference semantics, from the authors' code (github.com/YiyanXu/DiffRec). ``AE`` below is
+``models/Autoencoder.py`` (``class AutoEncoder``; the same file in L-DiffRec/ and
+LT-DiffRec/), ``main`` is ``L-DiffRec/main.py``, ``GD`` is ``models/gaussian_diffusion.py``.
+
+Architecture
+  * Items are split into C clusters by k-means over item embeddings (AE.__init__,
+    ``kmeans(X=item_emb, num_clusters=n_cate, distance='euclidean')``); see partition.py.
+  * ``in_dims`` is given in the reference's flag order and reversed before use
+    (main: ``in_dims = eval(args.in_dims)[::-1]``), so its FIRST entry is the latent size
+    and the list read backwards is the encoder's widths. With the released ``[300]`` that
+    is simply a 300-d latent.
+  * Cluster c's latent widths (AE.__init__, n_cate > 1): for every cluster but the last,
+    ``int(n_c / n_items * d)`` per width d (truncation; 0 becomes 1); the last cluster gets
+    the remainder ``d - sum(others)``, so the latents sum to d. One cluster (n_cate == 1):
+    the widths themselves.
+  * Encoder E_c: Linear(n_c -> w1) act ... Linear(-> 2 l_c) act -- the activation (tanh)
+    follows EVERY layer including the last, so mu_c and logvar_c (the two halves of the
+    output, mu first) both lie in (-1, 1) (AE.__init__ ``encoder_modules``, AE.Encode).
+    The first layer reads the sparse batch: an EmbeddingBag(mode="sum",
+    per_sample_weights=values) over the cluster's local columns plus a bias, which equals
+    Linear on the dense column slice.
+  * Input dropout p = ``dropout`` (AE ``nn.Dropout(dropout=0.1)``, the default main uses)
+    on the whole input before encoding (AE.Encode). Dropout zeroes an entry or scales it
+    by 1/(1-p); zeros stay zero, so dropping the stored nonzeros is the same operation.
+  * Reconstruction target: AE.Encode returns the DROPPED-OUT input as the target for
+    ``compute_loss`` (``batch = self.dropout(batch)`` ... ``return torch.cat(batch_cate)``),
+    so the reference reconstructs dropout(x). ``recon_target: dropped`` (default) keeps
+    that; ``clean`` reconstructs x itself. With time weights (LT-DiffRec) x holds the
+    weights (LT-DiffRec/main.py trains on the weighted matrix).
+  * z = concat_c z_c, z_c = mu_c + eps * exp(logvar_c / 2) in training, mu_c in eval
+    (AE.Encode / ``reparamterization``; ``--reparam`` is ``type=bool`` default True, so
+    always on). KL = -0.5 * mean_b sum_j (1 + logvar - mu^2 - exp(logvar)) over the whole
+    z (AE.Encode).
+  * Decoder (AE.__init__ / AE.Decode), two forms:
+      out_dims == []  one Linear(d -> n_items) on the whole zhat0 (the released
+                      checkpoints: ``cate2_in[300]_out[]`` in L-DiffRec/inference.py).
+      out_dims != []  per-cluster D_c on zhat0's slice of cluster c, logits over the items
+                      of c. For C > 1 the reference builds D_c as the mirror of E_c
+                      (``decode_dim[i] + [category_len[i]]``: widths l_c, ..., w1_c -> n_c,
+                      act between layers, none after the last); the VALUES of out_dims are
+                      not used, only its non-emptiness. For C == 1 the reference decoder is
+                      ``[d] + out_dims + [n_items]`` (out_dims are hidden widths); we do
+                      the same.
+    Xavier-normal weights, zero biases everywhere (AE ``xavier_normal_initialization``).
+  * Denoiser on z: DNN(in_dims=[d] + mlp_dims[::-1], out_dims=mlp_dims + [d], emb_size,
+    time_type cat, norm) (main "Build MLP"); here ``models.denoiser.Denoiser`` with
+    ``cfg["denoiser"]`` emb_size / norm / dropout.
+
+Training loss (main, the training loop)
+  diffusion = mean_b of the diffusion loss on z (``terms["loss"].mean()``; SNR-reweighted
+  and divided by the importance-sampling probability, GD.training_losses);
+  zhat0 = the denoiser's prediction of z (``terms["pred_xstart"]``): the decoder reads the
+  DENOISED latent, not z;
+  recon = -mean_b sum_i x_bi log_softmax(logits_b)_i over the WHOLE catalogue
+  (AE ``compute_loss``);
+  loss = lamda * diffusion + (recon + beta * KL)            when reweight (always, below)
+         diffusion + lamda * (recon + beta * KL)            otherwise
+  lamda = max((1 - epochs_done / anneal_steps) * lamda0, anneal_cap)  (``update_count`` is
+  incremented once per EPOCH, after the batch loop; defaults anneal_steps 500,
+  anneal_cap 0.005 -- run.sh does not pass them);
+  beta  = min(vae_anneal_cap, batches_done / vae_anneal_steps)       (``update_count_vae``
+  is incremented once per BATCH, after computing beta; defaults 0.3, 200).
+  ``--reweight`` is parsed with ``type=bool``, so every released run had reweight True
+  (``reweight0`` in the yelp checkpoint names still means True).
+  Optimisers: AdamW(autoencoder, lr1, wd1) and AdamW(denoiser, lr2, wd2), both stepped on
+  the same loss; ``param_groups`` gives the autoencoder ``ldiffrec.lr_vae`` (lr1) and the
+  denoiser ``lr`` (lr2). Released ML-1M: lr1 1e-3, lr2 5e-4, wd 0.
+
+Inference (main / L-DiffRec/inference.py ``evaluate``): mu (eval mode: no dropout, no
+reparameterisation) -> ``diffusion.p_sample(denoiser, mu, sampling_steps, sampling_noise)``
+-> decoder -> logits.
+
+Catalogue-parallel form. The multinomial term is written as
+    nll_b = -sum_i x_bi logit_bi + (sum_i x_bi) * logsumexp_i logit_bi,
+    logsumexp_i logit_bi = logsumexp_c ( logsumexp_{i in c} logit_bi ),
+so each cluster contributes (picked_bc, total_bc, lse_bc) computed from its own items only
+and the three combine exactly (``combine_multinomial``). The pieces a distributed worker
+reuses are public: ``cluster_inputs`` / ``cluster_input``, ``encode_input`` /
+``encode_cluster``, ``reparameterize``, ``kl_sum``, ``cluster_logits``,
+``multinomial_parts``, ``combine_multinomial``, and the per-cluster random streams
+(``cluster_generator``), which make dropout and reparameterisation noise a function of
+(cfg seed, training step, cluster) only, independent of which worker holds the cluster.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.csr import SparseRows
+from ..data.errors import ConfigError
+from .base import ItemHead, Progress, Recommender
+
+ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid,
+               "leaky_relu": nn.LeakyReLU}
+RECON_TARGETS = ("dropped", "clean")
+
+
+# ----------------------------------------------------------------------------- helpers
+def latent_dims(sizes: list[int] | np.ndarray, in_dims: list[int]) -> list[list[int]]:
+    """Per-cluster encoder widths (input side -> latent), the reference's rounding.
+
+    ``in_dims`` in the reference's flag order (latent first); AE.__init__ receives it
+    reversed. Cluster c < C-1: int(n_c / n * d) (0 -> 1); the last cluster: the remainder.
+    """
+    widths = [int(d) for d in list(in_dims)[::-1]]
+    if not widths or min(widths) < 1:
+        raise ConfigError(f"config key 'ldiffrec.in_dims' must be a non-empty list of "
+                          f"positive widths, got {in_dims}")
+    sizes = [int(s) for s in sizes]
+    n = sum(sizes)
+    if len(sizes) == 1:
+        return [widths]
+    out: list[list[int]] = []
+    for c, size in enumerate(sizes):
+        if c == len(sizes) - 1:
+            dims = [w - sum(o[j] for o in out) for j, w in enumerate(widths)]
+        else:
+            dims = [int(size / n * w) for w in widths]
+            dims = [d if d != 0 else 1 for d in dims]
+        out.append(dims)
+    if min(out[-1]) < 1:
+        raise ConfigError(f"config key 'ldiffrec.in_dims' {in_dims} is too small for "
+                          f"{len(sizes)} clusters: the last cluster would get widths "
+                          f"{out[-1]} (every cluster needs at least 1)")
+    return out
+
+
+def xavier_init(module: nn.Module) -> None:
+    """AE / DNN ``xavier_normal_initialization``: xavier-normal weights, zero biases."""
+    if isinstance(module, (nn.Linear, nn.EmbeddingBag)):
+        nn.init.xavier_normal_(module.weight)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+
+
+def lamda_at(lcfg: dict, epochs_done: int) -> float:
+    """Diffusion-loss weight (main: ``update_count`` counts finished epochs)."""
+    if lcfg["anneal_steps"] > 0:
+        return max((1.0 - epochs_done / lcfg["anneal_steps"]) * lcfg["lamda"],
+                   lcfg["anneal_cap"])
+    return max(lcfg["lamda"], lcfg["anneal_cap"])
+
+
+def beta_at(lcfg: dict, batches_done: int) -> float:
+    """KL weight (main: ``update_count_vae`` counts finished batches)."""
+    if lcfg["vae_anneal_steps"] > 0:
+        return min(lcfg["vae_anneal_cap"], 1.0 * batches_done / lcfg["vae_anneal_steps"])
+    return lcfg["vae_anneal_cap"]
+
+
+def combine_logsumexp(parts: list[torch.Tensor]) -> torch.Tensor:
+    """logsumexp over the catalogue from per-cluster logsumexps [B] each -> [B]."""
+    return torch.logsumexp(torch.stack(parts, dim=1), dim=1)
+
+
+def combine_multinomial(picked: torch.Tensor, total: torch.Tensor,
+                        lse: torch.Tensor) -> torch.Tensor:
+    """[B] multinomial NLL -sum_i x_i logit_i + (sum_i x_i) logsumexp(logits).
+
+    ``picked`` = sum_i x_i logit_i, ``total`` = sum_i x_i, summed over all clusters;
+    ``lse`` = the catalogue logsumexp (``combine_logsumexp``).
+    """
+    return total * lse - picked
+
+
+@dataclass
+class ClusterInput:
+    """One cluster's entries of a batch (row-major, as in the CSR batch).
+
+    ``rows`` [n] batch row, ``local`` [n] column inside the cluster, ``values`` [n]
+    encoder input (after dropout in training), ``target`` [n] reconstruction target,
+    ``offsets`` [B] start of each row's entries (EmbeddingBag offsets).
+    """
+    rows: torch.Tensor
+    local: torch.Tensor
+    values: torch.Tensor
+    target: torch.Tensor
+    offsets: torch.Tensor
+    batch_size: int
+
+
+class ClusterEncoder(nn.Module):
+    """E_c: sparse first layer (EmbeddingBag sum + bias == Linear(n_c -> w1)), act, then
+    Linear + act per further width; output [B, 2 l_c] = (mu_c, logvar_c)."""
+
+    def __init__(self, n_items: int, dims: list[int], act: str):
+        super().__init__()
+        widths = list(dims[:-1]) + [2 * dims[-1]]
+        self.latent = dims[-1]
+        self.first = nn.EmbeddingBag(n_items, widths[0], mode="sum")
+        self.first_bias = nn.Parameter(torch.zeros(widths[0]))
+        layers: list[nn.Module] = [ACTIVATIONS[act]()]
+        for d_in, d_out in zip(widths[:-1], widths[1:]):
+            layers += [nn.Linear(d_in, d_out), ACTIVATIONS[act]()]
+        self.rest = nn.Sequential(*layers)
+
+    def forward(self, inp: ClusterInput) -> tuple[torch.Tensor, torch.Tensor]:
+        h = F.embedding_bag(inp.local, self.first.weight, inp.offsets, mode="sum",
+                            per_sample_weights=inp.values) + self.first_bias
+        h = self.rest(h)
+        return h[:, :self.latent], h[:, self.latent:]
+
+
+def _mlp(dims: list[int], act: str) -> nn.Sequential:
+    """Linear layers through ``dims`` with act between them (none after the last)."""
+    layers: list[nn.Module] = []
+    for d_in, d_out in zip(dims[:-1], dims[1:]):
+        layers += [nn.Linear(d_in, d_out), ACTIVATIONS[act]()]
+    return nn.Sequential(*layers[:-1])
+
+
+# ----------------------------------------------------------------------------- the model
+class LDiffRec(Recommender):
+    def __init__(self, n_items: int, partition, lcfg: dict, diffusion, sampler, denoiser,
+                 reweight: bool = True, sampling_steps: int = 0, sampling_noise: bool = False,
+                 seed: int = 0):
+        super().__init__()
+        if partition.n_items != n_items:
+            raise ValueError(f"the partition covers {partition.n_items} items but the model "
+                             f"has {n_items}")
+        if lcfg["act"] not in ACTIVATIONS:
+            raise ConfigError(f"config key 'ldiffrec.act': unknown activation "
+                              f"'{lcfg['act']}' (expected one of {tuple(ACTIVATIONS)})")
+        if lcfg["recon_target"] not in RECON_TARGETS:
+            raise ConfigError(f"config key 'ldiffrec.recon_target': unknown value "
+                              f"'{lcfg['recon_target']}' (expected one of {RECON_TARGETS})")
+        if not 0.0 <= float(lcfg["dropout"]) < 1.0:
+            raise ConfigError(f"config key 'ldiffrec.dropout' must be in [0, 1), got "
+                              f"{lcfg['dropout']}")
+        self.lcfg = dict(lcfg)
+        self.n_items = n_items
+        self.partition = partition
+        self.n_clusters = partition.n_clusters
+        self.dropout = float(lcfg["dropout"])
+        self.reweight = bool(reweight)
+        self.sampling_steps = int(sampling_steps)
+        self.sampling_noise = bool(sampling_noise)
+        self.seed = int(seed)
+        self.diffusion = diffusion
+        self.sampler = sampler
+
+        sizes = partition.sizes.tolist()
+        self.cluster_dims = latent_dims(sizes, lcfg["in_dims"])
+        self.latent_sizes = [dims[-1] for dims in self.cluster_dims]
+        self.latent_size = sum(self.latent_sizes)
+        self.latent_offsets = np.concatenate([[0], np.cumsum(self.latent_sizes)]).tolist()
+
+        # item lookup tables as (non-persistent) buffers so they follow .to(device)
+        self.register_buffer("cluster_of", torch.from_numpy(partition.cluster_of.copy()),
+                             persistent=False)
+        self.register_buffer("local_of", torch.from_numpy(partition.local_of.copy()),
+                             persistent=False)
+        for c in range(self.n_clusters):
+            self.register_buffer(f"items_{c}", torch.from_numpy(partition.items_of(c).copy()),
+                                 persistent=False)
+
+        self.encoders = nn.ModuleList(
+            ClusterEncoder(size, dims, lcfg["act"]) for size, dims in zip(sizes, self.cluster_dims))
+        self.global_decoder = len(lcfg["out_dims"]) == 0
+        if self.global_decoder:
+            # AE.Decode, out_dims == []: one Linear(sum l_c -> n_items); rows in global item
+            # order (the reference orders them by cluster; a permutation of the same map)
+            self.decoder = nn.Linear(self.latent_size, n_items)
+        elif self.n_clusters == 1:
+            # AE.__init__, n_cate == 1: [d] + out_dims + [n_items]
+            self.decoders = nn.ModuleList(
+                [_mlp([self.latent_size] + [int(d) for d in lcfg["out_dims"]] + [n_items],
+                      lcfg["act"])])
+        else:
+            # AE.__init__, n_cate > 1: mirror of E_c, l_c ... w1_c -> n_c
+            self.decoders = nn.ModuleList(
+                _mlp(dims[::-1] + [size], lcfg["act"])
+                for size, dims in zip(sizes, self.cluster_dims))
+        self.apply(xavier_init)
+        self.denoiser = denoiser          # keeps its own initialisation
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, cfg: dict, n_items: int, partition) -> "LDiffRec":
+        from ..diffusion import GaussianDiffusion
+        from ..samplers import build_sampler
+        from .denoiser import Denoiser
+        lcfg, dcfg = cfg["ldiffrec"], cfg["denoiser"]
+        # the latent size is in_dims[0] (flag order); main "Build MLP"
+        latent = int(lcfg["in_dims"][0])
+        mlp = [int(d) for d in lcfg["mlp_dims"]]
+        denoiser = Denoiser([latent] + mlp[::-1], mlp + [latent], dcfg["emb_size"],
+                            dcfg["norm"], dcfg["dropout"])
+        return cls(n_items, partition, lcfg, GaussianDiffusion.from_config(cfg["diffusion"]),
+                   build_sampler(cfg["diffusion"]), denoiser,
+                   reweight=cfg["diffusion"]["reweight"],
+                   sampling_steps=cfg["diffusion"]["sampling_steps"],
+                   sampling_noise=cfg["diffusion"]["sampling_noise"], seed=cfg["seed"])
+
+    def items_of(self, c: int) -> torch.Tensor:
+        return getattr(self, f"items_{c}")
+
+    def latent_slice(self, c: int) -> slice:
+        return slice(self.latent_offsets[c], self.latent_offsets[c + 1])
+
+    # ------------------------------------------------------------------ randomness
+    @staticmethod
+    def noise_key(seed: int, step: int, c: int) -> int:
+        """63-bit seed of cluster c's noise at training step ``step`` (a stable hash)."""
+        digest = hashlib.blake2b(f"ldiffrec:{int(seed)}:{int(step)}:{int(c)}".encode(),
+                                 digest_size=8).digest()
+        return int.from_bytes(digest, "little") & (2 ** 63 - 1)
+
+    def cluster_generator(self, step: int, c: int, device) -> torch.Generator:
+        """Cluster c's random stream at ``step`` (input dropout, then reparameterisation
+        eps): keyed by (cfg seed, step, cluster) only, so it does not depend on which
+        worker holds the cluster nor on torch's global RNG."""
+        g = torch.Generator(device=device)
+        g.manual_seed(self.noise_key(self.seed, step, c))
+        return g
+
+    # ------------------------------------------------------------------ encoder side
+    def _make_input(self, rows, local, values, batch_size, generator) -> ClusterInput:
+        counts = torch.bincount(rows, minlength=batch_size)
+        offsets = torch.cumsum(counts, 0) - counts
+        target = values
+        if self.training and self.dropout > 0 and values.numel():
+            keep = torch.rand(values.shape, generator=generator, device=values.device,
+                              dtype=values.dtype) >= self.dropout
+            values = values * keep / (1.0 - self.dropout)
+            if self.lcfg["recon_target"] == "dropped":
+                target = values
+        return ClusterInput(rows, local, values, target, offsets, batch_size)
+
+    def cluster_input(self, c: int, batch: SparseRows,
+                      generator: torch.Generator | None = None) -> ClusterInput:
+        """Cluster c's entries of ``batch`` (dropout applied in training)."""
+        sel = self.cluster_of[batch.indices] == c
+        return self._make_input(batch.row_ids()[sel], self.local_of[batch.indices[sel]],
+                                batch.values[sel], batch.batch_size, generator)
+
+    def cluster_inputs(self, batch: SparseRows,
+                       generators: list | None = None) -> list[ClusterInput]:
+        """Every cluster's entries (one stable sort by cluster); same as ``cluster_input``."""
+        cl = self.cluster_of[batch.indices]
+        order = torch.argsort(cl, stable=True)
+        counts = torch.bincount(cl, minlength=self.n_clusters).tolist()
+        rows = batch.row_ids()[order].split(counts)
+        idx = batch.indices[order].split(counts)
+        vals = batch.values[order].split(counts)
+        return [self._make_input(rows[c], self.local_of[idx[c]], vals[c], batch.batch_size,
+                                 None if generators is None else generators[c])
+                for c in range(self.n_clusters)]
+
+    def encode_input(self, c: int, inp: ClusterInput) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu_c, logvar_c), each [B, l_c]."""
+        return self.encoders[c](inp)
+
+    def encode_cluster(self, c: int, batch: SparseRows,
+                       generator: torch.Generator | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu_c, logvar_c) from cluster c's columns of ``batch`` only."""
+        return self.encode_input(c, self.cluster_input(c, batch, generator))
+
+    def reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """mu + eps * exp(logvar / 2) in training, mu in eval (AE.Encode)."""
+        if not self.training:
+            return mu
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        return mu + eps * torch.exp(0.5 * logvar)
+
+    @staticmethod
+    def kl_sum(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """[B] sum over latent dims of (1 + logvar - mu^2 - exp(logvar)); the KL term is
+        -0.5 * mean_b of its sum over clusters."""
+        return torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)
+
+    def encode(self, batch: SparseRows, generators: list | None = None):
+        """(inputs per cluster, mu [B, d], logvar [B, d], z [B, d])."""
+        inputs = self.cluster_inputs(batch, generators)
+        mus, logvars, zs = [], [], []
+        for c, inp in enumerate(inputs):
+            mu, logvar = self.encode_input(c, inp)
+            mus.append(mu)
+            logvars.append(logvar)
+            zs.append(self.reparameterize(mu, logvar,
+                                          None if generators is None else generators[c]))
+        return inputs, torch.cat(mus, 1), torch.cat(logvars, 1), torch.cat(zs, 1)
+
+    # ------------------------------------------------------------------ decoder side
+    def cluster_hidden(self, c: int, zhat0: torch.Tensor) -> torch.Tensor:
+        """The query of cluster c's head: zhat0 itself (global decoder), else the input of
+        D_c's last Linear (zhat0_c when D_c is a single Linear)."""
+        if self.global_decoder:
+            return zhat0
+        z_c = zhat0 if self.n_clusters == 1 else zhat0[:, self.latent_slice(c)]
+        return self.decoders[c][:-1](z_c)
+
+    def cluster_weight(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight [n_c, h], bias [n_c]) of the last layer scoring cluster c's items: the
+        cluster's rows of the global Linear (a column-parallel slice), or D_c's last Linear."""
+        if self.global_decoder:
+            items = self.items_of(c)
+            return self.decoder.weight[items], self.decoder.bias[items]
+        last = self.decoders[c][-1]
+        return last.weight, last.bias
+
+    def cluster_logits(self, c: int, zhat0: torch.Tensor) -> torch.Tensor:
+        """[B, n_c] logits of cluster c's items (local order = ``items_of(c)``)."""
+        weight, bias = self.cluster_weight(c)
+        return F.linear(self.cluster_hidden(c, zhat0), weight, bias)
+
+    @staticmethod
+    def multinomial_parts(logits_c: torch.Tensor, inp: ClusterInput):
+        """(picked [B], total [B], lse [B]) of one cluster: sum of target * logit over the
+        cluster's entries, sum of targets, logsumexp over the cluster's items."""
+        b = inp.batch_size
+        picked = torch.zeros(b, dtype=logits_c.dtype, device=logits_c.device).index_add(
+            0, inp.rows, inp.target * logits_c[inp.rows, inp.local])
+        total = torch.zeros(b, dtype=logits_c.dtype, device=logits_c.device).index_add(
+            0, inp.rows, inp.target.to(logits_c.dtype))
+        return picked, total, torch.logsumexp(logits_c, dim=1)
+
+    def multinomial_nll(self, zhat0: torch.Tensor, inputs: list[ClusterInput]) -> torch.Tensor:
+        """[B] -sum_i x_i log_softmax(logits)_i over the whole catalogue, cluster by cluster."""
+        picked = total = 0
+        lses = []
+        for c, inp in enumerate(inputs):
+            p, t, lse = self.multinomial_parts(self.cluster_logits(c, zhat0), inp)
+            picked, total = picked + p, total + t
+            lses.append(lse)
+        return combine_multinomial(picked, total, combine_logsumexp(lses))
+
+    # ------------------------------------------------------------------ Recommender
+    def training_loss(self, batch: SparseRows, progress: Progress) -> dict[str, torch.Tensor]:
+        device = batch.values.device
+        gens = [self.cluster_generator(progress.step, c, device)
+                for c in range(self.n_clusters)]
+        inputs, mu, logvar, z = self.encode(batch, gens)
+        kl = -0.5 * torch.mean(self.kl_sum(mu, logvar))
+
+        t, weights = self.sampler.sample(batch.batch_size, device)
+        terms = self.diffusion.training_losses(self.denoiser, z, t, weights)
+        self.sampler.update_with_local_losses(t, terms["raw"].detach())
+        diffusion = terms["loss"].mean()
+        recon = self.multinomial_nll(terms["pred_xstart"], inputs).mean()
+
+        lamda = lamda_at(self.lcfg, progress.epoch)
+        beta = beta_at(self.lcfg, progress.step)
+        vae = recon + beta * kl
+        # main: ``if args.reweight: loss = lamda * elbo + vae_loss`` (always, type=bool)
+        loss = lamda * diffusion + vae if self.reweight else diffusion + lamda * vae
+        return {"loss": loss, "diffusion": diffusion.detach(), "recon": recon.detach(),
+                "kl": kl.detach(), "lamda": torch.tensor(lamda), "beta": torch.tensor(beta)}
+
+    def _zhat0(self, batch: SparseRows) -> torch.Tensor:
+        _, mu, _, _ = self.encode(batch)            # eval: no dropout, z = mu
+        return self.diffusion.p_sample(self.denoiser, mu, self.sampling_steps,
+                                       self.sampling_noise)
+
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        """Eval mode for the duration (score/query are always deterministic)."""
+        was = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was)
+
+    @torch.no_grad()
+    def query(self, batch: SparseRows) -> dict[str, torch.Tensor]:
+        with self._eval_mode():
+            zhat0 = self._zhat0(batch)
+            if self.global_decoder:
+                return {"items": zhat0}
+            return {f"cluster{c}": self.cluster_hidden(c, zhat0)
+                    for c in range(self.n_clusters)}
+
+    def item_heads(self) -> list[ItemHead]:
+        if self.global_decoder:
+            return [ItemHead("items", torch.arange(self.n_items, device=self.decoder.weight.device),
+                             self.decoder.weight.detach(), self.decoder.bias.detach())]
+        heads = []
+        for c in range(self.n_clusters):
+            last = self.decoders[c][-1]
+            heads.append(ItemHead(f"cluster{c}", self.items_of(c), last.weight.detach(),
+                                  last.bias.detach()))
+        return heads
+
+    @torch.no_grad()
+    def score(self, batch: SparseRows) -> torch.Tensor:
+        """[B, I] logits in global item order: query @ weight.T + bias per head."""
+        queries = self.query(batch)
+        heads = self.item_heads()
+        if len(heads) == 1 and heads[0].items.numel() == self.n_items and self.global_decoder:
+            h = heads[0]
+            return queries[h.name] @ h.weight.T + h.bias
+        out = torch.empty(batch.batch_size, self.n_items, device=batch.values.device)
+        for h in heads:
+            out[:, h.items] = queries[h.name] @ h.weight.T + h.bias
+        return out
+
+    # ------------------------------------------------------------------ optimiser, counts
+    def autoencoder_parameters(self) -> list[nn.Parameter]:
+        params = list(self.encoders.parameters())
+        params += list(self.decoder.parameters() if self.global_decoder
+                       else self.decoders.parameters())
+        return params
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
+        """Two AdamW groups, as main's optimizer1 / optimizer2: the autoencoder with
+        ``ldiffrec.lr_vae`` / ``weight_decay_vae`` (None = lr / weight_decay), the denoiser
+        with ``lr`` / ``weight_decay``."""
+        lr_vae = self.lcfg.get("lr_vae")
+        wd_vae = self.lcfg.get("weight_decay_vae")
+        return [
+            {"name": "autoencoder", "params": self.autoencoder_parameters(),
+             "lr": lr if lr_vae is None else float(lr_vae),
+             "weight_decay": weight_decay if wd_vae is None else float(wd_vae)},
+            {"name": "denoiser", "params": list(self.denoiser.parameters()),
+             "lr": lr, "weight_decay": weight_decay},
+        ]
+
+    def parameter_counts(self) -> dict[str, int]:
+        count = lambda ps: sum(p.numel() for p in ps)   # noqa: E731
+        enc = count(self.encoders.parameters())
+        dec = count(self.decoder.parameters() if self.global_decoder
+                    else self.decoders.parameters())
+        den = count(self.denoiser.parameters())
+        return {"encoders": enc, "decoder": dec, "denoiser": den, "total": enc + dec + den}

@@ -1,0 +1,238 @@
+"""L-DiffRec's item partition: every item in exactly one of C clusters.
+
+Built by k-means over item embeddings (``embeddings.py``), as the reference does
+(YiyanXu/DiffRec, L-DiffRec/models/Autoencoder.py, ``AutoEncoder.__init__``:
+``kmeans_pytorch.kmeans(X=item_emb, num_clusters=n_cate, distance='euclidean')``); here with
+FAISS (``faiss.Kmeans``, L2, seeded), then empty clusters are refilled so that each of the
+C clusters holds at least one item. The reference lists each cluster's items in ascending
+item order (``np.argwhere(cluster_ids == i)``); so does ``items_of``.
+
+Lookup tables (numpy, int64):
+    cluster_of [I]   cluster of each item
+    local_of   [I]   position of the item inside its cluster (its column in that cluster's
+                     encoder input / decoder output)
+    items_of(c) [n_c] the cluster's items, ascending
+    sizes      [C]
+
+Artifact (``save`` / ``load``): a parquet file with columns ``item`` (int64) and ``cluster``
+(int32), one row per item, and the schema metadata key ``scale_diffrec.partition`` holding
+JSON ``{"version", "n_items", "n_clusters", "sizes"}``. Written to a temporary sibling and
+renamed into place; validated on load.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .data.errors import ConfigError, DataError
+
+META_KEY = b"scale_diffrec.partition"
+FORMAT_VERSION = 1
+
+
+class Partition:
+    """Item -> cluster assignment with per-cluster item lists (see the module docstring)."""
+
+    def __init__(self, cluster_of: np.ndarray, n_clusters: int | None = None):
+        cluster_of = np.asarray(cluster_of, dtype=np.int64)
+        if cluster_of.ndim != 1 or len(cluster_of) == 0:
+            raise ValueError("cluster_of must be a non-empty 1-d array")
+        n_clusters = int(cluster_of.max()) + 1 if n_clusters is None else int(n_clusters)
+        if cluster_of.min() < 0 or cluster_of.max() >= n_clusters:
+            raise ValueError(f"cluster ids must lie in 0..{n_clusters - 1}")
+        self.cluster_of = cluster_of
+        self.n_clusters = n_clusters
+        self.sizes = np.bincount(cluster_of, minlength=n_clusters).astype(np.int64)
+        if (self.sizes == 0).any():
+            raise ValueError(f"cluster {int(np.flatnonzero(self.sizes == 0)[0])} is empty")
+        # stable sort by cluster: within a cluster, items stay ascending
+        self.order = np.argsort(cluster_of, kind="stable")        # [I] items, cluster-major
+        self.offsets = np.zeros(n_clusters + 1, np.int64)
+        np.cumsum(self.sizes, out=self.offsets[1:])
+        self.local_of = np.empty(len(cluster_of), np.int64)
+        self.local_of[self.order] = np.arange(len(cluster_of)) - np.repeat(self.offsets[:-1],
+                                                                           self.sizes)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.cluster_of)
+
+    def items_of(self, c: int) -> np.ndarray:
+        """[n_c] items of cluster c, ascending."""
+        return self.order[self.offsets[c]: self.offsets[c + 1]]
+
+    def __repr__(self) -> str:
+        return f"Partition(n_items={self.n_items}, n_clusters={self.n_clusters}, " \
+               f"sizes={self.sizes.tolist()})"
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, Partition) and other.n_clusters == self.n_clusters
+                and np.array_equal(other.cluster_of, self.cluster_of))
+
+    # ---------------------------------------------------------------- construction
+    @staticmethod
+    def single(n_items: int) -> "Partition":
+        """One cluster with every item (n_clusters = 1: plain latent DiffRec)."""
+        return Partition(np.zeros(n_items, np.int64), 1)
+
+    @staticmethod
+    def kmeans(emb: np.ndarray, n_clusters: int, seed: int = 0, niter: int = 50) -> "Partition":
+        """FAISS k-means (L2) of ``emb`` [I, d] into ``n_clusters`` non-empty clusters.
+
+        Deterministic for a seed. All points are used for training (no subsampling), as the
+        reference's kmeans_pytorch does. Clusters are numbered by their smallest item.
+        """
+        emb = np.ascontiguousarray(emb, dtype=np.float32)
+        n_items = emb.shape[0]
+        if n_clusters < 1:
+            raise ConfigError(f"config key 'ldiffrec.n_clusters' must be >= 1, got {n_clusters}")
+        if n_clusters > n_items:
+            raise ConfigError(f"config key 'ldiffrec.n_clusters' is {n_clusters} but there are "
+                              f"only {n_items} items")
+        if n_clusters == 1:
+            return Partition.single(n_items)
+        import faiss
+        km = faiss.Kmeans(emb.shape[1], n_clusters, niter=int(niter), seed=int(seed),
+                          verbose=False, min_points_per_centroid=1,
+                          max_points_per_centroid=max(n_items, 1))
+        km.train(emb)
+        dist, assign = km.index.search(emb, 1)
+        assign = assign[:, 0].astype(np.int64)
+        dist = dist[:, 0].astype(np.float64)
+        assign = _fill_empty(assign, dist, n_clusters)
+        return Partition(_canonical(assign, n_clusters), n_clusters)
+
+    # ---------------------------------------------------------------- artifact
+    def save(self, path: str | Path) -> None:
+        """Write the artifact atomically (temporary sibling, then os.replace)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"version": FORMAT_VERSION, "n_items": self.n_items,
+                "n_clusters": self.n_clusters, "sizes": self.sizes.tolist()}
+        table = pa.table({"item": pa.array(np.arange(self.n_items, dtype=np.int64)),
+                          "cluster": pa.array(self.cluster_of.astype(np.int32))})
+        table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        try:
+            pq.write_table(table, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    @staticmethod
+    def load(path: str | Path, n_items: int | None = None) -> "Partition":
+        """Read and validate an artifact; a DataError names the file and what is wrong."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(path, "partition file not found")
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as err:
+            raise DataError(path, f"not a readable parquet file: {err}") from None
+        raw = (table.schema.metadata or {}).get(META_KEY)
+        if raw is None:
+            raise DataError(path, f"not a partition artifact (no '{META_KEY.decode()}' "
+                                  f"schema metadata)")
+        try:
+            meta = json.loads(raw)
+            meta_items, meta_c = int(meta["n_items"]), int(meta["n_clusters"])
+            meta_sizes = np.asarray(meta["sizes"], dtype=np.int64)
+        except (ValueError, KeyError, TypeError) as err:
+            raise DataError(path, f"partition metadata is malformed: {err}") from None
+        if meta.get("version") != FORMAT_VERSION:
+            raise DataError(path, f"unsupported partition format version {meta.get('version')}")
+        for name in ("item", "cluster"):
+            if name not in table.column_names:
+                raise DataError(path, "missing column", field=name)
+            if not pa.types.is_integer(table.schema.field(name).type):
+                raise DataError(path, f"must be integers, got {table.schema.field(name).type}",
+                                field=name)
+            if table.column(name).null_count:
+                raise DataError(path, "null value", field=name)
+        items = table.column("item").to_numpy().astype(np.int64)
+        clusters = table.column("cluster").to_numpy().astype(np.int64)
+        if n_items is not None and meta_items != n_items:
+            raise DataError(path, f"partition is for {meta_items} items but the data has "
+                                  f"{n_items}")
+        if len(items) != meta_items:
+            raise DataError(path, f"{len(items)} rows but the metadata says {meta_items} items")
+        if meta_c < 1 or len(meta_sizes) != meta_c:
+            raise DataError(path, f"metadata: {meta_c} clusters with {len(meta_sizes)} sizes")
+        bad = (items < 0) | (items >= meta_items)
+        if bad.any():
+            r = int(np.flatnonzero(bad)[0])
+            raise DataError(path, f"item {items[r]} outside 0..{meta_items - 1}", field="item",
+                            row=r)
+        counts = np.bincount(items, minlength=meta_items)
+        if (counts != 1).any():
+            item = int(np.flatnonzero(counts != 1)[0])
+            raise DataError(path, f"item {item} appears {counts[item]} times (each item must "
+                                  f"appear exactly once)", field="item")
+        bad = (clusters < 0) | (clusters >= meta_c)
+        if bad.any():
+            r = int(np.flatnonzero(bad)[0])
+            raise DataError(path, f"cluster {clusters[r]} outside 0..{meta_c - 1}",
+                            field="cluster", row=r)
+        sizes = np.bincount(clusters, minlength=meta_c)
+        if (sizes == 0).any():
+            raise DataError(path, f"cluster {int(np.flatnonzero(sizes == 0)[0])} is empty",
+                            field="cluster")
+        if not np.array_equal(sizes, meta_sizes):
+            raise DataError(path, f"cluster sizes {sizes.tolist()} do not match the metadata "
+                                  f"{meta_sizes.tolist()}", field="cluster")
+        cluster_of = np.empty(meta_items, np.int64)
+        cluster_of[items] = clusters
+        return Partition(cluster_of, meta_c)
+
+
+def _fill_empty(assign: np.ndarray, dist: np.ndarray, n_clusters: int) -> np.ndarray:
+    """Give every empty cluster one item: the farthest-from-centroid item of the largest
+    cluster (ties: the lowest item id), until none is empty. Needs n_items >= n_clusters."""
+    assign = assign.copy()
+    dist = dist.copy()
+    sizes = np.bincount(assign, minlength=n_clusters)
+    for c in np.flatnonzero(sizes == 0):
+        donor = int(np.argmax(sizes))              # largest cluster (>= 2 items while any empty)
+        members = np.flatnonzero(assign == donor)
+        pick = members[np.argmax(dist[members])]   # argmax: first of equal maxima
+        assign[pick] = c
+        dist[pick] = 0.0
+        sizes[donor] -= 1
+        sizes[c] += 1
+    return assign
+
+
+def _canonical(assign: np.ndarray, n_clusters: int) -> np.ndarray:
+    """Renumber clusters in order of their smallest item (independent of FAISS's order)."""
+    first = np.full(n_clusters, len(assign), np.int64)
+    np.minimum.at(first, assign, np.arange(len(assign)))
+    new_of_old = np.empty(n_clusters, np.int64)
+    new_of_old[np.argsort(first, kind="stable")] = np.arange(n_clusters)
+    return new_of_old[assign]
+
+
+def build_partition(cfg: dict, data) -> Partition:
+    """The partition of ``data``'s items per ``cfg["ldiffrec"]`` (n_clusters, embeddings)."""
+    from .embeddings import item_embeddings
+    from .progress import log
+    lcfg = cfg["ldiffrec"]
+    n_clusters = int(lcfg["n_clusters"])
+    if n_clusters == 1:
+        partition = Partition.single(data.n_items)
+    else:
+        emb, source = item_embeddings(cfg, data)
+        partition = Partition.kmeans(emb, n_clusters, seed=cfg["seed"],
+                                     niter=lcfg["kmeans_niter"])
+        log.info("partition: k-means of %s (%d-d) into %d clusters, sizes %s", source,
+                 emb.shape[1], n_clusters, partition.sizes.tolist())
+    return partition

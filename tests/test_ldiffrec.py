@@ -1,0 +1,381 @@
+"""L-DiffRec: per-cluster sparse encoders, both decoder forms, the catalogue-wide softmax
+written cluster by cluster, annealing, retrieval heads, and one batch of ML-1M."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scale_diffrec.config import load_config
+from scale_diffrec.data.csr import CSR
+from scale_diffrec.models import Progress, build_model, parameter_groups
+from scale_diffrec.models.ldiffrec import (LDiffRec, beta_at, combine_logsumexp,
+                                           combine_multinomial, lamda_at, latent_dims)
+from scale_diffrec.partition import Partition
+
+ML1M = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "diffrec" / "ml-1m_clean"
+N_USERS, N_ITEMS = 40, 30
+
+
+def toy_partition(sizes=(4, 11, 15), seed=0):
+    """Uneven clusters over shuffled items."""
+    cluster_of = np.repeat(np.arange(len(sizes)), sizes)
+    return Partition(np.random.default_rng(seed).permutation(cluster_of), len(sizes))
+
+
+def toy_csr(seed=0, weights=False):
+    rng = np.random.default_rng(seed)
+    mask = rng.random((N_USERS, N_ITEMS)) < 0.25
+    mask[3] = False                      # a user with no items at all
+    mask[5, :] = False
+    mask[5, 0] = True                    # a user with one item
+    r, c = np.nonzero(mask)
+    values = rng.uniform(0.1, 1.0, len(r)).astype(np.float32) if weights else None
+    return CSR.from_pairs(r, c, N_USERS, N_ITEMS, values)
+
+
+def make_cfg(*extra):
+    return load_config(None, ["model=ldiffrec", "seed=3", "ldiffrec.n_clusters=3",
+                              "ldiffrec.in_dims=[12]", "ldiffrec.mlp_dims=[16]",
+                              "denoiser.emb_size=4", "diffusion.steps=5",
+                              "diffusion.noise_scale=0.1", "diffusion.noise_min=0.001",
+                              "diffusion.noise_max=0.02", *extra])
+
+
+def make_model(*extra, partition=None, seed=0):
+    torch.manual_seed(seed)
+    cfg = make_cfg(*extra)
+    return LDiffRec.from_config(cfg, N_ITEMS, partition or toy_partition()), cfg
+
+
+def batch_of(csr, rows=None):
+    rows = np.arange(csr.n_rows) if rows is None else rows
+    return csr.take_rows(rows).to_torch()
+
+
+# ------------------------------------------------------------------ structure
+def test_latent_dims_follow_the_reference_rounding():
+    # ML-1M k-means sizes: int(1667/2810*300) = 177, the last cluster gets the rest
+    assert latent_dims([1667, 1143], [300]) == [[177], [123]]
+    # truncation, 0 -> 1, remainder to the last cluster
+    assert latent_dims([1, 1, 98], [10]) == [[1], [1], [8]]
+    # flag order: [latent, hidden] is reversed into encoder order [hidden, latent]
+    assert latent_dims([50, 50], [20, 60]) == [[30, 10], [30, 10]]
+    assert latent_dims([7], [12]) == [[12]]
+    with pytest.raises(Exception, match="in_dims"):
+        latent_dims([1, 1, 1, 1], [2])
+
+
+def test_model_shapes_and_parameter_counts():
+    model, _ = make_model()
+    p = model.partition
+    assert model.latent_sizes == [dims[-1] for dims in latent_dims(p.sizes, [12])]
+    assert sum(model.latent_sizes) == 12 == model.latent_size
+    for c, enc in enumerate(model.encoders):
+        assert enc.first.weight.shape == (p.sizes[c], 2 * model.latent_sizes[c])
+    assert model.decoder.weight.shape == (N_ITEMS, 12)
+    counts = model.parameter_counts()
+    assert counts["total"] == sum(q.numel() for q in model.parameters())
+    assert counts["encoders"] == sum(int(s) * 2 * l + 2 * l
+                                     for s, l in zip(p.sizes, model.latent_sizes))
+    assert counts["decoder"] == N_ITEMS * 12 + N_ITEMS
+    assert set(counts) == {"encoders", "decoder", "denoiser", "total"}
+
+
+def test_param_groups_give_the_autoencoder_its_own_lr():
+    model, cfg = make_model("ldiffrec.lr_vae=0.001", "lr=0.0005")
+    groups = parameter_groups(model, cfg)
+    assert [g["lr"] for g in groups] == [0.001, 0.0005]
+    ids = [set(map(id, g["params"])) for g in groups]
+    assert not ids[0] & ids[1]
+    assert ids[0] | ids[1] == set(map(id, model.parameters()))
+    assert ids[1] == set(map(id, model.denoiser.parameters()))
+    model, cfg = make_model()
+    assert [g["lr"] for g in parameter_groups(model, cfg)] == [cfg["lr"], cfg["lr"]]
+    torch.optim.AdamW(parameter_groups(model, cfg))        # accepted by the optimiser
+
+
+# ------------------------------------------------------------------ encoders
+def test_sparse_encoder_equals_dense_linear_on_the_cluster_slice():
+    model, _ = make_model()
+    model.eval()
+    csr = toy_csr(weights=True)
+    batch = batch_of(csr)
+    dense = batch.dense()
+    for c in range(model.n_clusters):
+        enc = model.encoders[c]
+        items = model.items_of(c)
+        h = torch.tanh(dense[:, items] @ enc.first.weight + enc.first_bias)
+        mu, logvar = model.encode_cluster(c, batch)
+        l = model.latent_sizes[c]
+        torch.testing.assert_close(mu, h[:, :l], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(logvar, h[:, l:], rtol=1e-6, atol=1e-6)
+        assert mu.abs().max() < 1 and logvar.abs().max() < 1      # tanh after the last layer
+
+
+def test_cluster_inputs_equal_cluster_input():
+    model, _ = make_model()
+    model.train()                       # dropout on: both paths draw from the keyed streams
+    batch = batch_of(toy_csr())
+    gens = [model.cluster_generator(7, c, "cpu") for c in range(model.n_clusters)]
+    for c, inp in enumerate(model.cluster_inputs(batch, gens)):
+        one = model.cluster_input(c, batch, model.cluster_generator(7, c, "cpu"))
+        assert (one.values == 0).any()  # dropout really dropped something
+        for name in ("rows", "local", "values", "target", "offsets"):
+            assert torch.equal(getattr(inp, name), getattr(one, name))
+
+
+def test_cluster_encoder_sees_only_its_items():
+    model, _ = make_model()
+    model.eval()
+    csr = toy_csr(weights=True)
+    batch = batch_of(csr)
+    cl = model.cluster_of[batch.indices]
+    for c in range(model.n_clusters):
+        mu, logvar = model.encode_cluster(c, batch)
+        # perturb every other cluster's values: mu_c / logvar_c unchanged
+        other = batch_of(csr)
+        other.values = torch.where(cl == c, other.values, other.values * 7.0 - 3.0)
+        mu2, logvar2 = model.encode_cluster(c, other)
+        assert torch.equal(mu, mu2) and torch.equal(logvar, logvar2)
+        # gradient w.r.t. other clusters' entries is exactly zero, own entries nonzero
+        values = batch.values.clone().requires_grad_(True)
+        probe = batch_of(csr)
+        probe.values = values
+        mu, logvar = model.encode_cluster(c, probe)
+        (mu.sum() + logvar.pow(2).sum()).backward()
+        assert torch.all(values.grad[cl != c] == 0)
+        assert torch.any(values.grad[cl == c] != 0)
+
+
+def test_input_dropout_on_nonzeros_is_inverted_dropout():
+    model, _ = make_model("ldiffrec.dropout=0.5")
+    model.train()
+    batch = batch_of(toy_csr(weights=True))
+    for c in range(model.n_clusters):
+        inp = model.cluster_input(c, batch, model.cluster_generator(0, c, "cpu"))
+        clean = model.cluster_input(c, batch)  # no generator: still dropout, other draw
+        raw = batch.values[model.cluster_of[batch.indices] == c]
+        kept = inp.values != 0
+        assert torch.allclose(inp.values[kept], raw[kept] * 2.0)
+        assert 0 < kept.sum() < len(raw)
+        assert torch.equal(inp.target, inp.values)          # reference: target = dropped x
+        # the same (step, cluster) key gives the same mask
+        again = model.cluster_input(c, batch, model.cluster_generator(0, c, "cpu"))
+        assert torch.equal(again.values, inp.values)
+        assert clean.values.shape == inp.values.shape
+    model, _ = make_model("ldiffrec.dropout=0.5", "ldiffrec.recon_target=clean")
+    model.train()
+    inp = model.cluster_input(0, batch, model.cluster_generator(0, 0, "cpu"))
+    assert torch.equal(inp.target, batch.values[model.cluster_of[batch.indices] == 0])
+    model.eval()                                          # eval: no dropout
+    inp = model.cluster_input(0, batch)
+    assert torch.equal(inp.values, inp.target)
+
+
+# ------------------------------------------------------------------ catalogue softmax
+def test_global_log_softmax_equals_per_cluster_logsumexp_combined():
+    torch.manual_seed(0)
+    part = toy_partition()
+    logits = torch.randn(6, N_ITEMS, dtype=torch.float64) * 5
+    parts = [torch.logsumexp(logits[:, torch.from_numpy(part.items_of(c))], 1)
+             for c in range(part.n_clusters)]
+    lse = combine_logsumexp(parts)
+    torch.testing.assert_close(lse, torch.logsumexp(logits, 1))
+    torch.testing.assert_close(logits - lse[:, None], F.log_softmax(logits, 1))
+
+
+@pytest.mark.parametrize("out_dims", ["[]", "[8]"])
+def test_multinomial_loss_cluster_by_cluster_equals_log_softmax(out_dims):
+    model, _ = make_model(f"ldiffrec.out_dims={out_dims}")
+    model.eval()
+    batch = batch_of(toy_csr(weights=True))
+    zhat0 = torch.randn(batch.batch_size, model.latent_size, requires_grad=True)
+    inputs = model.cluster_inputs(batch)
+
+    nll = model.multinomial_nll(zhat0, inputs)
+    grads = torch.autograd.grad(nll.mean(), [zhat0] + list(model.parameters()),
+                                allow_unused=True)
+
+    # the reference: dense logits in global order, log_softmax over all items
+    logits = torch.empty(batch.batch_size, N_ITEMS)
+    for c in range(model.n_clusters):
+        logits = logits.index_copy(1, model.items_of(c), model.cluster_logits(c, zhat0))
+    ref = -(F.log_softmax(logits, 1) * batch.dense()).sum(1)
+    ref_grads = torch.autograd.grad(ref.mean(), [zhat0] + list(model.parameters()),
+                                    allow_unused=True)
+    torch.testing.assert_close(nll, ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        if r is None:
+            assert g is None or torch.all(g == 0)
+        else:
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    # the parts combine the same way by hand
+    picked = total = 0
+    lses = []
+    for c, inp in enumerate(inputs):
+        p, t, l = model.multinomial_parts(model.cluster_logits(c, zhat0), inp)
+        picked, total = picked + p, total + t
+        lses.append(l)
+    torch.testing.assert_close(combine_multinomial(picked, total, combine_logsumexp(lses)), nll)
+
+
+def test_global_decoder_cluster_logits_are_its_weight_rows():
+    model, _ = make_model()
+    z = torch.randn(4, model.latent_size)
+    full = model.decoder(z)
+    for c in range(model.n_clusters):
+        torch.testing.assert_close(model.cluster_logits(c, z), full[:, model.items_of(c)])
+
+
+# ------------------------------------------------------------------ annealing
+def test_lamda_and_beta_annealing_values():
+    l = make_cfg()["ldiffrec"]
+    assert (l["lamda"], l["anneal_cap"], l["anneal_steps"]) == (0.03, 0.005, 500)
+    assert (l["vae_anneal_cap"], l["vae_anneal_steps"]) == (0.3, 200)
+    assert lamda_at(l, 0) == pytest.approx(0.03)
+    assert lamda_at(l, 100) == pytest.approx(0.024)          # (1 - 100/500) * 0.03
+    assert lamda_at(l, 400) == pytest.approx(0.006)          # (1 - 400/500) * 0.03
+    assert lamda_at(l, 450) == pytest.approx(0.005)          # 0.003 -> the cap 0.005
+    assert lamda_at(l, 10_000) == pytest.approx(0.005)
+    assert beta_at(l, 0) == 0.0
+    assert beta_at(l, 50) == pytest.approx(0.25)             # 50 / 200
+    assert beta_at(l, 60) == pytest.approx(0.3)              # 0.3 cap
+    assert beta_at(l, 5000) == pytest.approx(0.3)
+    assert lamda_at({**l, "anneal_steps": 0}, 7) == 0.03
+    assert beta_at({**l, "vae_anneal_steps": 0}, 7) == 0.3
+
+    model, _ = make_model()
+    batch = batch_of(toy_csr())
+    terms = model.training_loss(batch, Progress(epoch=100, step=50))
+    assert terms["lamda"].item() == pytest.approx(0.024)
+    assert terms["beta"].item() == pytest.approx(0.25)
+    expected = 0.024 * terms["diffusion"] + terms["recon"] + 0.25 * terms["kl"]
+    torch.testing.assert_close(terms["loss"].detach(), expected)
+
+
+# ------------------------------------------------------------------ both decoder forms
+@pytest.mark.parametrize("n_clusters,out_dims", [(3, "[]"), (3, "[8]"), (1, "[]"), (1, "[8]")])
+def test_train_step_score_and_heads(n_clusters, out_dims):
+    part = toy_partition() if n_clusters == 3 else Partition.single(N_ITEMS)
+    model, cfg = make_model(f"ldiffrec.n_clusters={n_clusters}", f"ldiffrec.out_dims={out_dims}",
+                            partition=part)
+    csr = toy_csr(weights=True)
+    batch = batch_of(csr)
+    opt = torch.optim.AdamW(parameter_groups(model, cfg))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.train()
+    for step in range(3):
+        opt.zero_grad()
+        terms = model.training_loss(batch, Progress(epoch=0, step=step))
+        assert terms["loss"].dim() == 0 and torch.isfinite(terms["loss"])
+        terms["loss"].backward()
+        for name, p in model.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        opt.step()
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert any(n.startswith("encoders") for n in changed)
+    assert any(n.startswith("denoiser") for n in changed)
+    assert any(n.startswith("decoder") for n in changed)
+    assert model.training                                  # score leaves the mode alone
+
+    scores = model.score(batch)
+    assert model.training
+    assert scores.shape == (N_USERS, N_ITEMS) and torch.isfinite(scores).all()
+    assert torch.equal(scores, model.score(batch))         # deterministic
+    # score == heads, exactly
+    queries, heads = model.query(batch), model.item_heads()
+    if out_dims == "[]":
+        assert [h.name for h in heads] == ["items"]
+    else:
+        assert [h.name for h in heads] == [f"cluster{c}" for c in range(n_clusters)]
+    covered = torch.cat([h.items for h in heads])
+    assert torch.equal(torch.sort(covered).values, torch.arange(N_ITEMS))
+    for h in heads:
+        assert queries[h.name].shape == (N_USERS, h.weight.shape[1])
+        assert torch.equal(scores[:, h.items], queries[h.name] @ h.weight.T + h.bias)
+    # the query is zhat0 (global decoder) or, per cluster with a single-Linear D_c, zhat0_c
+    model.eval()
+    _, mu, _, _ = model.encode(batch)
+    zhat0 = model.diffusion.p_sample(model.denoiser, mu, 0, False)
+    if out_dims == "[]":
+        assert torch.equal(queries["items"], zhat0)
+    elif n_clusters == 3:
+        for c in range(3):
+            assert torch.equal(queries[f"cluster{c}"], zhat0[:, model.latent_slice(c)])
+
+
+def test_score_is_decode_of_denoised_mu():
+    model, _ = make_model()
+    model.eval()
+    batch = batch_of(toy_csr())
+    _, mu, _, z = model.encode(batch)
+    assert torch.equal(mu, z)                              # eval: z = mu
+    zhat0 = model.diffusion.p_sample(model.denoiser, mu, model.sampling_steps,
+                                     model.sampling_noise)
+    torch.testing.assert_close(model.score(batch), model.decoder(zhat0), rtol=1e-6, atol=1e-6)
+
+
+def test_training_noise_is_keyed_by_seed_step_and_cluster():
+    model, _ = make_model()
+    model.train()
+    batch = batch_of(toy_csr())
+    gens = [model.cluster_generator(7, c, "cpu") for c in range(3)]
+    _, _, _, z1 = model.encode(batch, gens)
+    gens = [model.cluster_generator(7, c, "cpu") for c in range(3)]
+    _, _, _, z2 = model.encode(batch, gens)
+    assert torch.equal(z1, z2)
+    gens = [model.cluster_generator(8, c, "cpu") for c in range(3)]
+    _, _, _, z3 = model.encode(batch, gens)
+    assert not torch.equal(z1, z3)
+    # a cluster's stream does not depend on the others
+    sl = model.latent_slice(1)
+    gens = [model.cluster_generator(8, 0, "cpu"), model.cluster_generator(7, 1, "cpu"),
+            model.cluster_generator(9, 2, "cpu")]
+    _, _, _, z4 = model.encode(batch, gens)
+    assert torch.equal(z4[:, sl], z1[:, sl])
+
+
+def test_build_model_and_checkpoint_round_trip():
+    cfg = make_cfg()
+    part = toy_partition()
+    torch.manual_seed(0)
+    model = build_model(cfg, N_ITEMS, part)
+    assert isinstance(model, LDiffRec)
+    state = model.state_dict()
+    assert not any(k.startswith(("cluster_of", "local_of", "items_")) for k in state)
+    torch.manual_seed(1)
+    other = build_model(cfg, N_ITEMS, part)
+    other.load_state_dict(state)
+    batch = batch_of(toy_csr())
+    assert torch.equal(model.score(batch), other.score(batch))
+
+
+# ------------------------------------------------------------------ real data
+@pytest.mark.skipif(not ML1M.is_dir(), reason=f"DiffRec data not present at {ML1M}")
+def test_ml1m_clean_one_batch():
+    pairs = np.load(ML1M / "train_list.npy")
+    emb = np.load(ML1M / "item_emb.npy")
+    n_users, n_items = int(pairs[:, 0].max()) + 1, emb.shape[0]
+    train = CSR.from_pairs(pairs[:, 0], pairs[:, 1], n_users, n_items)
+    cfg = load_config(None, ["model=ldiffrec", "seed=1", "ldiffrec.lr_vae=0.001", "lr=0.0005",
+                             "diffusion.steps=40", "diffusion.noise_scale=0.005",
+                             "diffusion.noise_min=0.005", "diffusion.noise_max=0.02"])
+    part = Partition.kmeans(emb, cfg["ldiffrec"]["n_clusters"], seed=cfg["seed"])
+    torch.manual_seed(1)
+    model = LDiffRec.from_config(cfg, n_items, part)
+    assert model.latent_size == 300 and len(model.latent_sizes) == 2
+    assert model.latent_sizes[0] == int(part.sizes[0] / n_items * 300)
+    batch = train.take_rows(np.arange(400)).to_torch()
+    opt = torch.optim.AdamW(parameter_groups(model, cfg))
+    model.train()
+    terms = model.training_loss(batch, Progress())
+    terms["loss"].backward()
+    opt.step()
+    # at step 0: beta = 0, lamda = 0.03; recon dominates (about log(2810) per interaction)
+    assert terms["beta"].item() == 0.0 and terms["lamda"].item() == pytest.approx(0.03)
+    per_item = terms["recon"].item() / (batch.values.sum().item() / 400)
+    assert 0.5 * np.log(n_items) < per_item < 2 * np.log(n_items)
+    scores = model.score(batch)
+    assert scores.shape == (400, n_items) and torch.isfinite(scores).all()
