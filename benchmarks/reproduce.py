@@ -67,6 +67,7 @@ def run_row(name: str, overrides: list[str], runs_dir: Path) -> dict:
         "epoch_seconds_median": statistics.median(seconds),
         "wall_seconds": time.perf_counter() - started,
         "peak_rss_mib": metrics["peak_rss_mib"],
+        "parameters": metrics["parameters"],
     }
     if name in PAPER:
         row["paper"] = PAPER[name]

@@ -11,6 +11,7 @@ records them in rank order, so all ranks hold identical histories and sample ide
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -56,15 +57,21 @@ class LossSecondMomentResampler(UniformSampler):
         return p * (1 - self.uniform_prob) + self.uniform_prob / self.steps
 
     def update_with_all_losses(self, ts: list[int], losses: list[float]) -> None:
-        """Record each (t, loss) in order; a full history drops its oldest loss (FIFO)."""
-        for t, loss in zip(ts, losses):
-            count = int(self.loss_counts[t])
-            if count == self.history_per_step:
-                self.loss_history[t, :-1] = self.loss_history[t, 1:].clone()
-                self.loss_history[t, -1] = loss
-            else:
-                self.loss_history[t, count] = loss
-                self.loss_counts[t] = count + 1
+        """Record each (t, loss) in order; a full history drops its oldest loss (FIFO).
+
+        Per step t: history_t <- the last H of (history_t ++ the new losses of t, in order).
+        """
+        ts, losses = np.asarray(ts, dtype=np.int64), np.asarray(losses, dtype=np.float64)
+        history = self.loss_history.cpu().numpy()     # a view on CPU, a copy on GPU
+        counts = self.loss_counts.cpu().numpy()
+        for t in np.unique(ts):
+            seq = np.concatenate([history[t, :counts[t]], losses[ts == t]])
+            seq = seq[-self.history_per_step:]
+            history[t, :len(seq)] = seq
+            counts[t] = len(seq)
+        if self.loss_history.device.type != "cpu":
+            self.loss_history.copy_(torch.from_numpy(history))
+            self.loss_counts.copy_(torch.from_numpy(counts))
 
     def update_with_local_losses(self, t: torch.Tensor, losses: torch.Tensor) -> None:
         """Gather (t, loss) pairs of every rank (unequal batch sizes allowed), then record."""

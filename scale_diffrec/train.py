@@ -51,10 +51,20 @@ def prepare_partition(cfg: dict, data: InteractionData, run_dir: Path | None):
     return partition
 
 
+def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
+    """{part: parameters} (L-DiffRec: encoders, decoder, denoiser) with a "total"."""
+    if hasattr(model, "parameter_counts"):
+        return model.parameter_counts()
+    return {"total": sum(p.numel() for p in model.parameters())}
+
+
 def describe_model(model: torch.nn.Module) -> str:
-    counts = (model.parameter_counts() if hasattr(model, "parameter_counts")
-              else {"total": sum(p.numel() for p in model.parameters())})
-    return ", ".join(f"{k} {v:,}" for k, v in counts.items())
+    """Parameter counts, and the bytes of parameters + gradients + Adam's two moments."""
+    counts = parameter_counts(model)
+    train_mib = 4 * counts["total"] * 4 / 2 ** 20
+    return (", ".join(f"{k} {v:,}" for k, v in counts.items())
+            + f" parameters; {train_mib:.1f} MiB with grads and Adam state; "
+              f"peak RSS so far {peak_rss_mib():.0f} MiB")
 
 
 def train_epoch(model, optimizer, data: InteractionData, cfg: dict, epoch: int,
@@ -110,7 +120,7 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False) -> dict:
                  progress.epoch)
     log.info("data %s: %d users x %d items, %d train interactions",
              data.name, data.n_users, data.n_items, data.train.nnz)
-    log.info("model %s: %s parameters", cfg["model"], describe_model(model))
+    log.info("model %s: %s", cfg["model"], describe_model(model))
 
     metric = cfg["select_metric"]
     started = time.perf_counter()
@@ -148,6 +158,7 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False) -> dict:
         "valid": _metrics(model, data, "valid", cfg),
         "test": _metrics(model, data, "test", cfg),
         "history": record["history"],
+        "parameters": parameter_counts(model),
         "peak_rss_mib": peak_rss_mib(),
     }
     runs.write_json(run_dir / runs.METRICS, metrics)
