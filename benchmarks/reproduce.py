@@ -4,6 +4,7 @@ beside the paper's numbers and the reference implementation's measured ones.
     python benchmarks/reproduce.py                       # every row
     python benchmarks/reproduce.py --only diffrec-clean  # one row
     python benchmarks/reproduce.py --set epochs=5        # quick look (overrides all rows)
+    python benchmarks/reproduce.py --from-runs           # rows from finished runs/reproduce/*
 
 Writes benchmarks/results/reproduce.json (rows merged by name, so rows can run separately).
 Metrics use the reference convention (sums over users with test items / all users).
@@ -58,6 +59,11 @@ def run_row(name: str, overrides: list[str], runs_dir: Path) -> dict:
         return {"skipped": f"data folder {cfg['data']['path']} is absent"}
     started = time.perf_counter()
     metrics = train(cfg, runs_dir / name)
+    return make_row(name, overrides, metrics, time.perf_counter() - started)
+
+
+def make_row(name: str, overrides: list[str], metrics: dict, wall_seconds: float | None) -> dict:
+    """The JSON row of one finished run's metrics.json, beside the paper's numbers."""
     seconds = [h["seconds"] for h in metrics["history"]]
     row = {
         "config": ROWS[name], "overrides": overrides, "convention": metrics["convention"],
@@ -65,9 +71,9 @@ def run_row(name: str, overrides: list[str], runs_dir: Path) -> dict:
         "test": {k: metrics["test"][k] for k in KEYS},
         "valid": {k: metrics["valid"][k] for k in KEYS},
         "epoch_seconds_median": statistics.median(seconds),
-        "wall_seconds": time.perf_counter() - started,
+        "wall_seconds": wall_seconds,
         "peak_rss_mib": metrics["peak_rss_mib"],
-        "parameters": metrics["parameters"],
+        "parameters": metrics.get("parameters"),
     }
     if name in PAPER:
         row["paper"] = PAPER[name]
@@ -82,17 +88,26 @@ def main() -> None:
     parser.add_argument("--only", action="append", choices=sorted(ROWS))
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--runs", default=str(ROOT / "runs" / "reproduce"))
+    parser.add_argument("--from-runs", action="store_true",
+                        help="rebuild the rows from finished runs in --runs, without training")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reproduce.json"))
     args = parser.parse_args()
     setup_logging()
     out = Path(args.out)
-    results = json.loads(out.read_text()) if out.is_file() else {"rows": {}}
-    results["machine"] = {"platform": platform.platform(), "processor": platform.machine(),
-                          "python": platform.python_version(), "cpus": os.cpu_count()}
+    machine = {"platform": platform.platform(), "processor": platform.machine(),
+               "python": platform.python_version(), "cpus": os.cpu_count()}
     for name in args.only or ROWS:
-        results["rows"][name] = run_row(name, args.overrides, Path(args.runs))
+        metrics_file = Path(args.runs) / name / "metrics.json"
+        if args.from_runs and not metrics_file.is_file():
+            continue
+        row = (make_row(name, args.overrides, json.loads(metrics_file.read_text()), None)
+               if args.from_runs else run_row(name, args.overrides, Path(args.runs)))
+        # re-read before writing: rows may be run by separate, concurrent invocations
+        results = json.loads(out.read_text()) if out.is_file() else {"rows": {}}
+        results["rows"][name] = row
+        results["machine"] = machine
         write_json(out, results)
-        print(json.dumps({name: results["rows"][name].get("test")}))
+        print(json.dumps({name: row.get("test")}))
 
 
 if __name__ == "__main__":
