@@ -9,7 +9,10 @@ from scale_diffrec.cli import main
 TINY = ["data.source=synthetic", "data.synthetic.n_users=120", "data.synthetic.n_items=60",
         "data.synthetic.n_clusters=3", "data.synthetic.mean_items_per_user=8",
         "batch_size=32", "eval_every=1", "topk=[10, 20]", "denoiser.dims=[16]",
-        "diffusion.steps=5", "multvae.dims=[8, 16]"]
+        "diffusion.steps=5", "multvae.dims=[8, 16]", "ldiffrec.n_clusters=3",
+        "ldiffrec.in_dims=[12]", "ldiffrec.mlp_dims=[8]", "ldiffrec.embeddings=svd",
+        "ldiffrec.emb_dim=4"]
+TIME_WEIGHTS = "data.time_weights={w_min: 0.1, w_max: 1.0}"
 
 
 def _train(tmp_path, name, *sets, flags=(), model="diffrec"):
@@ -25,9 +28,12 @@ def _empty_config(tmp_path):
     (tmp_path / "none.yaml").write_text("{}\n")
 
 
-@pytest.mark.parametrize("model", ["diffrec", "multvae"])
-def test_train_writes_metrics_and_evaluate_reproduces_them(tmp_path, capsys, model):
-    assert _train(tmp_path, "run", "epochs=2", model=model) == 0
+@pytest.mark.parametrize("model, sets", [
+    ("diffrec", []), ("multvae", []), ("ldiffrec", []), ("ldiffrec", ["ldiffrec.out_dims=[6]"]),
+    ("diffrec", [TIME_WEIGHTS]), ("ldiffrec", [TIME_WEIGHTS])],
+    ids=["diffrec", "multvae", "ldiffrec", "ldiffrec-cluster-decoders", "t-diffrec", "lt-diffrec"])
+def test_train_writes_metrics_and_evaluate_reproduces_them(tmp_path, capsys, model, sets):
+    assert _train(tmp_path, "run", "epochs=2", *sets, model=model) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
     assert all(h["loss"] == h["loss"] and h["seconds"] > 0 for h in metrics["history"])
@@ -40,10 +46,11 @@ def test_train_writes_metrics_and_evaluate_reproduces_them(tmp_path, capsys, mod
         assert printed[key] == pytest.approx(metrics["test"][key], abs=1e-12)
 
 
-def test_resume_continues_exactly_where_an_uninterrupted_run_would_be(tmp_path):
-    assert _train(tmp_path, "straight", "epochs=3") == 0
-    assert _train(tmp_path, "split", "epochs=1") == 0
-    assert _train(tmp_path, "split", "epochs=3", flags=["--resume"]) == 0
+@pytest.mark.parametrize("model", ["diffrec", "ldiffrec"])
+def test_resume_continues_exactly_where_an_uninterrupted_run_would_be(tmp_path, model):
+    assert _train(tmp_path, "straight", "epochs=3", model=model) == 0
+    assert _train(tmp_path, "split", "epochs=1", model=model) == 0
+    assert _train(tmp_path, "split", "epochs=3", flags=["--resume"], model=model) == 0
     a = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=False)
     b = torch.load(tmp_path / "split" / "checkpoints" / "last.pt", weights_only=False)
     assert a["epoch"] == b["epoch"] == 3
