@@ -77,12 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
     p.set_defaults(func=cmd_evaluate)
 
-    try:
-        from .retrieval.cli import register
-    except ImportError:     # retrieval extras (faiss) not installed
-        register = None
-    if register is not None:
-        register(sub)
+    from .retrieval.cli import register
+    register(sub)
     return parser
 
 
