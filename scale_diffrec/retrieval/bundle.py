@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from ..data.errors import DataError
-from .index import build_index, index_dim, item_vectors, resolve_params, resolve_use_gpu, shard_bounds
+from .index import (L2_KINDS, build_index, index_dim, item_vectors, mips_norm, resolve_params,
+                    resolve_use_gpu, shard_bounds)
 
 FORMAT = "scale_diffrec.index_bundle"
 VERSION = 1
@@ -74,9 +75,11 @@ def export(run, out: str | Path, kind: str = "flat", params: dict | None = None,
             units = []
             for s, (a, b) in enumerate(shard_bounds(len(items), shards)):
                 unit_kind, unit_params = resolve_params(kind, b - a, params)
+                if unit_kind in L2_KINDS:
+                    unit_params["mips_norm"] = mips_norm(weight[a:b], bias[a:b])
                 dim = index_dim(weight.shape[1], unit_kind, unit_params)
-                index = build_index(item_vectors(weight[a:b], bias[a:b], dim), unit_kind,
-                                    unit_params, use_gpu=gpu)
+                vectors = item_vectors(weight[a:b], bias[a:b], dim, unit_params.get("mips_norm"))
+                index = build_index(vectors, unit_kind, unit_params, use_gpu=gpu)
                 name = f"{head.name}.{s}"
                 faiss.write_index(index, str(tmp / "units" / f"{name}.faiss"))
                 np.save(tmp / "units" / f"{name}.items.npy", items[a:b])
