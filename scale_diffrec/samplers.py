@@ -27,8 +27,9 @@ class UniformSampler(nn.Module):
 
     def sample(self, batch_size: int, device=None,
                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """t ~ p [B] (long) and weights 1 / (T p_t) [B] (float32)."""
-        p = self.probabilities()
+        """t ~ p [B] (long) and weights 1 / (T p_t) [B] (float32); drawn on the CPU (with
+        a CPU ``generator``), then moved to ``device``."""
+        p = self.probabilities().cpu()
         t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
         weights = 1.0 / (self.steps * p[t])
         return t.to(device), weights.float().to(device)

@@ -54,17 +54,27 @@ class Denoiser(nn.Module):
     def last_layer(self) -> nn.Linear:
         return self.out_layers[-1]
 
-    def hidden(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """[B, D], [B] -> [B, d_last]: everything before the last Linear."""
+    def hidden(self, x_t: torch.Tensor, t: torch.Tensor,
+               keep: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, D], [B] -> [B, d_last]: everything before the last Linear.
+
+        ``keep`` [B, D] bool: the input-dropout mask to use in training instead of drawing
+        one (a data-parallel rank passes its rows of the global batch's mask).
+        """
         emb = self.emb_layer(timestep_embedding(t, self.emb_size))
         if self.norm:
             x_t = F.normalize(x_t)
-        h = torch.cat([self.drop(x_t), emb.to(x_t.dtype)], dim=-1)
+        if keep is not None and self.training and self.drop.p > 0:
+            x_in = x_t * keep / (1.0 - self.drop.p)
+        else:
+            x_in = self.drop(x_t)
+        h = torch.cat([x_in, emb.to(x_t.dtype)], dim=-1)
         for layer in self.in_layers:
             h = torch.tanh(layer(h))
         for layer in self.out_layers[:-1]:
             h = torch.tanh(layer(h))
         return h
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.last_layer(self.hidden(x_t, t))
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        return self.last_layer(self.hidden(x_t, t, keep))

@@ -322,6 +322,19 @@ class LDiffRec(Recommender):
         g.manual_seed(self.noise_key(self.seed, step, c))
         return g
 
+    def diffusion_draws(self, batch_size: int, step: int, device):
+        """The diffusion's randomness for a batch of ``batch_size`` at training ``step``:
+        (t [B], importance weights [B], noise [B, d], denoiser input-dropout keep mask
+        [B, d] or None), from one stream keyed by (cfg seed, step) -- so a data-parallel
+        rank can draw the whole batch's and take its rows."""
+        g = self.cluster_generator(step, -1, "cpu")     # on the CPU: the same on any device
+        t, weights = self.sampler.sample(batch_size, device, generator=g)
+        noise = torch.randn(batch_size, self.latent_size, generator=g).to(device)
+        p = self.denoiser.drop.p
+        keep = ((torch.rand(batch_size, self.latent_size, generator=g) >= p).to(device)
+                if p > 0 else None)
+        return t, weights, noise, keep
+
     # ------------------------------------------------------------------ encoder side
     def _make_input(self, rows, local, values, batch_size, generator) -> ClusterInput:
         counts = torch.bincount(rows, minlength=batch_size)
@@ -443,8 +456,9 @@ class LDiffRec(Recommender):
         inputs, mu, logvar, z = self.encode(batch, gens)
         kl = -0.5 * torch.mean(self.kl_sum(mu, logvar))
 
-        t, weights = self.sampler.sample(batch.batch_size, device)
-        terms = self.diffusion.training_losses(self.denoiser, z, t, weights)
+        t, weights, noise, keep = self.diffusion_draws(batch.batch_size, progress.step, device)
+        terms = self.diffusion.training_losses(
+            lambda x_t, ts: self.denoiser(x_t, ts, keep), z, t, weights, noise)
         self.sampler.update_with_local_losses(t, terms["raw"].detach())
         diffusion = terms["loss"].mean()
         recon = self.multinomial_nll(terms["pred_xstart"], inputs).mean()

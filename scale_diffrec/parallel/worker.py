@@ -1,0 +1,311 @@
+"""One rank's share of a W-worker L-DiffRec run (DESIGN.md, "Hybrid parallelism").
+
+Rank r holds the clusters ``plan.clusters(r)``: their encoders E_c and their decoder part
+(per-cluster decoders D_c, or the cluster's rows [n_c, d] of the global linear decoder),
+rank-local under a torch AdamW (the autoencoder group: ``ldiffrec.lr_vae``); a replica of
+the denoiser in a DeepSpeed ZeRO engine (data-parallel over the batch rows); a replica of
+the step sampler, kept identical by all-gathering (t, loss) every step.
+
+One step over a global batch of B users (the same users on every rank; B_r = rank r's rows
+``plan.row_splits(B)``, consecutive, starting at o_r):
+
+    z_r   = concat_{c of r} reparam(E_c(dropout(x[:, items of c])))    [B, d_r]
+    z     = rows_to_owners(z_r)                                         [B_r, d]  all-to-all
+    t, eps, keep = the (seed, step) draws of ALL B rows, rows o_r .. o_r + B_r
+    diff, zhat0_r = training_losses(denoiser, z, t, eps, keep)          [B_r], [B_r, d]
+    zhat0 = gather_rows(zhat0_r)                                        [B, d]    all-gather
+    per cluster c of r: logits_c = D_c(zhat0) [B, n_c] -> picked_c, total_c, lse_c [B]
+    lse   = parallel_logsumexp(logsumexp_c lse_c)                       [B]       all-reduce
+    L_r   = (a sum_{b of r} diff_b + v [sum_{b of r} total_b lse_b - sum_b picked_rb]
+             - v beta / 2 sum_b sum_{c of r} kl_cb) / B
+
+with (a, v) = (lamda, 1) under ``reweight`` (else (1, lamda)). sum_r L_r is exactly the
+single-process LDiffRec loss of the batch (each replicated term enters once: lse through
+the rank's own rows); ``zero.hybrid_backward`` turns it into exact gradients for every
+parameter. All randomness is keyed by (seed, step[, cluster]) as in LDiffRec, so a W-worker
+run equals the one-process run up to float summation order.
+
+Evaluation: every rank scores its own items for all users of a batch, masks seen items,
+keeps its top K, and the W candidate lists are all-gathered and merged.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.dataset import InteractionData
+from ..evaluate import excluded_matrices, truth_matrix
+from ..metrics import MetricAccumulator
+from ..models import Progress, build_model
+from ..models.ldiffrec import beta_at, combine_logsumexp, lamda_at
+from ..progress import StepProgress
+from ..train import batches, epoch_order
+from .collectives import all_reduce_sum, gather_rows, parallel_logsumexp, rows_to_owners, world
+from .plan import Plan
+from .zero import gathered_state_dict, hybrid_backward, init_denoiser_engine
+
+
+class ShardedRun:
+    """One rank's part of a W-worker L-DiffRec run (torch.distributed already initialized)."""
+
+    def __init__(self, cfg: dict, data: InteractionData, partition, plan: Plan,
+                 device: torch.device):
+        self.cfg, self.data, self.plan = cfg, data, plan
+        self.device = torch.device(device)
+        self.world, self.rank = world()
+        if plan.n_workers != self.world:
+            raise ValueError(f"the plan places clusters on {plan.n_workers} workers but the "
+                             f"process group has {self.world}")
+        self.clusters = plan.clusters(self.rank)
+        self.progress = Progress()
+        # Built whole with the run's seed so that every part starts as in one process; the
+        # parts of other ranks' clusters are dropped right away.
+        model = build_model(cfg, data.n_items, partition)
+        self.model = model
+        # named as in LDiffRec's state_dict: encoders.{c}.*, decoders.{c}.* (the global
+        # decoder's rows of cluster c: decoder.{c}.weight / .bias)
+        decoder = "decoder" if model.global_decoder else "decoders"
+        self.local = nn.ModuleDict({"encoders": nn.ModuleDict(), decoder: nn.ModuleDict()})
+        for c in self.clusters:
+            self.local["encoders"][str(c)] = model.encoders[c]
+            if model.global_decoder:
+                items = model.items_of(c)
+                self.local["decoder"][str(c)] = _Rows(model.decoder.weight.detach()[items],
+                                                      model.decoder.bias.detach()[items])
+            else:
+                self.local["decoders"][str(c)] = model.decoders[c]
+        model.encoders = None
+        model.decoders = model.decoder = None
+        model.to(self.device)
+        self.local.to(self.device)
+        lcfg = cfg["ldiffrec"]
+        self.local_optimizer = torch.optim.AdamW(
+            self.local.parameters(),
+            lr=cfg["lr"] if lcfg["lr_vae"] is None else float(lcfg["lr_vae"]),
+            weight_decay=(cfg["weight_decay"] if lcfg["weight_decay_vae"] is None
+                          else float(lcfg["weight_decay_vae"])))
+        dcfg = cfg["distributed"]
+        self.engine = init_denoiser_engine(
+            model.denoiser, {"lr": cfg["lr"], "weight_decay": cfg["weight_decay"]},
+            zero_stage=int(dcfg["zero_stage"]), ds_overrides=dcfg["deepspeed"],
+            micro_batch_size=max(1, cfg["batch_size"] // self.world))
+        self.own_items = torch.cat([model.items_of(c) for c in self.clusters])
+        self.local_pos = torch.full((data.n_items,), -1, dtype=torch.long, device=self.device)
+        self.local_pos[self.own_items] = torch.arange(len(self.own_items), device=self.device)
+
+    # ------------------------------------------------------------------ pieces
+    def _rows(self, batch_size: int) -> tuple[list[int], slice]:
+        splits = self.plan.row_splits(batch_size)
+        start = sum(splits[:self.rank])
+        return splits, slice(start, start + splits[self.rank])
+
+    def _logits(self, c: int, zhat0: torch.Tensor) -> torch.Tensor:
+        """[B, n_c] logits of cluster c's items from the full denoised latent."""
+        if self.model.global_decoder:
+            rows = self.local["decoder"][str(c)]
+            return F.linear(zhat0, rows.weight, rows.bias)
+        z_c = zhat0 if self.model.n_clusters == 1 else zhat0[:, self.model.latent_slice(c)]
+        return self.local["decoders"][str(c)](z_c)
+
+    def _exchange(self, z_r: torch.Tensor, splits: list[int]) -> torch.Tensor:
+        return rows_to_owners(z_r, splits, self.plan.col_sizes(), self.plan.col_index())
+
+    # ------------------------------------------------------------------ training
+    def loss_and_backward(self, users: np.ndarray) -> float:
+        """This rank's share of one step: forward, then exact gradients in every parameter
+        (denoiser: reduced by the engine at ``engine.step``). Returns the global loss."""
+        m, step = self.model, self.progress.step
+        batch = self.data.train.take_rows(users).to_torch(self.device)
+        b = batch.batch_size
+        splits, own = self._rows(b)
+        inputs, zs, kl = {}, [], torch.zeros(b, device=self.device)
+        for c in self.clusters:
+            g = m.cluster_generator(step, c, self.device)
+            inputs[c] = inp = m.cluster_input(c, batch, g)
+            mu, logvar = self.local["encoders"][str(c)](inp)
+            zs.append(m.reparameterize(mu, logvar, g))
+            kl = kl + m.kl_sum(mu, logvar)
+        z = self._exchange(torch.cat(zs, 1), splits)
+
+        t, weights, noise, keep = m.diffusion_draws(b, step, self.device)
+        keep = None if keep is None else keep[own]
+        terms = m.diffusion.training_losses(lambda x_t, ts: self.engine(x_t, ts, keep), z,
+                                            t[own], weights[own], noise[own])
+        m.sampler.update_with_local_losses(t[own], terms["raw"].detach())
+        zhat0 = gather_rows(terms["pred_xstart"], splits)
+
+        picked = total = torch.zeros(b, device=self.device)
+        lses = []
+        for c in self.clusters:
+            p, n, lse = m.multinomial_parts(self._logits(c, zhat0), inputs[c])
+            picked, total = picked + p, total + n
+            lses.append(lse)
+        lse = parallel_logsumexp(combine_logsumexp(lses))
+        total = all_reduce_sum(total.detach())
+
+        lamda, beta = lamda_at(m.lcfg, self.progress.epoch), beta_at(m.lcfg, step)
+        a, v = (lamda, 1.0) if m.reweight else (1.0, lamda)
+        loss = (a * terms["loss"].sum()
+                + v * ((total[own] * lse[own]).sum() - picked.sum() - 0.5 * beta * kl.sum())) / b
+        self.local_optimizer.zero_grad(set_to_none=True)
+        hybrid_backward(self.engine, loss, self.local.parameters())
+        return all_reduce_sum(loss.detach()).item()
+
+    def optimizer_step(self) -> None:
+        self.engine.step()
+        self.local_optimizer.step()
+        self.progress.step += 1
+
+    def train_epoch(self, epoch: int) -> float:
+        """Every user once, in the single-process order; the mean batch loss (all ranks)."""
+        self.model.train(), self.local.train(), self.engine.train()
+        order = batches(epoch_order(self.data.n_users, self.cfg["seed"], epoch),
+                        self.cfg["batch_size"])
+        meter = StepProgress(epoch + 1, len(order)) if self.rank == 0 else None
+        total = 0.0
+        for i, users in enumerate(order, 1):
+            total += self.loss_and_backward(users)
+            self.optimizer_step()
+            if meter is not None:
+                meter.step(i, total / i)
+        return total / max(len(order), 1)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def topk(self, users: np.ndarray, exclude: list, k: int) -> np.ndarray:
+        """[B, k] global item indexes: the merged top-k of every rank's own items, with the
+        items of the ``exclude`` CSRs (rows = users) masked."""
+        m = self.model
+        batch = self.data.train.take_rows(users).to_torch(self.device)
+        b = batch.batch_size
+        splits, _ = self._rows(b)
+        mus = [self.local["encoders"][str(c)](m.cluster_input(c, batch))[0] for c in self.clusters]
+        z = self._exchange(torch.cat(mus, 1), splits)
+        zhat0 = gather_rows(m.diffusion.p_sample(self.engine, z, m.sampling_steps,
+                                                 m.sampling_noise), splits)
+        scores = torch.cat([self._logits(c, zhat0) for c in self.clusters], 1)   # [B, n_r]
+        for csr in exclude:
+            rows = torch.from_numpy(np.repeat(np.arange(b), csr.row_lengths())).to(self.device)
+            pos = self.local_pos[torch.from_numpy(csr.indices).to(self.device)]
+            mine = pos >= 0
+            scores[rows[mine], pos[mine]] = -torch.inf
+        kk = min(k, scores.shape[1])
+        top, idx = torch.topk(scores, kk, dim=1)
+        items = self.own_items[idx]
+        if kk < k:
+            top = F.pad(top, (0, k - kk), value=-torch.inf)
+            items = F.pad(items, (0, k - kk), value=-1)
+        if self.world > 1:
+            tops, its = [torch.empty_like(top) for _ in range(self.world)], \
+                [torch.empty_like(items) for _ in range(self.world)]
+            dist.all_gather(tops, top.contiguous())
+            dist.all_gather(its, items.contiguous())
+            top, items = torch.cat(tops, 1), torch.cat(its, 1)
+            best = torch.topk(top, k, dim=1).indices
+            items = torch.gather(items, 1, best)
+        return items.cpu().numpy()
+
+    def evaluate(self, split: str) -> dict:
+        """Full-ranking metrics of ``split`` over all users (the same dict on all ranks)."""
+        self.model.eval(), self.local.eval(), self.engine.eval()
+        ks = sorted(int(k) for k in self.cfg["topk"])
+        exclude, truth = excluded_matrices(self.data, split), truth_matrix(self.data, split)
+        acc = MetricAccumulator(ks)
+        users = np.arange(self.data.n_users)
+        for start in range(0, len(users), self.cfg["eval_batch_size"]):
+            rows = users[start:start + self.cfg["eval_batch_size"]]
+            items = self.topk(rows, [e.take_rows(rows) for e in exclude], ks[-1])
+            acc.add(items, truth.take_rows(rows))
+        return acc.result(self.cfg["convention"])
+
+    # ------------------------------------------------------------------ state
+    def shard_state(self) -> dict:
+        """This rank's parameters and optimizer states, the denoiser (full), the sampler,
+        the progress. The denoiser's ZeRO optimizer partition is this rank's."""
+        return {"rank": self.rank, "world": self.world, "clusters": self.clusters,
+                "local": self.local.state_dict(),
+                "local_optimizer": self.local_optimizer.state_dict(),
+                "denoiser": gathered_state_dict(self.engine),
+                "denoiser_optimizer": self.engine.optimizer.state_dict(),
+                "sampler": self.model.sampler.state_dict(),
+                "progress": {"epoch": self.progress.epoch, "step": self.progress.step}}
+
+    def load_shard_state(self, state: dict) -> None:
+        if state["world"] != self.world or state["clusters"] != self.clusters:
+            raise ValueError(f"checkpoint shard of rank {state['rank']} of {state['world']} "
+                             f"(clusters {state['clusters']}) does not fit rank {self.rank} of "
+                             f"{self.world} (clusters {self.clusters}); resume with the same "
+                             f"workers and plan")
+        self.local.load_state_dict(state["local"])
+        self.local_optimizer.load_state_dict(state["local_optimizer"])
+        _load_denoiser(self.engine, state["denoiser"], state["denoiser_optimizer"])
+        self.model.sampler.load_state_dict(state["sampler"])
+        self.progress = Progress(**state["progress"])
+
+    def full_model_state(self) -> dict | None:
+        """On rank 0 the single-process LDiffRec state_dict assembled from all ranks (for
+        ``scale-diffrec evaluate``/``export``); None on the other ranks. Collective."""
+        local = {k: v.detach().cpu() for k, v in self.local.state_dict().items()}
+        parts = [None] * self.world if self.rank == 0 else None
+        if self.world > 1:
+            dist.gather_object(local, parts, dst=0)
+        else:
+            parts = [local]
+        denoiser = gathered_state_dict(self.engine)
+        if self.rank != 0:
+            return None
+        m = self.model
+        state = {f"sampler.{k}": v.cpu() for k, v in m.sampler.state_dict().items()}
+        weight = bias = None
+        for part in parts:
+            for key, value in part.items():
+                if key.startswith("decoder."):       # decoder.{c}.weight / .bias: rows of c
+                    _, c, name = key.split(".")
+                    if weight is None:
+                        weight = torch.empty(m.n_items, m.latent_size)
+                        bias = torch.empty(m.n_items)
+                    (weight if name == "weight" else bias)[m.items_of(int(c)).cpu()] = value
+                else:
+                    state[key] = value
+        if weight is not None:
+            state["decoder.weight"], state["decoder.bias"] = weight, bias
+        state.update({f"denoiser.{k}": v.cpu() for k, v in denoiser.items()})
+        return state
+
+
+class _Rows(nn.Module):
+    """A cluster's rows of the global linear decoder: weight [n_c, d], bias [n_c]."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight.clone())
+        self.bias = nn.Parameter(bias.clone())
+
+
+def _load_denoiser(engine, params: dict, optimizer_state) -> None:
+    """Denoiser parameters, then the engine's optimizer (its fp32 partitions re-read from
+    the parameters). ZeRO 1/2: every rank's optimizer partition is needed, so they are
+    all-gathered; ZeRO 3: params are partitioned and set inside GatheredParameters."""
+    named = dict(engine.module.named_parameters())
+    stage = engine.zero_optimization_stage()
+    if stage == 3:
+        from .zero import import_deepspeed
+        deepspeed = import_deepspeed()
+        with deepspeed.zero.GatheredParameters(list(named.values()), modifier_rank=0):
+            if dist.get_rank() == 0:
+                for k, p in named.items():
+                    p.data.copy_(params[k])
+    else:
+        for k, p in named.items():
+            p.data.copy_(params[k].to(p.device))
+    if stage == 0:
+        engine.optimizer.load_state_dict(optimizer_state)
+        return
+    states = [None] * dist.get_world_size() if dist.is_initialized() else [optimizer_state]
+    if dist.is_initialized():
+        dist.all_gather_object(states, optimizer_state)
+    engine.optimizer.load_state_dict(states, load_optimizer_states=True,
+                                     load_from_fp32_weights=False)

@@ -1,0 +1,159 @@
+"""The W-worker sharded L-DiffRec (parallel/worker.py) equals the single-process LDiffRec.
+
+W gloo processes, unequal clusters (44/30/16/6 items), both decoder forms, dropout on
+(encoder input, reparameterisation noise, denoiser input): the global loss and the gradient
+of every parameter of one step; the resampler state after 50 steps; every parameter after
+an epoch of optimizer steps (reassembled by ``full_model_state``); and the metrics of the
+distributed evaluation.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from scale_diffrec.parallel.testing import run_distributed
+
+RTOL, ATOL = 1e-5, 1e-6
+SIZES = [44, 30, 16, 6]
+BASE = ["model=ldiffrec", "data.source=synthetic", "data.synthetic.n_users=90",
+        "data.synthetic.n_items=96", "data.synthetic.n_clusters=4",
+        "data.synthetic.mean_items_per_user=9", "batch_size=32", "eval_batch_size=40",
+        "topk=[10, 20]", "ldiffrec.n_clusters=4", "ldiffrec.in_dims=[16]",
+        "ldiffrec.mlp_dims=[12]", "diffusion.steps=6", "seed=3",
+        "ldiffrec.vae_anneal_steps=4", "lr=1e-2", "ldiffrec.lr_vae=2e-2"]
+FORMS = {"global-decoder": [], "cluster-decoders": ["ldiffrec.out_dims=[6]"]}
+
+
+def _setup(overrides):
+    from scale_diffrec.config import load_config
+    from scale_diffrec.data import load_data
+    from scale_diffrec.parallel.trainer import build_plan
+    from scale_diffrec.partition import Partition
+    cfg = load_config(None, BASE + list(overrides))
+    data = load_data(cfg)
+    cluster_of = np.repeat(np.arange(len(SIZES)), SIZES)
+    partition = Partition(np.random.default_rng(0).permutation(cluster_of), len(SIZES))
+    return cfg, data, partition, build_plan
+
+
+def _single(cfg, data, partition):
+    from scale_diffrec.models import build_model, parameter_groups
+    from scale_diffrec.train import seed_everything
+    seed_everything(cfg["seed"])
+    model = build_model(cfg, data.n_items, partition)
+    return model, torch.optim.AdamW(parameter_groups(model, cfg))
+
+
+def _sharded(cfg, data, partition, build_plan, world):
+    from scale_diffrec.parallel.worker import ShardedRun
+    from scale_diffrec.train import seed_everything
+    seed_everything(cfg["seed"])
+    return ShardedRun(cfg, data, partition, build_plan(cfg, partition, world), "cpu")
+
+
+def _sharded_step(rank, world, overrides):
+    """(global loss, {name: gradient}) of the sharded step 0 on this rank; names as in
+    LDiffRec's state_dict (decoder.{c}.* are cluster c's rows of the global decoder)."""
+    from scale_diffrec.parallel.zero import gathered_grads
+    cfg, data, partition, build_plan = _setup(overrides)
+    run = _sharded(cfg, data, partition, build_plan, world)
+    run.model.train(), run.local.train(), run.engine.train()
+    loss = run.loss_and_backward(np.arange(32))
+    grads = {name: p.grad.clone() for name, p in run.local.named_parameters()}
+    grads.update({f"denoiser.{n}": g for n, g in gathered_grads(run.engine).items()})
+    return loss, grads
+
+
+def _single_step(overrides):
+    """The single-process reference, computed here (no process group: its sampler must not
+    all-gather)."""
+    from scale_diffrec.models import Progress
+    cfg, data, partition, _ = _setup(overrides)
+    model, _ = _single(cfg, data, partition)
+    model.train()
+    loss = model.training_loss(data.train.take_rows(np.arange(32)).to_torch(), Progress())["loss"]
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    for n in [n for n in grads if n.startswith("decoder.")]:
+        for c in range(len(SIZES)):
+            grads[f"decoder.{c}.{n.split('.')[1]}"] = grads[n][model.items_of(c)]
+    return loss.item(), grads
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("form", list(FORMS))
+def test_loss_and_every_gradient_equal_single_process(world, form):
+    single_loss, single = _single_step(FORMS[form])
+    results = run_distributed(_sharded_step, world, args=(FORMS[form],),
+                              env={"DS_ACCELERATOR": "cpu"}, timeout=240)
+    seen = set()
+    for loss, grads in results:
+        assert loss == pytest.approx(single_loss, rel=RTOL)
+        for name, got in grads.items():
+            torch.testing.assert_close(got, single[name], rtol=RTOL, atol=ATOL, msg=name)
+        seen |= set(grads)
+    owned = {n for n in seen if not n.startswith("denoiser.")}
+    expected = {n for n in single if n.startswith(("encoders.", "decoders."))}
+    expected |= {f"decoder.{c}.{w}" for c in range(len(SIZES)) for w in ("weight", "bias")
+                 if "decoder.weight" in single}
+    assert owned == expected        # every cluster's parameters live on exactly one rank...
+    assert sum(len(g) for _, g in results) - world * sum(
+        n.startswith("denoiser.") for n in seen) == len(expected)    # ...and only there
+
+
+def _epoch(rank, world, overrides, zero_stage):
+    """Sharded: one epoch (3 optimizer steps), then (full state on rank 0 / None, sampler
+    history, valid metrics)."""
+    cfg, data, partition, build_plan = _setup(list(overrides) +
+                                              [f"distributed.zero_stage={zero_stage}"])
+    run = _sharded(cfg, data, partition, build_plan, world)
+    run.train_epoch(0)
+    return run.full_model_state(), run.model.sampler.loss_history.clone(), run.evaluate("valid")
+
+
+@pytest.mark.parametrize("world, zero_stage", [(2, 1), (3, 1), (2, 2), (2, 3)])
+def test_epoch_parameters_and_evaluation_equal_single_process(world, zero_stage):
+    from scale_diffrec.evaluate import evaluate
+    from scale_diffrec.models import Progress
+    from scale_diffrec.train import train_epoch
+    cfg, data, partition, _ = _setup(FORMS["global-decoder"])
+    model, optimizer = _single(cfg, data, partition)
+    train_epoch(model, optimizer, data, cfg, 0, Progress())
+    single, metrics = model.state_dict(), evaluate(model, data, "valid", ks=cfg["topk"])
+    results = run_distributed(_epoch, world, args=(FORMS["global-decoder"], zero_stage),
+                              env={"DS_ACCELERATOR": "cpu"}, timeout=240)
+    full = results[0][0]
+    assert set(full) == set(single) and all(r[0] is None for r in results[1:])
+    for name, value in single.items():
+        torch.testing.assert_close(full[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    for _, history, sharded in results:
+        assert torch.equal(history, results[0][1])
+        for key in ("recall@10", "recall@20", "ndcg@20"):
+            assert sharded[key] == pytest.approx(metrics[key], abs=1e-9), key
+
+
+def _sampler_after_steps(rank, world, steps):
+    from scale_diffrec.train import batches, epoch_order
+    cfg, data, partition, build_plan = _setup(["diffusion.history_per_step=2"])
+    run = _sharded(cfg, data, partition, build_plan, world)
+    run.model.train(), run.local.train(), run.engine.train()
+    done = 0
+    while done < steps:
+        for users in batches(epoch_order(data.n_users, cfg["seed"], done), cfg["batch_size"]):
+            run.loss_and_backward(users)
+            run.optimizer_step()
+            done += 1
+            if done == steps:
+                break
+    s = run.model.sampler
+    return s.loss_history.clone(), s.loss_counts.clone(), s.probabilities(), s.warmed_up()
+
+
+def test_resampler_identical_on_every_rank_after_50_steps():
+    results = run_distributed(_sampler_after_steps, 3, args=(50,),
+                              env={"DS_ACCELERATOR": "cpu"}, timeout=240)
+    assert results[0][3]                      # warmed up: importance sampling in use
+    for history, counts, probs, _ in results[1:]:
+        assert torch.equal(history, results[0][0]) and torch.equal(counts, results[0][1])
+        assert torch.equal(probs, results[0][2])
