@@ -1,0 +1,397 @@
+"""W-worker L-DiffRec training on Ray Train: the same run as ``scale_diffrec.train.train``.
+
+The driver (``train_distributed``) loads the data, builds the item partition and the
+placement plan (clusters -> workers, DESIGN.md "Hybrid parallelism"), writes them to the run
+directory, joins or starts a Ray cluster and runs a ``TorchTrainer`` with W workers. Each
+worker runs ``train_loop``: a ``ShardedRun`` (parallel/worker.py) with its clusters, the
+epoch loop of the single-process trainer (validation every ``eval_every`` epochs, early
+stopping on ``select_metric``, test metrics of the best epoch) and one Ray checkpoint per
+epoch in which EVERY rank stores its own shard. Rank 0 logs the progress and finally writes
+the run directory exactly as the single-process trainer does, so ``scale-diffrec evaluate``
+and ``runs.load_run`` work on distributed runs:
+
+    RUN_DIR/config.yaml, partition.parquet       as for one process
+    RUN_DIR/plan.json                            the placement plan (Plan.to_dict)
+    RUN_DIR/checkpoints/ray/epoch_NNNN/shard_R.pt   rank R's shard_state after epoch NNNN,
+                                                 with the run record (Ray keeps the latest
+                                                 and the best epoch)
+    RUN_DIR/checkpoints/last.pt, best.pt         {"model": the single-process LDiffRec
+                                                 state_dict, ...}, written at the end
+    RUN_DIR/metrics.json                         as for one process, plus plan, workers and
+                                                 per-worker peak memory
+
+Failures: a worker that dies makes Ray restart the whole group (``distributed.max_failures``
+times) from the latest checkpoint (``ray.train.get_checkpoint()``); ``resume=True`` starts a
+new fit on the same storage, which Ray restores from the latest checkpoint it recorded.
+For several machines RUN_DIR must be shared storage (NFS): workers read the partition from it
+and rank 0 writes the run files into it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .. import runs
+from ..config import absolute_paths
+from ..data import load_data
+from ..data.errors import ConfigError
+from ..models.ldiffrec import latent_dims
+from ..partition import Partition
+from ..progress import format_seconds, log, peak_rss_mib, setup_logging
+from ..train import prepare_partition, seed_everything
+from .plan import Plan, plan_placement
+
+PLAN = "plan.json"
+RAY_NAME = "ray"                  # Ray Train's run name: RUN_DIR/checkpoints/ray
+FAULT_ENV = "SCALE_DIFFREC_TEST_FAULT"   # test hook, see _start_fault_hook
+NO_SCORE = -1.0                   # checkpoint score of epochs that set no new best
+
+
+# ============================================================================ the driver
+def check_workers(cfg: dict) -> int:
+    """W from ``distributed.workers``; a ConfigError unless 1 <= W <= ldiffrec.n_clusters."""
+    if cfg["model"] != "ldiffrec":
+        raise ConfigError(f"config key 'model': distributed training shards L-DiffRec's "
+                          f"catalogue; model '{cfg['model']}' trains in one process "
+                          f"(set distributed.workers=1 and no distributed.address)")
+    workers = int(cfg["distributed"]["workers"])
+    clusters = int(cfg["ldiffrec"]["n_clusters"])
+    if workers < 1:
+        raise ConfigError(f"config key 'distributed.workers' must be >= 1, got {workers}")
+    if workers > clusters:
+        raise ConfigError(f"config key 'distributed.workers' is {workers} but "
+                          f"ldiffrec.n_clusters is {clusters}: every worker holds at least "
+                          f"one item cluster (use --workers <= {clusters} or more clusters)")
+    return workers
+
+
+def cluster_parameters(cfg: dict, partition: Partition) -> list[int]:
+    """[C] parameters that live with each cluster: its encoder, plus its decoder (per-cluster
+    decoders) or its rows of the global linear decoder (out_dims == [])."""
+    sizes = partition.sizes.tolist()
+    dims = latent_dims(sizes, cfg["ldiffrec"]["in_dims"])
+    latent = sum(d[-1] for d in dims)
+    out_dims = [int(d) for d in cfg["ldiffrec"]["out_dims"]]
+
+    def linear(widths):
+        return sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+
+    counts = []
+    for n_c, d in zip(sizes, dims):
+        enc_widths = list(d[:-1]) + [2 * d[-1]]
+        encoder = n_c * enc_widths[0] + enc_widths[0] + linear(enc_widths)
+        if not out_dims:
+            decoder = n_c * (latent + 1)
+        elif len(sizes) == 1:
+            decoder = linear([latent] + out_dims + [n_c])
+        else:
+            decoder = linear(list(d[::-1]) + [n_c])
+        counts.append(encoder + decoder)
+    return counts
+
+
+def build_plan(cfg: dict, partition: Partition, n_workers: int) -> Plan:
+    """Clusters -> workers by ``distributed.placement`` (items | params), with latent widths
+    and per-cluster parameters (bytes counted with grads and Adam's two moments)."""
+    placement = cfg["distributed"]["placement"]
+    if placement not in ("items", "params"):
+        raise ConfigError(f"config key 'distributed.placement' must be 'items' or 'params', "
+                          f"got {placement!r}")
+    sizes = partition.sizes.tolist()
+    if n_workers > len(sizes):
+        raise ConfigError(f"{n_workers} workers but the partition has {len(sizes)} clusters")
+    widths = [d[-1] for d in latent_dims(sizes, cfg["ldiffrec"]["in_dims"])]
+    return plan_placement(sizes, n_workers, weight=placement, latent_dims=widths,
+                          decoder_params=cluster_parameters(cfg, partition), bytes_per_param=16)
+
+
+def connect(cfg: dict) -> bool:
+    """Join the cluster at ``distributed.address`` or $RAY_ADDRESS, else start a local one
+    (at least one CPU per worker). Returns True when this call started Ray."""
+    import ray
+    if ray.is_initialized():
+        return False
+    address = cfg["distributed"]["address"] or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("joining the Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # With its dashboard (on 127.0.0.1), whose state API Ray Train's placement-group
+        # cleaner polls: without it that actor logs a warning every few seconds.
+        cpus = max(os.cpu_count() or 1, int(cfg["distributed"]["workers"]))
+        log.info("starting a local Ray instance with %d CPUs", cpus)
+        ray.init(address="local", num_cpus=cpus, log_to_driver=True)
+    return True
+
+
+def resolve_use_gpu(setting, n_workers: int) -> bool:
+    """``distributed.use_gpu``: true, false, or "auto" = the cluster has a GPU per worker."""
+    import ray
+    if isinstance(setting, bool):
+        return setting
+    if setting != "auto":
+        raise ConfigError(f"config key 'distributed.use_gpu' must be true, false or 'auto', "
+                          f"got {setting!r}")
+    return ray.cluster_resources().get("GPU", 0) >= n_workers
+
+
+def worker_env(use_gpu: bool) -> dict[str, str]:
+    """Environment of the training workers: DeepSpeed's CPU accelerator without a GPU, and
+    the test fault hook when the driver has it."""
+    env = {} if use_gpu else {"DS_ACCELERATOR": "cpu"}
+    if os.environ.get(FAULT_ENV):
+        env[FAULT_ENV] = os.environ[FAULT_ENV]
+    return env
+
+
+def _prepare_run_dir(cfg: dict, run_dir: Path, n_workers: int, resume: bool):
+    """config.yaml, partition.parquet and plan.json; on resume, the plan must be unchanged."""
+    data = load_data(cfg)          # validates the input before anything is written
+    run_dir.mkdir(parents=True, exist_ok=True)
+    runs.write_config(run_dir, cfg)
+    partition = prepare_partition(cfg, data, run_dir)
+    saved = run_dir / runs.PARTITION           # the workers' copy (also for ldiffrec.partition)
+    if not saved.is_file() or Partition.load(saved, n_items=data.n_items) != partition:
+        partition.save(saved)
+    plan = build_plan(cfg, partition, n_workers)
+    plan_file = run_dir / PLAN
+    if resume and plan_file.is_file() and Plan.from_json(plan_file.read_text()) != plan:
+        raise ConfigError(f"{plan_file}: the run was trained with another placement; resume "
+                          f"it with the same distributed.workers and distributed.placement")
+    runs.write_json(plan_file, plan.to_dict())
+    log.info("data %s: %d users x %d items, %d train interactions",
+             data.name, data.n_users, data.n_items, data.train.nnz)
+    log.info("%s", plan.describe())
+    return plan
+
+
+def _storage(run_dir: Path) -> Path:
+    return run_dir / runs.CHECKPOINTS
+
+
+def _check_storage(run_dir: Path, resume: bool) -> None:
+    """A fresh run starts from empty Ray storage; a resumed one needs an epoch checkpoint."""
+    ray_dir = _storage(run_dir) / RAY_NAME
+    if not resume:
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    elif not any(ray_dir.glob("epoch_*")):
+        raise FileNotFoundError(f"{ray_dir}: no distributed checkpoint to resume from")
+
+
+def train_distributed(cfg: dict, run_dir: str | Path, resume: bool = False) -> dict:
+    """Train L-DiffRec on ``distributed.workers`` Ray Train workers; returns metrics.json."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    run_dir = Path(run_dir).resolve()
+    n_workers = check_workers(cfg)       # before any data, file or Ray process
+    cfg = absolute_paths(cfg)            # the workers run in other directories
+    plan = _prepare_run_dir(cfg, run_dir, n_workers, resume)
+    _check_storage(run_dir, resume)
+    started = connect(cfg)
+    try:
+        use_gpu = resolve_use_gpu(cfg["distributed"]["use_gpu"], n_workers)
+        log.info("Ray Train: %d workers on %s, ZeRO stage %s, max_failures %d", n_workers,
+                 "GPU (NCCL)" if use_gpu else "CPU (gloo)", cfg["distributed"]["zero_stage"],
+                 cfg["distributed"]["max_failures"])
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"cfg": cfg, "run_dir": str(run_dir), "plan": plan.to_dict(),
+                               "use_gpu": use_gpu},
+            scaling_config=ScalingConfig(num_workers=n_workers, use_gpu=use_gpu),
+            run_config=RunConfig(
+                name=RAY_NAME, storage_path=str(_storage(run_dir)),
+                failure_config=FailureConfig(max_failures=int(cfg["distributed"]["max_failures"])),
+                # keep the best-scoring epoch (the run's best) besides the latest one
+                checkpoint_config=CheckpointConfig(num_to_keep=1,
+                                                   checkpoint_score_attribute="best_score",
+                                                   checkpoint_score_order="max"),
+                worker_runtime_env={"env_vars": worker_env(use_gpu)}))
+        trainer.fit()
+    finally:
+        if started:
+            import ray
+            ray.shutdown()
+    return json.loads((run_dir / runs.METRICS).read_text())
+
+
+# ============================================================================ each worker
+def _shard_file(rank: int) -> str:
+    return f"shard_{rank:03d}.pt"
+
+
+def _epoch_dir(epoch: int) -> str:
+    return f"epoch_{epoch:04d}"
+
+
+def _new_record() -> dict:
+    """The single-process trainer's record, plus the epochs training resumed at."""
+    return {"history": [], "best": -1.0, "best_epoch": 0, "valid": {}, "resumed_at": []}
+
+
+def _restore(run, checkpoint, rank: int) -> dict:
+    """Load this rank's shard from a Ray checkpoint (restart or resume); returns the record."""
+    if checkpoint is None:
+        return _new_record()
+    with checkpoint.as_directory() as path:
+        state = torch.load(Path(path) / _shard_file(rank), map_location="cpu",
+                           weights_only=False)
+    run.load_shard_state(state["shard"])
+    if rank == 0:
+        log.info("resumed from %s at epoch %d", checkpoint.path, run.progress.epoch)
+    record = state["record"]
+    record["resumed_at"].append(run.progress.epoch)
+    return record
+
+
+def _report(run, record: dict, rank: int, entry: dict, best_score: float) -> None:
+    """One Ray checkpoint per epoch; every rank writes its own shard into it."""
+    import ray.train
+    with tempfile.TemporaryDirectory(prefix="sdr-ckpt-") as tmp:
+        torch.save({"shard": run.shard_state(), "record": record}, Path(tmp) / _shard_file(rank))
+        metrics = {"epoch": entry["epoch"], "loss": entry["loss"], "best_score": best_score}
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=_epoch_dir(entry["epoch"]))
+
+
+def _stopped(record: dict, epochs_done: int, cfg: dict) -> bool:
+    """Early stopping: ``patience`` epochs since the best validation epoch."""
+    return record["best_epoch"] > 0 and epochs_done - record["best_epoch"] >= cfg["patience"]
+
+
+def _start_fault_hook(run, rank: int) -> None:
+    """Test hook: with ``SCALE_DIFFREC_TEST_FAULT=RANK:STEP:MARKER`` rank RANK creates the file
+    MARKER and exits (os._exit(1)) as soon as its global step reaches STEP and Ray has
+    registered the checkpoints reported so far, unless MARKER already exists: the run fails
+    once, mid-epoch, and Ray restarts it from the last checkpoint."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    fault_rank, step, marker = spec.split(":", 2)
+    if int(fault_rank) != rank or os.path.exists(marker):
+        return
+
+    def watch():
+        import ray.train
+        while run.progress.step < int(step):
+            time.sleep(0.001)
+        ray.train.get_all_reported_checkpoints()
+        Path(marker).touch()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="fault-hook", daemon=True).start()
+
+
+def _epoch_loop(run, cfg: dict, record: dict, rank: int) -> None:
+    """The single-process trainer's epochs (train.train), sharded; updates ``record``."""
+    say = log.info if rank == 0 else (lambda *a: None)
+    metric = cfg["select_metric"]
+    started = time.perf_counter()
+    first_epoch = run.progress.epoch
+    for epoch in range(first_epoch, cfg["epochs"]):
+        if _stopped(record, epoch, cfg):
+            break
+        t0 = time.perf_counter()
+        loss = run.train_epoch(epoch)
+        seconds = time.perf_counter() - t0
+        run.progress.epoch = epoch + 1
+        entry = {"epoch": epoch + 1, "loss": loss, "seconds": seconds}
+        eta = (time.perf_counter() - started) / (epoch + 1 - first_epoch) * (
+            cfg["epochs"] - epoch - 1)
+        line = f"epoch {epoch + 1}/{cfg['epochs']} | loss {loss:.4f} | {seconds:.1f} s"
+        best_score = NO_SCORE
+        if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == cfg["epochs"]:
+            valid = run.evaluate("valid")
+            entry["valid"] = {k: valid[k] for k in ("recall@20", "ndcg@20") if k in valid}
+            line += f" | valid recall@20 {valid['recall@20']:.4f} ndcg@20 {valid['ndcg@20']:.4f}"
+            if valid[metric] > record["best"]:
+                record.update(best=valid[metric], best_epoch=epoch + 1, valid=valid)
+                best_score = float(valid[metric])
+                line += " *"
+        record["history"].append(entry)
+        say("%s | ETA %s | peak RSS %.0f MiB", line, format_seconds(eta), peak_rss_mib())
+        _report(run, record, rank, entry, best_score)
+        if _stopped(record, epoch + 1, cfg):
+            say("early stop: no better valid %s for %d epochs (best epoch %d)",
+                metric, cfg["patience"], record["best_epoch"])
+
+
+def _peak_memory(device: torch.device) -> dict:
+    out = {"peak_rss_mib": peak_rss_mib()}
+    if device.type == "cuda":
+        out["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return out
+
+
+def _part_counts(state: dict) -> dict[str, int]:
+    """LDiffRec.parameter_counts from its state_dict (encoders, decoder, denoiser, total)."""
+    parts = {"encoders": ("encoders.",), "decoder": ("decoder.", "decoders."),
+             "denoiser": ("denoiser.",)}
+    counts = {name: sum(v.numel() for k, v in state.items() if k.startswith(prefixes))
+              for name, prefixes in parts.items()}
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def _finish(run, cfg: dict, record: dict, config: dict, rank: int, device,
+            data_name: str) -> None:
+    """last.pt, then the best epoch's shards back in: valid/test metrics, best.pt and
+    metrics.json (rank 0), with every worker's peak memory."""
+    run_dir = Path(config["run_dir"])
+    last = run.full_model_state()
+    best_dir = _storage(run_dir) / RAY_NAME / _epoch_dir(record["best_epoch"])
+    run.load_shard_state(torch.load(best_dir / _shard_file(rank), map_location="cpu",
+                                    weights_only=False)["shard"])
+    valid, test = run.evaluate("valid"), run.evaluate("test")
+    best = run.full_model_state()
+    memory = [None] * run.world
+    dist.all_gather_object(memory, {"rank": rank, **_peak_memory(device)})
+    if rank != 0:
+        return
+    runs.save_checkpoint(run_dir, "last", {"model": last, "epoch": run.progress.epoch,
+                                           "step": run.progress.step, "record": record})
+    runs.save_checkpoint(run_dir, "best", {"model": best, "epoch": record["best_epoch"],
+                                           "record": record})
+    plan = Plan.from_dict(config["plan"])
+    for m in memory:
+        m.update(clusters=plan.clusters(m["rank"]), items=plan.items(m["rank"]))
+    metrics = {
+        "model": cfg["model"], "data": data_name, "convention": cfg["convention"],
+        "best_epoch": record["best_epoch"], "valid": valid, "test": test,
+        "history": record["history"], "resumed_at": record["resumed_at"],
+        "parameters": _part_counts(best),
+        "peak_rss_mib": max(m["peak_rss_mib"] for m in memory),
+        "distributed": {"workers": run.world, "use_gpu": config["use_gpu"],
+                        "zero_stage": cfg["distributed"]["zero_stage"],
+                        "placement": cfg["distributed"]["placement"]},
+        "plan": config["plan"], "per_worker": memory,
+    }
+    runs.write_json(run_dir / runs.METRICS, metrics)
+    log.info("best epoch %d | test recall@20 %.4f ndcg@20 %.4f | wrote %s",
+             record["best_epoch"], test["recall@20"], test["ndcg@20"], run_dir / runs.METRICS)
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train's per-worker function (``config``: cfg, run_dir, plan, use_gpu)."""
+    import ray.train
+    from ray.train.torch import get_device
+    from .worker import ShardedRun
+    setup_logging()
+    cfg, run_dir = config["cfg"], Path(config["run_dir"])
+    rank = ray.train.get_context().get_world_rank()
+    device = get_device()
+    data = load_data(cfg)
+    partition = Partition.load(run_dir / runs.PARTITION, n_items=data.n_items)
+    seed_everything(cfg["seed"])          # the single-process trainer's state at build_model
+    run = ShardedRun(cfg, data, partition, Plan.from_dict(config["plan"]), device)
+    record = _restore(run, ray.train.get_checkpoint(), rank)
+    _start_fault_hook(run, rank)
+    _epoch_loop(run, cfg, record, rank)
+    _finish(run, cfg, record, config, rank, device, data.name)
