@@ -1,0 +1,110 @@
+"""Sharded L-DiffRec training with W = 1, 2 ... gloo processes: epoch time, per-worker peak
+memory, and the share of step time spent in collectives.
+
+    python benchmarks/distributed_step.py                                  # ML-1M, W = 1, 2
+    python benchmarks/distributed_step.py --config configs/quickstart.yaml --workers 1 2
+
+Runs ``ShardedRun.train_epoch`` (the code Ray Train workers run) in W local processes
+(``parallel.testing.run_distributed``; no Ray start-up in the figures): one warm-up epoch,
+then ``--epochs`` timed ones. Collective time is the wall time inside torch.distributed's
+all_to_all_single / all_gather / all_gather_into_tensor / all_reduce / reduce_scatter
+calls (patched with timers before DeepSpeed is imported, so the ZeRO gradient reductions
+count too), summed over the timed epochs, as a share of their wall time. With W processes
+on 2 cores, W > 2 measures oversubscription, not scaling. Writes
+benchmarks/results/distributed_step.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+COLLECTIVES = ("all_to_all_single", "all_gather", "all_gather_into_tensor", "all_reduce",
+               "reduce_scatter_tensor", "reduce_scatter", "broadcast")
+
+
+def _timed_collectives(clock: dict) -> None:
+    import torch.distributed as dist
+    for name in COLLECTIVES:
+        fn = getattr(dist, name, None)
+        if fn is None:
+            continue
+
+        def timed(*args, __fn=fn, __name=name, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return __fn(*args, **kwargs)
+            finally:
+                clock[__name] = clock.get(__name, 0.0) + time.perf_counter() - t0
+        setattr(dist, name, timed)
+
+
+def _worker(rank: int, world: int, config: str, overrides: list[str], epochs: int) -> dict:
+    clock: dict = {}
+    _timed_collectives(clock)
+    import torch
+    from scale_diffrec.config import absolute_paths, load_config
+    from scale_diffrec.data import load_data
+    from scale_diffrec.parallel.trainer import build_plan
+    from scale_diffrec.parallel.worker import ShardedRun
+    from scale_diffrec.progress import peak_rss_mib
+    from scale_diffrec.train import prepare_partition, seed_everything
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    cfg = absolute_paths(load_config(ROOT / config, overrides))
+    data = load_data(cfg)
+    partition = prepare_partition(cfg, data, None)
+    seed_everything(cfg["seed"])
+    run = ShardedRun(cfg, data, partition, build_plan(cfg, partition, world), "cpu")
+    run.train_epoch(0)
+    clock.clear()
+    seconds = []
+    for epoch in range(1, epochs + 1):
+        t0 = time.perf_counter()
+        run.train_epoch(epoch)
+        seconds.append(time.perf_counter() - t0)
+    return {"rank": rank, "epoch_seconds": seconds, "collective_seconds": dict(clock),
+            "peak_rss_mib": peak_rss_mib(), "clusters": run.clusters,
+            "items": int(len(run.own_items))}
+
+
+def main() -> None:
+    from scale_diffrec.parallel.testing import run_distributed
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/ml1m-clean-ldiffrec.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" /
+                                             "distributed_step.json"))
+    args = parser.parse_args()
+    rows = []
+    for w in args.workers:
+        ranks = run_distributed(_worker, w, args=(args.config, args.overrides, args.epochs),
+                                env={"DS_ACCELERATOR": "cpu"}, timeout=1800, threads=None)
+        epoch = statistics.median(max(r["epoch_seconds"][i] for r in ranks)
+                                  for i in range(args.epochs))
+        wall = sum(ranks[0]["epoch_seconds"])
+        share = [sum(r["collective_seconds"].values()) / sum(r["epoch_seconds"]) for r in ranks]
+        rows.append({"workers": w, "epoch_seconds_median": epoch,
+                     "collective_share_per_rank": share, "per_rank": ranks,
+                     "wall_seconds_rank0": wall})
+        print(json.dumps({"workers": w, "epoch_seconds_median": round(epoch, 3),
+                          "collective_share": [round(x, 3) for x in share],
+                          "peak_rss_mib": [round(r["peak_rss_mib"]) for r in ranks]}), flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"config": args.config, "overrides": args.overrides, "rows": rows,
+                               "machine": {"platform": platform.platform(),
+                                           "cpus": os.cpu_count()}}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
