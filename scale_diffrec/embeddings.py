@@ -10,7 +10,8 @@ Tropp 2011, algorithm 4.4 with power iterations), using only sparse x dense prod
 ``cfg["ldiffrec"]["embeddings"]``:
     file  the file at ``cfg["data"]["item_emb"]``, else the array the data loader read
           (``data.item_emb``, e.g. the DiffRec authors' item_emb.npy); an error if neither
-    svd   the built-in SVD embedding, ``cfg["ldiffrec"]["emb_dim"]`` dimensions
+    svd   the built-in SVD embedding, ``cfg["ldiffrec"]["emb_dim"]`` dimensions, rows
+          normalised to unit length (so that k-means groups by taste, not popularity)
     auto  file when one is available, else svd
 """
 from __future__ import annotations
@@ -206,4 +207,9 @@ def item_embeddings(cfg: dict, data) -> tuple[np.ndarray, str]:
                               "item embeddings: set 'data.item_emb' to a .npy or parquet "
                               "file, or use ldiffrec.embeddings=svd")
     emb = svd_item_embeddings(data.train, int(cfg["ldiffrec"]["emb_dim"]), seed=cfg["seed"])
-    return emb, f"svd({cfg['ldiffrec']['emb_dim']}) of the train matrix"
+    # rows scaled to unit length: an item's SVD norm mostly measures its popularity, which
+    # would make k-means cut by popularity (one huge cluster of the long tail) rather than
+    # by taste; items without train interactions stay at the origin
+    norms = np.linalg.norm(emb, axis=1, keepdims=True)
+    emb = np.divide(emb, norms, out=np.zeros_like(emb), where=norms > 0)
+    return emb, f"row-normalised svd({cfg['ldiffrec']['emb_dim']}) of the train matrix"
