@@ -112,16 +112,18 @@ def _epoch(rank, world, overrides, zero_stage):
     return run.full_model_state(), run.model.sampler.loss_history.clone(), run.evaluate("valid")
 
 
-@pytest.mark.parametrize("world, zero_stage", [(2, 1), (3, 1), (2, 2), (2, 3)])
-def test_epoch_parameters_and_evaluation_equal_single_process(world, zero_stage):
+@pytest.mark.parametrize("world, zero_stage, form", [
+    (2, 1, "global-decoder"), (3, 1, "global-decoder"), (2, 2, "global-decoder"),
+    (2, 3, "global-decoder"), (3, 1, "cluster-decoders")])
+def test_epoch_parameters_and_evaluation_equal_single_process(world, zero_stage, form):
     from scale_diffrec.evaluate import evaluate
     from scale_diffrec.models import Progress
     from scale_diffrec.train import train_epoch
-    cfg, data, partition, _ = _setup(FORMS["global-decoder"])
+    cfg, data, partition, _ = _setup(FORMS[form])
     model, optimizer = _single(cfg, data, partition)
     train_epoch(model, optimizer, data, cfg, 0, Progress())
     single, metrics = model.state_dict(), evaluate(model, data, "valid", ks=cfg["topk"])
-    results = run_distributed(_epoch, world, args=(FORMS["global-decoder"], zero_stage),
+    results = run_distributed(_epoch, world, args=(FORMS[form], zero_stage),
                               env={"DS_ACCELERATOR": "cpu"}, timeout=240)
     full = results[0][0]
     assert set(full) == set(single) and all(r[0] is None for r in results[1:])
@@ -157,3 +159,29 @@ def test_resampler_identical_on_every_rank_after_50_steps():
     for history, counts, probs, _ in results[1:]:
         assert torch.equal(history, results[0][0]) and torch.equal(counts, results[0][1])
         assert torch.equal(probs, results[0][2])
+
+
+def _resumed(rank, world, zero_stage):
+    """Two epochs straight vs one epoch, shard_state -> a new ShardedRun -> one more epoch:
+    (parameters after both, on rank 0)."""
+    cfg, data, partition, build_plan = _setup([f"distributed.zero_stage={zero_stage}"])
+    straight = _sharded(cfg, data, partition, build_plan, world)
+    for epoch in range(2):
+        straight.train_epoch(epoch)
+        straight.progress.epoch = epoch + 1
+    first = _sharded(cfg, data, partition, build_plan, world)
+    first.train_epoch(0)
+    first.progress.epoch = 1
+    state = first.shard_state()
+    second = _sharded(cfg, data, partition, build_plan, world)
+    second.load_shard_state(state)
+    second.train_epoch(1)
+    return straight.full_model_state(), second.full_model_state()
+
+
+@pytest.mark.parametrize("zero_stage", [1, 3])
+def test_shard_state_round_trip_resumes_exactly(zero_stage):
+    (straight, resumed), _ = run_distributed(_resumed, 2, args=(zero_stage,),
+                                             env={"DS_ACCELERATOR": "cpu"}, timeout=240)
+    for name, value in straight.items():
+        torch.testing.assert_close(resumed[name], value, rtol=1e-6, atol=1e-7, msg=name)
