@@ -74,6 +74,8 @@ DEFAULTS: dict = {
         "embeddings": "auto",    # file (data.item_emb / item_emb.npy) | svd | auto (file if any)
         "emb_dim": 64,           # svd embedding dimensions
         "kmeans_niter": 50,
+        "logit_chunk": 65536,    # items per chunk of the training logsumexp (memory B x chunk)
+        "cluster_capacity": None,  # max items per cluster as a multiple of I / C (None: k-means)
         "partition": None,       # path of a saved partition artifact to reuse
     },
     "distributed": {

@@ -186,9 +186,11 @@ def test_global_log_softmax_equals_per_cluster_logsumexp_combined():
     torch.testing.assert_close(logits - lse[:, None], F.log_softmax(logits, 1))
 
 
+@pytest.mark.parametrize("chunk", [65536, 4])
 @pytest.mark.parametrize("out_dims", ["[]", "[8]"])
-def test_multinomial_loss_cluster_by_cluster_equals_log_softmax(out_dims):
-    model, _ = make_model(f"ldiffrec.out_dims={out_dims}")
+def test_multinomial_loss_cluster_by_cluster_equals_log_softmax(out_dims, chunk):
+    # chunk 4: every cluster's logsumexp in checkpointed chunks of 4 items (and a remainder)
+    model, _ = make_model(f"ldiffrec.out_dims={out_dims}", f"ldiffrec.logit_chunk={chunk}")
     model.eval()
     batch = batch_of(toy_csr(weights=True))
     zhat0 = torch.randn(batch.batch_size, model.latent_size, requires_grad=True)
@@ -215,10 +217,59 @@ def test_multinomial_loss_cluster_by_cluster_equals_log_softmax(out_dims):
     picked = total = 0
     lses = []
     for c, inp in enumerate(inputs):
-        p, t, l = model.multinomial_parts(model.cluster_logits(c, zhat0), inp)
+        p, t, l = model.multinomial_parts(model.cluster_hidden(c, zhat0),
+                                          *model.cluster_weight(c), inp)
         picked, total = picked + p, total + t
         lses.append(l)
     torch.testing.assert_close(combine_multinomial(picked, total, combine_logsumexp(lses)), nll)
+
+
+def test_chunked_logsumexp_equals_logsumexp_with_gradients():
+    from scale_diffrec.models.ldiffrec import chunked_logsumexp
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(23, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(23, generator=g, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(5, generator=g, dtype=torch.float64)
+    ref = torch.logsumexp(h @ w.T + b, 1)
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), [h, w, b])
+    for chunk in (1, 4, 23, 100):
+        got = chunked_logsumexp(h, w, b, chunk)
+        torch.testing.assert_close(got, ref)
+        for a, r in zip(torch.autograd.grad((got * upstream).sum(), [h, w, b]), ref_grads):
+            torch.testing.assert_close(a, r)
+
+
+@pytest.mark.parametrize("out_dims", ["[]", "[8]"])
+def test_cluster_parts_built_alone_equal_the_whole_models(out_dims):
+    # a worker builds only its clusters' parts (build_parts=False + new_encoder/new_decoder):
+    # the values must be those of the model built whole, whatever the global RNG holds
+    model, cfg = make_model(f"ldiffrec.out_dims={out_dims}", seed=0)
+    torch.manual_seed(123)
+    shell = LDiffRec.from_config(cfg, N_ITEMS, toy_partition(), build_parts=False)
+    assert shell.encoders is None and shell.decoder is None and shell.decoders is None
+    for c in (2, 0, 1):
+        for name, p in shell.new_encoder(c).state_dict().items():
+            assert torch.equal(p, model.encoders[c].state_dict()[name]), (c, name)
+        part = shell.new_decoder(c)
+        if model.global_decoder:
+            assert torch.equal(part.weight, model.decoder.weight[model.items_of(c)].detach())
+            assert torch.equal(part.bias, model.decoder.bias[model.items_of(c)].detach())
+        else:
+            for name, p in part.state_dict().items():
+                assert torch.equal(p, model.decoders[c].state_dict()[name]), (c, name)
+    assert not torch.equal(model.encoders[0].first.weight[:2], model.encoders[1].first.weight[:2])
+    other, _ = make_model(f"ldiffrec.out_dims={out_dims}", "seed=4")
+    assert not torch.equal(other.encoders[0].first.weight, model.encoders[0].first.weight)
+
+
+def test_global_decoder_rows_have_the_whole_linears_xavier_scale():
+    part = Partition(np.arange(20000) % 4, 4)
+    cfg = make_cfg("ldiffrec.n_clusters=4", "ldiffrec.in_dims=[40]")
+    model = LDiffRec.from_config(cfg, 20000, part)
+    std = (2.0 / (40 + 20000)) ** 0.5
+    assert model.decoder.weight.std().item() == pytest.approx(std, rel=0.01)
+    assert torch.count_nonzero(model.decoder.bias) == 0
 
 
 def test_global_decoder_cluster_logits_are_its_weight_rows():

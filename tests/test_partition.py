@@ -66,6 +66,41 @@ def test_empty_clusters_are_refilled():
         Partition.kmeans(x, 10)
 
 
+def test_capacity_spreads_cold_items_over_clusters():
+    # 2 warm blobs and 900 cold items with identical (zero) embeddings: nearest-centroid
+    # assignment puts every cold item in one cluster; a capacity of 1.1 x I / C bounds it
+    x, _ = blobs(n_per=(60, 40), d=8)
+    x = np.concatenate([x, np.zeros((900, 8), np.float32)])
+    plain = Partition.kmeans(x, 4, seed=0)
+    assert plain.sizes.max() >= 890                 # (one moved to fill an empty cluster)
+    balanced = Partition.kmeans(x, 4, seed=0, capacity=1.1)
+    check_cover(balanced)
+    cap = int(np.ceil(1.1 * 1000 / 4))
+    assert balanced.sizes.max() <= cap and balanced.sizes.sum() == 1000
+    assert Partition.kmeans(x, 4, seed=0, capacity=1.1) == balanced     # deterministic
+    with pytest.raises(ConfigError, match="cluster_capacity"):
+        Partition.kmeans(x, 4, capacity=0.5)
+
+
+def test_capacity_moves_an_item_only_when_its_nearest_cluster_is_full():
+    from scale_diffrec.partition import _assign_with_capacity
+    rng = np.random.default_rng(2)
+    dist = rng.random((300, 5))
+    prefs = np.argsort(dist, axis=1)
+    dist = np.take_along_axis(dist, prefs, axis=1)
+    assign, chosen = _assign_with_capacity(dist, prefs, 70)
+    sizes = np.bincount(assign, minlength=5)
+    assert sizes.max() <= 70 and sizes.sum() == 300
+    moved = assign != prefs[:, 0]
+    assert (sizes[prefs[moved, 0]] == 70).all()
+    assert np.allclose(chosen, dist[np.arange(300), np.argmax(prefs == assign[:, None], 1)])
+    # a capacity that never binds is plain nearest-centroid assignment
+    assign, _ = _assign_with_capacity(dist, prefs, 300)
+    assert np.array_equal(assign, prefs[:, 0])
+    x, _ = blobs()
+    assert Partition.kmeans(x, 4, seed=3, capacity=4.0) == Partition.kmeans(x, 4, seed=3)
+
+
 def test_single_cluster():
     p = Partition.kmeans(np.zeros((7, 3), np.float32), 1)
     check_cover(p)

@@ -22,7 +22,8 @@ BASE = ["model=ldiffrec", "data.source=synthetic", "data.synthetic.n_users=90",
         "topk=[10, 20]", "ldiffrec.n_clusters=4", "ldiffrec.in_dims=[16]",
         "ldiffrec.mlp_dims=[12]", "diffusion.steps=6", "seed=3",
         "ldiffrec.vae_anneal_steps=4", "lr=1e-2", "ldiffrec.lr_vae=2e-2"]
-FORMS = {"global-decoder": [], "cluster-decoders": ["ldiffrec.out_dims=[6]"]}
+FORMS = {"global-decoder": [], "cluster-decoders": ["ldiffrec.out_dims=[6]"],
+         "chunked-logits": ["ldiffrec.logit_chunk=7"]}
 
 
 def _setup(overrides):

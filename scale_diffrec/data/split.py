@@ -87,7 +87,9 @@ def _order_within_users(users: np.ndarray, n_users: int, rank: np.ndarray, n_ran
     """Stable order by (user, rank) for rank in [0, n_rank): one packed int64 sort."""
     bits_r = int(max(n_rank - 1, 0)).bit_length()
     if int(max(n_users - 1, 0)).bit_length() + bits_r <= 62:
-        return np.argsort((users << bits_r) | rank, kind="stable")
+        packed = users << bits_r
+        packed |= rank
+        return np.argsort(packed, kind="stable")
     return np.lexsort((rank, users))
 
 

@@ -43,7 +43,11 @@ Architecture
                       not used, only its non-emptiness. For C == 1 the reference decoder is
                       ``[d] + out_dims + [n_items]`` (out_dims are hidden widths); we do
                       the same.
-    Xavier-normal weights, zero biases everywhere (AE ``xavier_normal_initialization``).
+    Xavier-normal weights, zero biases everywhere (AE ``xavier_normal_initialization``),
+    drawn per cluster from a stream keyed by (cfg seed, part, cluster) (``new_encoder`` /
+    ``new_decoder``): a worker builds exactly its clusters' parts, as one process would,
+    without building the rest. Rows of the global decoder keep the whole Linear's
+    xavier std sqrt(2 / (d + I)).
   * Denoiser on z: DNN(in_dims=[d] + mlp_dims[::-1], out_dims=mlp_dims + [d], emb_size,
     time_type cat, norm) (main "Build MLP"); here ``models.denoiser.Denoiser`` with
     ``cfg["denoiser"]`` emb_size / norm / dropout.
@@ -82,6 +86,11 @@ reuses are public: ``cluster_inputs`` / ``cluster_input``, ``encode_input`` /
 ``multinomial_parts``, ``combine_multinomial``, and the per-cluster random streams
 (``cluster_generator``), which make dropout and reparameterisation noise a function of
 (cfg seed, training step, cluster) only, independent of which worker holds the cluster.
+
+Large clusters: logsumexp_{i in c} logit_bi is computed ``ldiffrec.logit_chunk`` items at a
+time, each chunk under activation checkpointing, so memory is B x chunk rather than
+B x n_c (the chunk's logits are recomputed in backward); picked_bc gathers the weight rows
+of the batch's own items (O(nnz h)), never the [B, n_c] logits.
 """
 from __future__ import annotations
 
@@ -133,12 +142,49 @@ def latent_dims(sizes: list[int] | np.ndarray, in_dims: list[int]) -> list[list[
     return out
 
 
-def xavier_init(module: nn.Module) -> None:
-    """AE / DNN ``xavier_normal_initialization``: xavier-normal weights, zero biases."""
-    if isinstance(module, (nn.Linear, nn.EmbeddingBag)):
-        nn.init.xavier_normal_(module.weight)
-        if getattr(module, "bias", None) is not None:
-            nn.init.zeros_(module.bias)
+def stream_key(*fields) -> int:
+    """63-bit seed of a random stream named by ``fields`` (a stable hash)."""
+    text = "ldiffrec:" + ":".join(str(f) for f in fields)
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2 ** 63 - 1)
+
+
+def keyed_xavier_(module: nn.Module, key: int) -> nn.Module:
+    """AE ``xavier_normal_initialization`` from one stream: zero biases, then xavier-normal
+    weights of every Linear / EmbeddingBag in module order. Returns ``module``."""
+    g = torch.Generator().manual_seed(key)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.zero_()
+        for layer in module.modules():
+            if isinstance(layer, (nn.Linear, nn.EmbeddingBag)):
+                nn.init.xavier_normal_(layer.weight, generator=g)
+    return module
+
+
+def unallocated(factory, *args) -> nn.Module:
+    """``factory(*args)`` with uninitialised CPU storage (built on the meta device)."""
+    with torch.device("meta"):
+        module = factory(*args)
+    return module.to_empty(device="cpu")
+
+
+def chunked_logsumexp(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                      chunk: int) -> torch.Tensor:
+    """[B] logsumexp_i (hidden @ weight.T + bias)_i for hidden [B, h], weight [n, h],
+    bias [n], ``chunk`` items at a time; each chunk's [B, chunk] logits are recomputed in
+    backward instead of stored (torch.utils.checkpoint)."""
+    n = weight.shape[0]
+    if n <= chunk:
+        return torch.logsumexp(F.linear(hidden, weight, bias), dim=1)
+    from torch.utils.checkpoint import checkpoint
+    parts = [checkpoint(_linear_logsumexp, hidden, weight[s:s + chunk], bias[s:s + chunk],
+                        use_reentrant=False) for s in range(0, n, chunk)]
+    return torch.logsumexp(torch.stack(parts, dim=1), dim=1)
+
+
+def _linear_logsumexp(hidden, weight, bias):
+    return torch.logsumexp(F.linear(hidden, weight, bias), dim=1)
 
 
 def lamda_at(lcfg: dict, epochs_done: int) -> float:
@@ -209,6 +255,15 @@ class ClusterEncoder(nn.Module):
         return h[:, :self.latent], h[:, self.latent:]
 
 
+class DecoderRows(nn.Module):
+    """Cluster c's rows of the global linear decoder: weight [n_c, d], bias [n_c]."""
+
+    def __init__(self, n_items: int, latent: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_items, latent))
+        self.bias = nn.Parameter(torch.empty(n_items))
+
+
 def _mlp(dims: list[int], act: str) -> nn.Sequential:
     """Linear layers through ``dims`` with act between them (none after the last)."""
     layers: list[nn.Module] = []
@@ -221,7 +276,9 @@ def _mlp(dims: list[int], act: str) -> nn.Sequential:
 class LDiffRec(Recommender):
     def __init__(self, n_items: int, partition, lcfg: dict, diffusion, sampler, denoiser,
                  reweight: bool = True, sampling_steps: int = 0, sampling_noise: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, build_parts: bool = True):
+        """``build_parts`` False: no encoders or decoder (a worker builds its own clusters'
+        with ``new_encoder`` / ``new_decoder``)."""
         super().__init__()
         if partition.n_items != n_items:
             raise ValueError(f"the partition covers {partition.n_items} items but the model "
@@ -244,6 +301,10 @@ class LDiffRec(Recommender):
         self.sampling_steps = int(sampling_steps)
         self.sampling_noise = bool(sampling_noise)
         self.seed = int(seed)
+        self.logit_chunk = int(lcfg["logit_chunk"])
+        if self.logit_chunk < 1:
+            raise ConfigError(f"config key 'ldiffrec.logit_chunk' must be >= 1, got "
+                              f"{lcfg['logit_chunk']}")
         self.diffusion = diffusion
         self.sampler = sampler
 
@@ -262,29 +323,28 @@ class LDiffRec(Recommender):
             self.register_buffer(f"items_{c}", torch.from_numpy(partition.items_of(c).copy()),
                                  persistent=False)
 
-        self.encoders = nn.ModuleList(
-            ClusterEncoder(size, dims, lcfg["act"]) for size, dims in zip(sizes, self.cluster_dims))
         self.global_decoder = len(lcfg["out_dims"]) == 0
-        if self.global_decoder:
-            # AE.Decode, out_dims == []: one Linear(sum l_c -> n_items); rows in global item
-            # order (the reference orders them by cluster; a permutation of the same map)
-            self.decoder = nn.Linear(self.latent_size, n_items)
-        elif self.n_clusters == 1:
-            # AE.__init__, n_cate == 1: [d] + out_dims + [n_items]
-            self.decoders = nn.ModuleList(
-                [_mlp([self.latent_size] + [int(d) for d in lcfg["out_dims"]] + [n_items],
-                      lcfg["act"])])
-        else:
-            # AE.__init__, n_cate > 1: mirror of E_c, l_c ... w1_c -> n_c
-            self.decoders = nn.ModuleList(
-                _mlp(dims[::-1] + [size], lcfg["act"])
-                for size, dims in zip(sizes, self.cluster_dims))
-        self.apply(xavier_init)
+        self.encoders = self.decoders = self.decoder = None
+        if build_parts:
+            self.encoders = nn.ModuleList(self.new_encoder(c) for c in range(self.n_clusters))
+            if self.global_decoder:
+                # AE.Decode, out_dims == []: one Linear(sum l_c -> n_items); rows in global
+                # item order (the reference orders them by cluster; a permutation of it)
+                self.decoder = unallocated(nn.Linear, self.latent_size, n_items)
+                with torch.no_grad():
+                    for c in range(self.n_clusters):
+                        rows = self.new_decoder(c)
+                        self.decoder.weight[self.items_of(c)] = rows.weight
+                        self.decoder.bias[self.items_of(c)] = rows.bias
+            else:
+                self.decoders = nn.ModuleList(self.new_decoder(c)
+                                              for c in range(self.n_clusters))
         self.denoiser = denoiser          # keeps its own initialisation
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config(cls, cfg: dict, n_items: int, partition) -> "LDiffRec":
+    def from_config(cls, cfg: dict, n_items: int, partition,
+                    build_parts: bool = True) -> "LDiffRec":
         from ..diffusion import GaussianDiffusion
         from ..samplers import build_sampler
         from .denoiser import Denoiser
@@ -298,28 +358,47 @@ class LDiffRec(Recommender):
                    build_sampler(cfg["diffusion"]), denoiser,
                    reweight=cfg["diffusion"]["reweight"],
                    sampling_steps=cfg["diffusion"]["sampling_steps"],
-                   sampling_noise=cfg["diffusion"]["sampling_noise"], seed=cfg["seed"])
+                   sampling_noise=cfg["diffusion"]["sampling_noise"], seed=cfg["seed"],
+                   build_parts=build_parts)
 
     def items_of(self, c: int) -> torch.Tensor:
         return getattr(self, f"items_{c}")
+
+    def new_encoder(self, c: int) -> "ClusterEncoder":
+        """E_c, initialised from the (seed, "encoder", c) stream."""
+        size = int(self.partition.sizes[c])
+        enc = unallocated(ClusterEncoder, size, self.cluster_dims[c], self.lcfg["act"])
+        return keyed_xavier_(enc, stream_key("init", self.seed, "encoder", c))
+
+    def new_decoder(self, c: int) -> nn.Module:
+        """Cluster c's decoder part, initialised from the (seed, "decoder", c) stream:
+        D_c (AE.__init__: for C > 1 the mirror of E_c, l_c ... w1_c -> n_c; for C == 1
+        [d] + out_dims + [n_items]), or its ``DecoderRows`` of the global Linear."""
+        size, key = int(self.partition.sizes[c]), stream_key("init", self.seed, "decoder", c)
+        if self.global_decoder:
+            rows = DecoderRows(size, self.latent_size)
+            g = torch.Generator().manual_seed(key)
+            std = (2.0 / (self.latent_size + self.n_items)) ** 0.5   # the whole Linear's
+            with torch.no_grad():
+                rows.weight.normal_(0.0, std, generator=g)
+                rows.bias.zero_()
+            return rows
+        if self.n_clusters == 1:
+            dims = [self.latent_size] + [int(d) for d in self.lcfg["out_dims"]] + [size]
+        else:
+            dims = self.cluster_dims[c][::-1] + [size]
+        return keyed_xavier_(unallocated(_mlp, dims, self.lcfg["act"]), key)
 
     def latent_slice(self, c: int) -> slice:
         return slice(self.latent_offsets[c], self.latent_offsets[c + 1])
 
     # ------------------------------------------------------------------ randomness
-    @staticmethod
-    def noise_key(seed: int, step: int, c: int) -> int:
-        """63-bit seed of cluster c's noise at training step ``step`` (a stable hash)."""
-        digest = hashlib.blake2b(f"ldiffrec:{int(seed)}:{int(step)}:{int(c)}".encode(),
-                                 digest_size=8).digest()
-        return int.from_bytes(digest, "little") & (2 ** 63 - 1)
-
     def cluster_generator(self, step: int, c: int, device) -> torch.Generator:
         """Cluster c's random stream at ``step`` (input dropout, then reparameterisation
         eps): keyed by (cfg seed, step, cluster) only, so it does not depend on which
         worker holds the cluster nor on torch's global RNG."""
         g = torch.Generator(device=device)
-        g.manual_seed(self.noise_key(self.seed, step, c))
+        g.manual_seed(stream_key(int(self.seed), int(step), int(c)))
         return g
 
     def diffusion_draws(self, batch_size: int, step: int, device):
@@ -427,23 +506,25 @@ class LDiffRec(Recommender):
         weight, bias = self.cluster_weight(c)
         return F.linear(self.cluster_hidden(c, zhat0), weight, bias)
 
-    @staticmethod
-    def multinomial_parts(logits_c: torch.Tensor, inp: ClusterInput):
-        """(picked [B], total [B], lse [B]) of one cluster: sum of target * logit over the
-        cluster's entries, sum of targets, logsumexp over the cluster's items."""
+    def multinomial_parts(self, hidden: torch.Tensor, weight: torch.Tensor,
+                          bias: torch.Tensor, inp: ClusterInput):
+        """(picked [B], total [B], lse [B]) of one cluster whose logits are
+        hidden [B, h] @ weight[n_c, h].T + bias [n_c]: sum of target * logit over the
+        cluster's entries (from their own weight rows), sum of targets, and the logsumexp
+        over the cluster's items (``chunked_logsumexp``)."""
         b = inp.batch_size
-        picked = torch.zeros(b, dtype=logits_c.dtype, device=logits_c.device).index_add(
-            0, inp.rows, inp.target * logits_c[inp.rows, inp.local])
-        total = torch.zeros(b, dtype=logits_c.dtype, device=logits_c.device).index_add(
-            0, inp.rows, inp.target.to(logits_c.dtype))
-        return picked, total, torch.logsumexp(logits_c, dim=1)
+        logit = (hidden[inp.rows] * weight[inp.local]).sum(1) + bias[inp.local]
+        picked = hidden.new_zeros(b).index_add(0, inp.rows, inp.target * logit)
+        total = hidden.new_zeros(b).index_add(0, inp.rows, inp.target.to(hidden.dtype))
+        return picked, total, chunked_logsumexp(hidden, weight, bias, self.logit_chunk)
 
     def multinomial_nll(self, zhat0: torch.Tensor, inputs: list[ClusterInput]) -> torch.Tensor:
         """[B] -sum_i x_i log_softmax(logits)_i over the whole catalogue, cluster by cluster."""
         picked = total = 0
         lses = []
         for c, inp in enumerate(inputs):
-            p, t, lse = self.multinomial_parts(self.cluster_logits(c, zhat0), inp)
+            p, t, lse = self.multinomial_parts(self.cluster_hidden(c, zhat0),
+                                               *self.cluster_weight(c), inp)
             picked, total = picked + p, total + t
             lses.append(lse)
         return combine_multinomial(picked, total, combine_logsumexp(lses))

@@ -39,8 +39,8 @@ from torch import nn
 from ..data.dataset import InteractionData
 from ..evaluate import excluded_matrices, truth_matrix
 from ..metrics import MetricAccumulator
-from ..models import Progress, build_model
-from ..models.ldiffrec import beta_at, combine_logsumexp, lamda_at
+from ..models import Progress
+from ..models.ldiffrec import LDiffRec, beta_at, combine_logsumexp, lamda_at
 from ..progress import StepProgress
 from ..train import batches, epoch_order
 from .collectives import all_reduce_sum, gather_rows, parallel_logsumexp, rows_to_owners, world
@@ -61,24 +61,18 @@ class ShardedRun:
                              f"process group has {self.world}")
         self.clusters = plan.clusters(self.rank)
         self.progress = Progress()
-        # Built whole with the run's seed so that every part starts as in one process; the
-        # parts of other ranks' clusters are dropped right away.
-        model = build_model(cfg, data.n_items, partition)
+        # The model without encoders/decoders (lookup tables, denoiser, diffusion, sampler;
+        # the denoiser from the global seed, as in one process), then this rank's clusters'
+        # parts, each from its keyed stream: the same initial values as one process.
+        model = LDiffRec.from_config(cfg, data.n_items, partition, build_parts=False)
         self.model = model
         # named as in LDiffRec's state_dict: encoders.{c}.*, decoders.{c}.* (the global
         # decoder's rows of cluster c: decoder.{c}.weight / .bias)
         decoder = "decoder" if model.global_decoder else "decoders"
         self.local = nn.ModuleDict({"encoders": nn.ModuleDict(), decoder: nn.ModuleDict()})
         for c in self.clusters:
-            self.local["encoders"][str(c)] = model.encoders[c]
-            if model.global_decoder:
-                items = model.items_of(c)
-                self.local["decoder"][str(c)] = _Rows(model.decoder.weight.detach()[items],
-                                                      model.decoder.bias.detach()[items])
-            else:
-                self.local["decoders"][str(c)] = model.decoders[c]
-        model.encoders = None
-        model.decoders = model.decoder = None
+            self.local["encoders"][str(c)] = model.new_encoder(c)
+            self.local[decoder][str(c)] = model.new_decoder(c)
         model.to(self.device)
         self.local.to(self.device)
         lcfg = cfg["ldiffrec"]
@@ -102,13 +96,21 @@ class ShardedRun:
         start = sum(splits[:self.rank])
         return splits, slice(start, start + splits[self.rank])
 
-    def _logits(self, c: int, zhat0: torch.Tensor) -> torch.Tensor:
-        """[B, n_c] logits of cluster c's items from the full denoised latent."""
+    def _head(self, c: int, zhat0: torch.Tensor):
+        """(hidden [B, h], weight [n_c, h], bias [n_c]): cluster c's logits are
+        hidden @ weight.T + bias (LDiffRec.cluster_hidden / cluster_weight, from the parts
+        this rank holds)."""
         if self.model.global_decoder:
             rows = self.local["decoder"][str(c)]
-            return F.linear(zhat0, rows.weight, rows.bias)
+            return zhat0, rows.weight, rows.bias
         z_c = zhat0 if self.model.n_clusters == 1 else zhat0[:, self.model.latent_slice(c)]
-        return self.local["decoders"][str(c)](z_c)
+        decoder = self.local["decoders"][str(c)]
+        return decoder[:-1](z_c), decoder[-1].weight, decoder[-1].bias
+
+    def _logits(self, c: int, zhat0: torch.Tensor) -> torch.Tensor:
+        """[B, n_c] logits of cluster c's items from the full denoised latent."""
+        hidden, weight, bias = self._head(c, zhat0)
+        return F.linear(hidden, weight, bias)
 
     def _exchange(self, z_r: torch.Tensor, splits: list[int]) -> torch.Tensor:
         return rows_to_owners(z_r, splits, self.plan.col_sizes(), self.plan.col_index())
@@ -140,7 +142,7 @@ class ShardedRun:
         picked = total = torch.zeros(b, device=self.device)
         lses = []
         for c in self.clusters:
-            p, n, lse = m.multinomial_parts(self._logits(c, zhat0), inputs[c])
+            p, n, lse = m.multinomial_parts(*self._head(c, zhat0), inputs[c])
             picked, total = picked + p, total + n
             lses.append(lse)
         lse = parallel_logsumexp(combine_logsumexp(lses))
@@ -274,15 +276,6 @@ class ShardedRun:
             state["decoder.weight"], state["decoder.bias"] = weight, bias
         state.update({f"denoiser.{k}": v.cpu() for k, v in denoiser.items()})
         return state
-
-
-class _Rows(nn.Module):
-    """A cluster's rows of the global linear decoder: weight [n_c, d], bias [n_c]."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
-        super().__init__()
-        self.weight = nn.Parameter(weight.clone())
-        self.bias = nn.Parameter(bias.clone())
 
 
 def _load_denoiser(engine, params: dict, optimizer_state) -> None:
