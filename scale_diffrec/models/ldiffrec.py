@@ -88,9 +88,9 @@ reuses are public: ``cluster_inputs`` / ``cluster_input``, ``encode_input`` /
 (cfg seed, training step, cluster) only, independent of which worker holds the cluster.
 
 Large clusters: logsumexp_{i in c} logit_bi is computed ``ldiffrec.logit_chunk`` items at a
-time, each chunk under activation checkpointing, so memory is B x chunk rather than
-B x n_c (the chunk's logits are recomputed in backward); picked_bc gathers the weight rows
-of the batch's own items (O(nnz h)), never the [B, n_c] logits.
+time by a fused linear-logsumexp (``LinearLogSumExp``: the chunk's logits are recomputed
+in backward), so memory is B x chunk rather than B x n_c; picked_bc gathers the weight
+rows of the batch's own items (O(nnz h)), never the [B, n_c] logits.
 """
 from __future__ import annotations
 
@@ -171,20 +171,55 @@ def unallocated(factory, *args) -> nn.Module:
 
 def chunked_logsumexp(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                       chunk: int) -> torch.Tensor:
-    """[B] logsumexp_i (hidden @ weight.T + bias)_i for hidden [B, h], weight [n, h],
-    bias [n], ``chunk`` items at a time; each chunk's [B, chunk] logits are recomputed in
-    backward instead of stored (torch.utils.checkpoint)."""
-    n = weight.shape[0]
-    if n <= chunk:
-        return torch.logsumexp(F.linear(hidden, weight, bias), dim=1)
-    from torch.utils.checkpoint import checkpoint
-    parts = [checkpoint(_linear_logsumexp, hidden, weight[s:s + chunk], bias[s:s + chunk],
-                        use_reentrant=False) for s in range(0, n, chunk)]
-    return torch.logsumexp(torch.stack(parts, dim=1), dim=1)
+    """[B] lse_b = logsumexp_i (hidden @ weight.T + bias)_bi for hidden [B, h],
+    weight [n, h], bias [n], ``chunk`` items at a time, never holding more than [B, chunk]
+    logits (``LinearLogSumExp``)."""
+    return LinearLogSumExp.apply(hidden, weight, bias, int(chunk))
 
 
-def _linear_logsumexp(hidden, weight, bias):
-    return torch.logsumexp(F.linear(hidden, weight, bias), dim=1)
+class LinearLogSumExp(torch.autograd.Function):
+    """lse = logsumexp(hidden @ weight.T + bias, dim=1), in item chunks of [B, chunk].
+
+    The bias is folded into the product: l_k = [hidden, 1] @ [W_k, b_k].T (a copy of the
+    chunk's [chunk, h + 1] weights, not of [B, chunk] biases). Forward: per chunk
+    lse_k = max + log sum exp(l_k - max) (in place), lse = logaddexp over chunks. Backward,
+    with g = dL/dlse [B]: the chunk's logits are recomputed and turned in place into
+    P_k = exp(l_k - lse) * g (softmax times g); dL/dhidden = sum_k P_k W_k and
+    [dL/dW_k, dL/db_k] = P_k.T @ [hidden, 1]. Memory: [B, chunk], never [B, n]; no
+    autograd-saved logits and no recomputed logsumexp (the profile's hottest path).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, chunk):
+        hidden1 = torch.cat([hidden, hidden.new_ones(hidden.shape[0], 1)], dim=1)
+        lse = None
+        for s in range(0, weight.shape[0], chunk):
+            logits = hidden1 @ _with_bias(weight, bias, s, chunk).T
+            top = logits.amax(dim=1, keepdim=True)
+            part = logits.sub_(top).exp_().sum(dim=1).log_().add_(top.squeeze(1))
+            lse = part if lse is None else torch.logaddexp(lse, part)
+        ctx.save_for_backward(hidden1, weight, bias, lse)
+        ctx.chunk = chunk
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden1, weight, bias, lse = ctx.saved_tensors
+        h = weight.shape[1]
+        grad_h = hidden1.new_zeros(hidden1.shape[0], h)
+        grad_wb = weight.new_empty(weight.shape[0], h + 1)
+        for s in range(0, weight.shape[0], ctx.chunk):
+            wb = _with_bias(weight, bias, s, ctx.chunk)
+            p = hidden1 @ wb.T
+            p.sub_(lse[:, None]).exp_().mul_(grad[:, None])            # [B, chunk]
+            grad_h.addmm_(p, wb[:, :h])
+            torch.mm(p.T, hidden1, out=grad_wb[s:s + ctx.chunk])
+        return grad_h, grad_wb[:, :h], grad_wb[:, h], None
+
+
+def _with_bias(weight, bias, start, chunk) -> torch.Tensor:
+    """[chunk, h + 1] rows start .. start + chunk of [weight, bias]."""
+    return torch.cat([weight[start:start + chunk], bias[start:start + chunk, None]], dim=1)
 
 
 def lamda_at(lcfg: dict, epochs_done: int) -> float:
