@@ -7,9 +7,8 @@ memory, and the share of step time spent in collectives.
 Runs ``ShardedRun.train_epoch`` (the code Ray Train workers run) in W local processes
 (``parallel.testing.run_distributed``; no Ray start-up in the figures): one warm-up epoch,
 then ``--epochs`` timed ones. Collective time is the wall time inside torch.distributed's
-all_to_all_single / all_gather / all_gather_into_tensor / all_reduce / reduce_scatter
-calls (patched with timers before DeepSpeed is imported, so the ZeRO gradient reductions
-count too), summed over the timed epochs, as a share of their wall time. With W processes
+collectives (``parallel.profiling.meter_collectives``, ZeRO's gradient reductions
+included), summed over the timed epochs, as a share of their wall time. With W processes
 on 2 cores, W > 2 measures oversubscription, not scaling. Writes
 benchmarks/results/distributed_step.json.
 """
@@ -27,29 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-COLLECTIVES = ("all_to_all_single", "all_gather", "all_gather_into_tensor", "all_reduce",
-               "reduce_scatter_tensor", "reduce_scatter", "broadcast")
-
-
-def _timed_collectives(clock: dict) -> None:
-    import torch.distributed as dist
-    for name in COLLECTIVES:
-        fn = getattr(dist, name, None)
-        if fn is None:
-            continue
-
-        def timed(*args, __fn=fn, __name=name, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return __fn(*args, **kwargs)
-            finally:
-                clock[__name] = clock.get(__name, 0.0) + time.perf_counter() - t0
-        setattr(dist, name, timed)
-
-
 def _worker(rank: int, world: int, config: str, overrides: list[str], epochs: int) -> dict:
-    clock: dict = {}
-    _timed_collectives(clock)
+    from scale_diffrec.parallel.profiling import meter_collectives
+    meter = meter_collectives()
     import torch
     from scale_diffrec.config import absolute_paths, load_config
     from scale_diffrec.data import load_data
@@ -64,13 +43,13 @@ def _worker(rank: int, world: int, config: str, overrides: list[str], epochs: in
     seed_everything(cfg["seed"])
     run = ShardedRun(cfg, data, partition, build_plan(cfg, partition, world), "cpu")
     run.train_epoch(0)
-    clock.clear()
+    meter.reset()
     seconds = []
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
         run.train_epoch(epoch)
         seconds.append(time.perf_counter() - t0)
-    return {"rank": rank, "epoch_seconds": seconds, "collective_seconds": dict(clock),
+    return {"rank": rank, "epoch_seconds": seconds, "collective_seconds": {k: v["seconds"] for k, v in meter.totals.items()},
             "peak_rss_mib": peak_rss_mib(), "clusters": run.clusters,
             "items": int(len(run.own_items))}
 

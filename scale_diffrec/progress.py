@@ -19,7 +19,16 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
+    """Peak resident memory of this process so far: Linux's VmHWM (its own address space's
+    high-water mark; ``ru_maxrss`` would carry over the parent's peak into a forked and
+    exec'd child, e.g. a spawned worker), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024          # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

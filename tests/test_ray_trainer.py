@@ -30,6 +30,7 @@ from scale_diffrec.cli import main
 from scale_diffrec.config import absolute_paths, load_config
 from scale_diffrec.data.errors import ConfigError
 from scale_diffrec.models import build_model
+from scale_diffrec.parallel.memory import cluster_parameters, denoiser_parameters
 from scale_diffrec.parallel import trainer
 from scale_diffrec.parallel.testing import free_port
 from scale_diffrec.partition import Partition
@@ -102,7 +103,7 @@ def test_plan_counts_each_clusters_parameters_and_latent_width(partition_file, o
     cfg = _cfg(partition_file, f"ldiffrec.out_dims={out_dims}", "distributed.placement=params")
     partition = Partition.load(partition_file)
     model = build_model(cfg, 300, partition)
-    counts = trainer.cluster_parameters(cfg, partition)
+    counts = cluster_parameters(cfg, partition.sizes)
     for c, n_c in enumerate(SIZES):      # cluster c's own encoder, and its decoder part
         enc = sum(p.numel() for p in model.encoders[c].parameters())
         dec = (sum(p.numel() for p in model.decoders[c].parameters()) if out_dims
@@ -110,6 +111,7 @@ def test_plan_counts_each_clusters_parameters_and_latent_width(partition_file, o
         assert counts[c] == enc + dec
     expected = model.parameter_counts()
     assert sum(counts) == expected["encoders"] + expected["decoder"]
+    assert denoiser_parameters(cfg) == expected["denoiser"]
     plan = trainer.build_plan(cfg, partition, 2)
     assert plan.weight == "params" and plan.latent_dims == model.latent_sizes
     assert sorted(c for w in plan.assignment for c in w) == [0, 1, 2, 3]

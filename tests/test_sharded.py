@@ -103,20 +103,23 @@ def test_loss_and_every_gradient_equal_single_process(world, form):
         n.startswith("denoiser.") for n in seen) == len(expected)    # ...and only there
 
 
-def _epoch(rank, world, overrides, zero_stage):
+def _epoch(rank, world, overrides, zero_stage, eval_chunk):
     """Sharded: one epoch (3 optimizer steps), then (full state on rank 0 / None, sampler
-    history, valid metrics)."""
+    history, valid metrics scored ``eval_chunk`` items at a time)."""
     cfg, data, partition, build_plan = _setup(list(overrides) +
                                               [f"distributed.zero_stage={zero_stage}"])
     run = _sharded(cfg, data, partition, build_plan, world)
+    run.eval_chunk = eval_chunk or run.eval_chunk
     run.train_epoch(0)
     return run.full_model_state(), run.model.sampler.loss_history.clone(), run.evaluate("valid")
 
 
-@pytest.mark.parametrize("world, zero_stage, form", [
-    (2, 1, "global-decoder"), (3, 1, "global-decoder"), (2, 2, "global-decoder"),
-    (2, 3, "global-decoder"), (3, 1, "cluster-decoders")])
-def test_epoch_parameters_and_evaluation_equal_single_process(world, zero_stage, form):
+@pytest.mark.parametrize("world, zero_stage, form, eval_chunk", [
+    (2, 1, "global-decoder", None), (3, 1, "global-decoder", 5), (2, 2, "global-decoder", None),
+    (2, 3, "global-decoder", None), (3, 1, "cluster-decoders", 5)])
+def test_epoch_parameters_and_evaluation_equal_single_process(world, zero_stage, form,
+                                                               eval_chunk):
+    # eval_chunk 5: each rank scores its items 5 at a time into a running top-k
     from scale_diffrec.evaluate import evaluate
     from scale_diffrec.models import Progress
     from scale_diffrec.train import train_epoch
@@ -124,7 +127,7 @@ def test_epoch_parameters_and_evaluation_equal_single_process(world, zero_stage,
     model, optimizer = _single(cfg, data, partition)
     train_epoch(model, optimizer, data, cfg, 0, Progress())
     single, metrics = model.state_dict(), evaluate(model, data, "valid", ks=cfg["topk"])
-    results = run_distributed(_epoch, world, args=(FORMS[form], zero_stage),
+    results = run_distributed(_epoch, world, args=(FORMS[form], zero_stage, eval_chunk),
                               env={"DS_ACCELERATOR": "cpu"}, timeout=240)
     full = results[0][0]
     assert set(full) == set(single) and all(r[0] is None for r in results[1:])

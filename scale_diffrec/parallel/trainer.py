@@ -47,6 +47,7 @@ from ..models.ldiffrec import latent_dims
 from ..partition import Partition
 from ..progress import format_seconds, log, peak_rss_mib, setup_logging
 from ..train import prepare_partition, seed_everything
+from .memory import cluster_parameters
 from .plan import Plan, plan_placement
 
 PLAN = "plan.json"
@@ -73,31 +74,6 @@ def check_workers(cfg: dict) -> int:
     return workers
 
 
-def cluster_parameters(cfg: dict, partition: Partition) -> list[int]:
-    """[C] parameters that live with each cluster: its encoder, plus its decoder (per-cluster
-    decoders) or its rows of the global linear decoder (out_dims == [])."""
-    sizes = partition.sizes.tolist()
-    dims = latent_dims(sizes, cfg["ldiffrec"]["in_dims"])
-    latent = sum(d[-1] for d in dims)
-    out_dims = [int(d) for d in cfg["ldiffrec"]["out_dims"]]
-
-    def linear(widths):
-        return sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
-
-    counts = []
-    for n_c, d in zip(sizes, dims):
-        enc_widths = list(d[:-1]) + [2 * d[-1]]
-        encoder = n_c * enc_widths[0] + enc_widths[0] + linear(enc_widths)
-        if not out_dims:
-            decoder = n_c * (latent + 1)
-        elif len(sizes) == 1:
-            decoder = linear([latent] + out_dims + [n_c])
-        else:
-            decoder = linear(list(d[::-1]) + [n_c])
-        counts.append(encoder + decoder)
-    return counts
-
-
 def build_plan(cfg: dict, partition: Partition, n_workers: int) -> Plan:
     """Clusters -> workers by ``distributed.placement`` (items | params), with latent widths
     and per-cluster parameters (bytes counted with grads and Adam's two moments)."""
@@ -110,7 +86,7 @@ def build_plan(cfg: dict, partition: Partition, n_workers: int) -> Plan:
         raise ConfigError(f"{n_workers} workers but the partition has {len(sizes)} clusters")
     widths = [d[-1] for d in latent_dims(sizes, cfg["ldiffrec"]["in_dims"])]
     return plan_placement(sizes, n_workers, weight=placement, latent_dims=widths,
-                          decoder_params=cluster_parameters(cfg, partition), bytes_per_param=16)
+                          decoder_params=cluster_parameters(cfg, sizes), bytes_per_param=16)
 
 
 def connect(cfg: dict) -> bool:

@@ -48,8 +48,13 @@ from .plan import Plan
 from .zero import gathered_state_dict, hybrid_backward, init_denoiser_engine
 
 
+EVAL_CHUNK = 65536                  # items scored at a time in evaluation (B x chunk floats)
+
+
 class ShardedRun:
     """One rank's part of a W-worker L-DiffRec run (torch.distributed already initialized)."""
+
+    eval_chunk = EVAL_CHUNK
 
     def __init__(self, cfg: dict, data: InteractionData, partition, plan: Plan,
                  device: torch.device):
@@ -106,11 +111,6 @@ class ShardedRun:
         z_c = zhat0 if self.model.n_clusters == 1 else zhat0[:, self.model.latent_slice(c)]
         decoder = self.local["decoders"][str(c)]
         return decoder[:-1](z_c), decoder[-1].weight, decoder[-1].bias
-
-    def _logits(self, c: int, zhat0: torch.Tensor) -> torch.Tensor:
-        """[B, n_c] logits of cluster c's items from the full denoised latent."""
-        hidden, weight, bias = self._head(c, zhat0)
-        return F.linear(hidden, weight, bias)
 
     def _exchange(self, z_r: torch.Tensor, splits: list[int]) -> torch.Tensor:
         return rows_to_owners(z_r, splits, self.plan.col_sizes(), self.plan.col_index())
@@ -179,7 +179,9 @@ class ShardedRun:
     @torch.no_grad()
     def topk(self, users: np.ndarray, exclude: list, k: int) -> np.ndarray:
         """[B, k] global item indexes: the merged top-k of every rank's own items, with the
-        items of the ``exclude`` CSRs (rows = users) masked."""
+        items of the ``exclude`` CSRs (rows = users) masked. Scores are made
+        ``eval_chunk`` items at a time and folded into a running top-k, so memory is
+        B x EVAL_CHUNK, not B x (the rank's items)."""
         m = self.model
         batch = self.data.train.take_rows(users).to_torch(self.device)
         b = batch.batch_size
@@ -188,27 +190,38 @@ class ShardedRun:
         z = self._exchange(torch.cat(mus, 1), splits)
         zhat0 = gather_rows(m.diffusion.p_sample(self.engine, z, m.sampling_steps,
                                                  m.sampling_noise), splits)
-        scores = torch.cat([self._logits(c, zhat0) for c in self.clusters], 1)   # [B, n_r]
-        for csr in exclude:
-            rows = torch.from_numpy(np.repeat(np.arange(b), csr.row_lengths())).to(self.device)
-            pos = self.local_pos[torch.from_numpy(csr.indices).to(self.device)]
-            mine = pos >= 0
-            scores[rows[mine], pos[mine]] = -torch.inf
-        kk = min(k, scores.shape[1])
-        top, idx = torch.topk(scores, kk, dim=1)
-        items = self.own_items[idx]
-        if kk < k:
-            top = F.pad(top, (0, k - kk), value=-torch.inf)
-            items = F.pad(items, (0, k - kk), value=-1)
+        seen_rows, seen_pos = self._excluded_positions(exclude, b)
+        top = torch.full((b, k), -torch.inf, device=self.device)
+        items = torch.full((b, k), -1, dtype=torch.long, device=self.device)
+        start = 0                                   # the chunk's first position in own_items
+        for c in self.clusters:
+            hidden, weight, bias = self._head(c, zhat0)
+            for s in range(0, weight.shape[0], self.eval_chunk):
+                scores = F.linear(hidden, weight[s:s + self.eval_chunk],
+                                  bias[s:s + self.eval_chunk])
+                n = scores.shape[1]
+                hit = (seen_pos >= start) & (seen_pos < start + n)
+                scores[seen_rows[hit], seen_pos[hit] - start] = -torch.inf
+                top, items = _merge_topk(top, items, scores, self.own_items[start:start + n], k)
+                start += n
         if self.world > 1:
             tops, its = [torch.empty_like(top) for _ in range(self.world)], \
                 [torch.empty_like(items) for _ in range(self.world)]
             dist.all_gather(tops, top.contiguous())
             dist.all_gather(its, items.contiguous())
-            top, items = torch.cat(tops, 1), torch.cat(its, 1)
-            best = torch.topk(top, k, dim=1).indices
-            items = torch.gather(items, 1, best)
+            top, items = _merge_topk(torch.cat(tops, 1), torch.cat(its, 1), None, None, k)
         return items.cpu().numpy()
+
+    def _excluded_positions(self, exclude: list, b: int):
+        """(rows [n], positions in ``own_items`` [n]) of the excluded items this rank holds."""
+        rows, pos = [], []
+        for csr in exclude:
+            r = torch.from_numpy(np.repeat(np.arange(b), csr.row_lengths())).to(self.device)
+            p = self.local_pos[torch.from_numpy(csr.indices).to(self.device)]
+            rows.append(r[p >= 0])
+            pos.append(p[p >= 0])
+        empty = torch.zeros(0, dtype=torch.long, device=self.device)
+        return torch.cat(rows) if rows else empty, torch.cat(pos) if pos else empty
 
     def evaluate(self, split: str) -> dict:
         """Full-ranking metrics of ``split`` over all users (the same dict on all ranks)."""
@@ -276,6 +289,17 @@ class ShardedRun:
             state["decoder.weight"], state["decoder.bias"] = weight, bias
         state.update({f"denoiser.{k}": v.cpu() for k, v in denoiser.items()})
         return state
+
+
+def _merge_topk(top, items, scores, score_items, k: int):
+    """The k best of (top [B, k'], items [B, k']) and, if given, the chunk's
+    (scores [B, n], score_items [n])."""
+    if scores is not None:
+        kk = min(k, scores.shape[1])
+        s, idx = torch.topk(scores, kk, dim=1)
+        top, items = torch.cat([top, s], 1), torch.cat([items, score_items[idx]], 1)
+    best, idx = torch.topk(top, k, dim=1)
+    return best, torch.gather(items, 1, idx)
 
 
 def _load_denoiser(engine, params: dict, optimizer_state) -> None:

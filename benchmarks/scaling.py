@@ -1,0 +1,337 @@
+"""How L-DiffRec's cost grows with the catalogue and with workers: time, memory, collectives.
+
+    python benchmarks/scaling.py                            # items 1e4 1e5 1e6 x W 1 2 4
+    python benchmarks/scaling.py --items 10000 --workers 1 2 --steps 4     # a quick run
+    ray job submit --working-dir . -- python benchmarks/scaling.py --launcher ray \\
+        --items 1000000 10000000 --workers 1 2 4 8                # a GPU cluster, unchanged
+
+Every point (items I, workers W) trains the sharded model of ``--config`` (default
+configs/synthetic-1m.yaml: per-cluster decoders, 8 balanced clusters, batch 500) on a
+synthetic catalogue of I items with ``--users`` users, for ``--warmup`` + ``--steps``
+optimizer steps of ``ShardedRun`` (the code Ray Train workers run), and measures per
+rank and step:
+    seconds per step (the slowest rank's), users/s (batch / step), seconds per epoch
+    (steps per epoch x median step: extrapolated), peak RSS and, on GPU, peak allocated
+    memory, the exact bytes of the rank's catalogue-sharded tensors (its clusters'
+    weights, gradients and AdamW moments), and the calls, bytes and seconds inside each
+    collective (``parallel.profiling``), per step;
+and the memory model's prediction for the rank (``parallel.memory.worker_terms``). Its
+constant term, the runtime (interpreter, torch, pyarrow, DeepSpeed and its engine, thread
+pools), is calibrated once per W: the smallest catalogue's measured peak minus its other
+terms; the larger catalogues then test the model (``measured_over_model``).
+
+Launchers: ``local`` (default) runs W processes joined by gloo (NCCL and one GPU each when
+the machine has W GPUs); ``ray`` runs a TorchTrainer with ScalingConfig(num_workers=W,
+use_gpu when the cluster has W GPUs) on the cluster at RAY_ADDRESS (or a local one); the
+partition files go to ``--workdir``, which must be shared storage on a multi-node cluster.
+With W processes on fewer cores (this 2-core machine at W = 4), time measures
+oversubscription, not scaling; memory is unaffected. ``--profile`` adds rank 0's top
+operators (torch.profiler) over two more steps of each point, after the measurements.
+
+Writes benchmarks/results/scaling.json and scaling.png (time and memory vs items; speed-up
+and memory vs workers), with the machine, device and launcher it ran on.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+# ------------------------------------------------------------------------- one rank
+def measure(point: dict, device=None) -> dict:
+    """Inside a rank of an initialised process group: build, warm up, time the steps."""
+    from scale_diffrec.parallel.profiling import current_rss_mib, meter_collectives
+    meter = meter_collectives()                  # before DeepSpeed binds the collectives
+    import time
+
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    from scale_diffrec.config import load_config
+    from scale_diffrec.data import load_data
+    from scale_diffrec.parallel.memory import worker_terms
+    from scale_diffrec.parallel.plan import Plan
+    from scale_diffrec.parallel.worker import ShardedRun
+    from scale_diffrec.parallel.zero import import_deepspeed
+    from scale_diffrec.progress import peak_rss_mib
+    from scale_diffrec.train import epoch_order, prepare_partition, seed_everything
+    import_deepspeed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if device is None:
+        device = torch.device(f"cuda:{rank % torch.cuda.device_count()}"
+                              if torch.cuda.is_available() else "cpu")
+    runtime_mib = current_rss_mib()
+    cfg = load_config(point["config"], point["overrides"])
+    data = load_data(cfg)
+    partition = prepare_partition(cfg, data, None)
+    seed_everything(cfg["seed"])
+    plan = Plan.from_dict(point["plan"])
+    run = ShardedRun(cfg, data, partition, plan, device)
+    run.model.train(), run.local.train(), run.engine.train()
+    order = epoch_order(data.n_users, cfg["seed"], 0)
+    b = cfg["batch_size"]
+    steps = point["warmup"] + point["steps"]
+    batches = [order[(i * b) % len(order):][:b] for i in range(steps)]
+    seconds = []
+    for i, users in enumerate(batches):
+        if i == point["warmup"]:
+            meter.reset()
+        t0 = time.perf_counter()
+        _step(run, users, device)
+        if i >= point["warmup"]:
+            seconds.append(time.perf_counter() - t0)
+    peak = peak_rss_mib()                  # before profiling, which holds its events
+    collectives = {k: {"calls_per_step": v["calls"] / point["steps"],
+                       "seconds_per_step": v["seconds"] / point["steps"],
+                       "bytes_per_step": v["bytes"] / point["steps"]}
+                   for k, v in meter.totals.items()}
+    table = None
+    if point["profile"]:                   # every rank steps (collectives); rank 0 records
+        activities = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        import contextlib
+        prof = torch.profiler.profile(activities=activities) if rank == 0 else None
+        with prof if prof is not None else contextlib.nullcontext():
+            for users in batches[:2]:
+                _step(run, users, device)
+        if prof is not None:
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+    sharded = sum(t.numel() * t.element_size() for p in run.local.parameters()
+                  for t in [p] + ([p.grad] if p.grad is not None else []))
+    sharded += sum(v.numel() * v.element_size() for s in run.local_optimizer.state.values()
+                   for v in s.values() if torch.is_tensor(v))
+    batch_nnz = data.train.nnz / data.n_users * b
+    model = worker_terms(cfg, partition.sizes, plan.clusters(rank), data.n_items,
+                         data.n_users, data.train.nnz + data.valid.nnz + data.test.nnz,
+                         batch_nnz, world, denoiser_params=sum(p.numel() for p in run.model.denoiser.parameters()))
+    out = {"rank": rank, "clusters": plan.clusters(rank), "items": plan.items(rank),
+           "step_seconds": seconds, "collectives": collectives,
+           "runtime_rss_mib": runtime_mib, "peak_rss_mib": peak,
+           "sharded_mib": sharded / 2 ** 20,
+           "model_mib": {k: v / 2 ** 20 for k, v in model.items()},
+           "device": str(device), "profile": table}
+    if device.type == "cuda":
+        out["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+        out["device_name"] = torch.cuda.get_device_name(device)
+    return out
+
+
+def _step(run, users, device) -> None:
+    import torch
+    run.loss_and_backward(users)
+    run.optimizer_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _local_rank(rank: int, world: int, point: dict) -> dict:
+    return measure(point)
+
+
+def _ray_rank(point: dict) -> None:
+    import ray.train
+    import torch.distributed as dist
+    from ray.train.torch import get_device
+    result = measure(point, get_device())
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, result)
+    ray.train.report({"ranks": every})
+
+
+# ------------------------------------------------------------------------- launchers
+def run_local(point: dict, workers: int) -> list[dict]:
+    import torch
+    from scale_diffrec.parallel.testing import run_distributed
+    gpus = torch.cuda.device_count()
+    backend = "nccl" if gpus >= workers else "gloo"
+    env = {} if backend == "nccl" else {"DS_ACCELERATOR": "cpu"}
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    return run_distributed(_local_rank, workers, args=(point,), env=env, timeout=3600,
+                           threads=threads, backend=backend)
+
+
+def run_ray(point: dict, workers: int) -> list[dict]:
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from scale_diffrec.parallel.trainer import resolve_use_gpu, worker_env
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
+    use_gpu = resolve_use_gpu("auto", workers)
+    trainer = TorchTrainer(
+        _ray_rank, train_loop_config=point,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+        run_config=RunConfig(name=f"scaling-{point['items']}-{workers}",
+                             storage_path=point["workdir"],
+                             worker_runtime_env={"env_vars": worker_env(use_gpu)}))
+    return trainer.fit().metrics["ranks"]
+
+
+# ------------------------------------------------------------------------- the sweep
+def prepare(config: str, overrides: list[str], items: int, users: int, workdir: Path
+            ) -> tuple[list[str], dict, object]:
+    """The point's overrides (with its partition file, built here once) and the placement
+    plans. input; returns (overrides, cfg, data)."""
+    from scale_diffrec.config import load_config
+    from scale_diffrec.data import load_data
+    from scale_diffrec.train import prepare_partition
+    over = list(overrides) + [f"data.synthetic.n_items={items}",
+                              f"data.synthetic.n_users={users}"]
+    cfg = load_config(config, over)
+    data = load_data(cfg)
+    path = workdir / f"partition-{items}.parquet"
+    prepare_partition(cfg, data, None).save(path)
+    return over + [f"ldiffrec.partition={path}"], cfg, data
+
+
+def summarize(items: int, workers: int, users: int, batch: int, ranks: list[dict]) -> dict:
+    steps = len(ranks[0]["step_seconds"])
+    step = statistics.median(max(r["step_seconds"][i] for r in ranks) for i in range(steps))
+    names = sorted({k for r in ranks for k in r["collectives"]})
+    return {
+        "items": items, "workers": workers, "users": users, "batch_size": batch,
+        "step_seconds_median": step, "users_per_second": batch / step,
+        "epoch_seconds_extrapolated": math.ceil(users / batch) * step,
+        "peak_rss_mib_max": max(r["peak_rss_mib"] for r in ranks),
+        "sharded_mib_max": max(r["sharded_mib"] for r in ranks),
+        "model_mib_max": max(r["model_mib"]["total"] for r in ranks),   # without runtime
+        "collective_seconds_per_step_max": max(
+            sum(c["seconds_per_step"] for c in r["collectives"].values()) for r in ranks),
+        "collective_bytes_per_step": {n: max(r["collectives"].get(n, {}).get(
+            "bytes_per_step", 0) for r in ranks) for n in names},
+        "per_rank": ranks}
+
+
+def calibrate(rows: list[dict]) -> None:
+    """Per W: runtime = peak RSS - modelled terms at the smallest catalogue; then every
+    row's ``model_mib_max`` includes it and ``measured_over_model`` = peak / model."""
+    for w in {r["workers"] for r in rows}:
+        mine = sorted((r for r in rows if r["workers"] == w), key=lambda r: r["items"])
+        runtime = mine[0]["peak_rss_mib_max"] - mine[0]["model_mib_max"]
+        for r in mine:
+            r["runtime_mib"] = runtime
+            r["model_mib_max"] += runtime
+            r["measured_over_model"] = r["peak_rss_mib_max"] / r["model_mib_max"]
+
+
+def machine(ranks: list[dict], launcher: str) -> dict:
+    import torch
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"launcher": launcher, "platform": platform.platform(), "cpu": cpu,
+            "cpus": os.cpu_count(), "device": ranks[0]["device"],
+            "device_name": ranks[0].get("device_name", cpu),
+            "memory_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30,
+            "torch": torch.__version__}
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    items = sorted({r["items"] for r in rows})
+    workers = sorted({r["workers"] for r in rows})
+    at = {(r["items"], r["workers"]): r for r in rows}
+    fig, ax = plt.subplots(2, 2, figsize=(11, 8.5))
+    for w in workers:
+        xs = [i for i in items if (i, w) in at]
+        ax[0, 0].plot(xs, [at[i, w]["step_seconds_median"] for i in xs], "o-", label=f"W={w}")
+        line, = ax[0, 1].plot(xs, [at[i, w]["peak_rss_mib_max"] for i in xs], "o-",
+                              label=f"W={w} peak RSS")
+        ax[0, 1].plot(xs, [at[i, w]["model_mib_max"] for i in xs], "x--",
+                      color=line.get_color(), label=f"W={w} model")
+    for i in items:
+        ws = [w for w in workers if (i, w) in at]
+        if (i, 1) not in at:
+            continue
+        base = at[i, 1]
+        ax[1, 0].plot(ws, [base["step_seconds_median"] / at[i, w]["step_seconds_median"]
+                           for w in ws], "o-", label=f"{i:,} items")
+        ax[1, 1].plot(ws, [at[i, w]["sharded_mib_max"] / base["sharded_mib_max"] for w in ws],
+                      "o-", label=f"{i:,} items: sharded tensors")
+        ax[1, 1].plot(ws, [at[i, w]["peak_rss_mib_max"] / base["peak_rss_mib_max"]
+                           for w in ws], "s:", label=f"{i:,} items: peak RSS")
+    ax[1, 0].plot(workers, workers, "k--", lw=0.8, label="ideal")
+    ax[1, 1].plot(workers, [1 / w for w in workers], "k--", lw=0.8, label="1/W")
+    for a, (xl, yl, t) in zip(ax.flat, [
+            ("items", "seconds per step", "time vs catalogue"),
+            ("items", "MiB per worker (max over ranks)", "memory vs catalogue"),
+            ("workers", "speed-up T(1) / T(W)", "speed-up vs workers"),
+            ("workers", "per-worker memory / W=1", "memory vs workers")]):
+        a.set_xlabel(xl), a.set_ylabel(yl), a.set_title(t), a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    for a in ax[0]:
+        a.set_xscale("log"), a.set_yscale("log")
+    ax[1, 1].set_yscale("log")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/synthetic-1m.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--items", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--users", type=int, default=20_000)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--launcher", choices=["local", "ray"], default="local")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--workdir", default=None, help="partition files (shared storage on "
+                                                        "a multi-node Ray cluster)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scaling.json"))
+    args = parser.parse_args()
+    from scale_diffrec.parallel.trainer import build_plan
+    from scale_diffrec.partition import Partition
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="sdr-scaling-")).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = str((ROOT / args.config) if not Path(args.config).is_absolute() else args.config)
+    launch = run_local if args.launcher == "local" else run_ray
+    rows = []
+    for items in args.items:
+        overrides, cfg, data = prepare(config, args.overrides, items, args.users, workdir)
+        partition = Partition.load(workdir / f"partition-{items}.parquet")
+        for w in args.workers:
+            if w > partition.n_clusters:
+                continue
+            point = {"config": config, "overrides": overrides, "items": items,
+                     "plan": build_plan(cfg, partition, w).to_dict(), "steps": args.steps,
+                     "warmup": args.warmup, "profile": args.profile, "workdir": str(workdir)}
+            ranks = launch(point, w)
+            row = summarize(items, w, data.n_users, cfg["batch_size"], ranks)
+            rows.append(row)
+            print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v)
+                              for k, v in row.items() if k != "per_rank"}), flush=True)
+        del data
+    calibrate(rows)
+    info = machine(rows[0]["per_rank"], args.launcher)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"config": args.config, "overrides": args.overrides,
+                               "command": " ".join(sys.argv), "machine": info, "rows": rows},
+                              indent=2) + "\n")
+    plot(rows, out.with_suffix(".png"),
+         f"L-DiffRec sharded step, {args.config}, {args.users:,} users, batch "
+         f"{rows[0]['batch_size']}; {info['device_name']} x {info['cpus']} CPUs, "
+         f"{args.launcher} launcher")
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

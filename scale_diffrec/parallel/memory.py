@@ -1,0 +1,136 @@
+"""Bytes per worker of a W-worker L-DiffRec run: the memory model (README, "Memory model").
+
+Worker r holds the clusters ``plan.clusters(r)`` (I_r items, P_r parameters); every
+worker holds the data and the item lookup tables. fp32 throughout; AdamW keeps two
+moments, so a trained parameter costs 16 bytes (weight, gradient, m, v).
+
+    M_r = runtime                      the interpreter with torch, pyarrow, DeepSpeed and
+                                       its engine, thread pools: a constant, calibrated as
+                                       the peak RSS of a worker on a tiny catalogue minus its
+                                       other terms (~0.5 GiB per CPU worker here)
+        + data       20 N + 24 U       CSRs of train/valid/test (8-byte index + 4-byte value
+                                       per interaction, 8-byte row pointers) and the train
+                                       timestamps; N interactions, U users
+        + tables     56 I + 8 I_r      item -> cluster / local column / per-cluster item
+                                       lists: the partition (24 I), the model's copies
+                                       (24 I), the worker's position table (8 I), its own
+                                       item list (8 I_r)
+        + sharded    16 P_r            its clusters' encoders E_c (EmbeddingBag [n_c, w1_c]
+                                       + layers) and decoders (D_c, or rows [n_c, d + 1] of
+                                       the global linear decoder)
+        + denoiser   P_den x z(stage)  ZeRO 0: 16; 1: 8 + 8/W; 2: 4 + 12/W; 3: 16/W (weights
+                                       and grads replicated or not, fp32 partition and Adam
+                                       moments split over W)
+        + step       train: 4 [max_c n_c (h_c + 1) + 2 B chunk + 2 nnz_B h + 4 B d]
+                                       (LinearLogSumExp's [n_c, h + 1] gradient and
+                                       [B, chunk] buffers, the gathered rows of the batch's
+                                       items, the latents)
+                     eval:  8 B_eval min(n_c, 65,536)   (a chunk of scores, the running
+                                       top-K; ``worker.EVAL_CHUNK``)
+
+Only ``sharded`` and the 8 I_r of ``tables`` shrink as 1/W; data, the O(I)
+tables, the runtime and the ZeRO-replicated part of the denoiser do not, which is the gap
+between measured per-worker memory and 1/W. ``predict`` evaluates the model for a
+balanced catalogue of any size (how 10M and 100M items scale); ``worker_terms`` for a real
+plan (what ``benchmarks/scaling.py`` checks against the measured peak).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..models.ldiffrec import latent_dims
+
+ZERO_BYTES = {0: lambda w: 16.0, 1: lambda w: 8 + 8 / w, 2: lambda w: 4 + 12 / w,
+              3: lambda w: 16 / w}
+
+
+def cluster_parameters(cfg: dict, sizes) -> list[int]:
+    """[C] parameters that live with each cluster: its encoder, plus its decoder (per-cluster
+    decoders) or its rows of the global linear decoder (out_dims == [])."""
+    sizes = [int(s) for s in sizes]
+    dims = latent_dims(sizes, cfg["ldiffrec"]["in_dims"])
+    latent = sum(d[-1] for d in dims)
+    out_dims = [int(d) for d in cfg["ldiffrec"]["out_dims"]]
+
+    def linear(widths):
+        return sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+
+    counts = []
+    for n_c, d in zip(sizes, dims):
+        enc_widths = list(d[:-1]) + [2 * d[-1]]
+        encoder = n_c * enc_widths[0] + enc_widths[0] + linear(enc_widths)
+        if not out_dims:
+            decoder = n_c * (latent + 1)
+        elif len(sizes) == 1:
+            decoder = linear([latent] + out_dims + [n_c])
+        else:
+            decoder = linear(list(d[::-1]) + [n_c])
+        counts.append(encoder + decoder)
+    return counts
+
+
+def denoiser_parameters(cfg: dict) -> int:
+    """Parameters of the latent denoiser that ``LDiffRec.from_config`` builds (counted on
+    the meta device: nothing is allocated)."""
+    import torch
+    from ..models.denoiser import Denoiser
+    latent = int(cfg["ldiffrec"]["in_dims"][0])
+    mlp = [int(d) for d in cfg["ldiffrec"]["mlp_dims"]]
+    with torch.device("meta"):
+        net = Denoiser([latent] + mlp[::-1], mlp + [latent], cfg["denoiser"]["emb_size"],
+                       cfg["denoiser"]["norm"], cfg["denoiser"]["dropout"])
+    return sum(p.numel() for p in net.parameters())
+
+
+def _head_width(cfg: dict, dims: list[int], latent: int) -> int:
+    """h_c: the input width of cluster c's scoring layer."""
+    if not cfg["ldiffrec"]["out_dims"]:
+        return latent
+    return dims[0]
+
+
+def worker_terms(cfg: dict, sizes, clusters, n_items: int, n_users: int,
+                 interactions: int, batch_nnz: float, workers: int,
+                 runtime_bytes: float = 0.0, denoiser_params: int | None = None,
+                 phase: str = "train") -> dict[str, float]:
+    """The model's terms (bytes) for the worker holding ``clusters`` of a partition with
+    cluster ``sizes``; ``batch_nnz``: interactions in one training batch (B x mean per
+    user); ``phase``: "train" (training steps) or "eval" (adds the evaluation scores)."""
+    sizes = [int(s) for s in sizes]
+    dims = latent_dims(sizes, cfg["ldiffrec"]["in_dims"])
+    latent = sum(d[-1] for d in dims)
+    params = cluster_parameters(cfg, sizes)
+    own = [int(c) for c in clusters]
+    items_r = sum(sizes[c] for c in own)
+    p_r = sum(params[c] for c in own)
+    p_den = denoiser_parameters(cfg) if denoiser_params is None else int(denoiser_params)
+    b, chunk = int(cfg["batch_size"]), int(cfg["ldiffrec"]["logit_chunk"])
+    h = max(_head_width(cfg, dims[c], latent) for c in own)
+    step = 4 * (max(sizes[c] * (_head_width(cfg, dims[c], latent) + 1) for c in own)
+                + 2 * b * min(chunk, max(sizes[c] for c in own)) + 2 * batch_nnz * h
+                + 4 * b * latent)
+    if phase == "eval":
+        from .worker import EVAL_CHUNK
+        step = max(step, 8 * int(cfg["eval_batch_size"])
+                   * min(EVAL_CHUNK, max(sizes[c] for c in own)))
+    terms = {"runtime": float(runtime_bytes),
+             "data": 20.0 * interactions + 24.0 * n_users,
+             "tables": 56.0 * n_items + 8.0 * items_r,
+             "sharded": 16.0 * p_r,
+             "denoiser": p_den * ZERO_BYTES[int(cfg["distributed"]["zero_stage"])](workers),
+             "step": float(step)}
+    terms["total"] = sum(terms.values())
+    return terms
+
+
+def predict(cfg: dict, n_items: int, n_users: int, interactions: int, workers: int,
+            runtime_bytes: float, phase: str = "train") -> dict[str, float]:
+    """``worker_terms`` of the most loaded worker for a catalogue of ``n_items`` split into
+    ``ldiffrec.n_clusters`` equal clusters, placed round-robin on ``workers``."""
+    c = int(cfg["ldiffrec"]["n_clusters"])
+    sizes = np.full(c, n_items // c)
+    sizes[: n_items % c] += 1
+    mine = list(range(0, c, workers))
+    per_user = interactions / max(n_users, 1)
+    return worker_terms(cfg, sizes.tolist(), mine, n_items, n_users, interactions,
+                        cfg["batch_size"] * per_user, workers, runtime_bytes, phase=phase)
