@@ -130,7 +130,8 @@ def predict(cfg: dict, n_items: int, n_users: int, interactions: int, workers: i
     c = int(cfg["ldiffrec"]["n_clusters"])
     sizes = np.full(c, n_items // c)
     sizes[: n_items % c] += 1
-    mine = list(range(0, c, workers))
     per_user = interactions / max(n_users, 1)
-    return worker_terms(cfg, sizes.tolist(), mine, n_items, n_users, interactions,
-                        cfg["batch_size"] * per_user, workers, runtime_bytes, phase=phase)
+    return max((worker_terms(cfg, sizes.tolist(), range(r, c, workers), n_items, n_users,
+                             interactions, cfg["batch_size"] * per_user, workers,
+                             runtime_bytes, phase=phase) for r in range(workers)),
+               key=lambda terms: terms["total"])
