@@ -74,7 +74,7 @@ DEFAULTS: dict = {
         "embeddings": "auto",    # file (data.item_emb / item_emb.npy) | svd | auto (file if any)
         "emb_dim": 64,           # svd embedding dimensions
         "kmeans_niter": 50,
-        "logit_chunk": 1024,     # items per chunk of the training logsumexp (B x chunk: cache-sized)
+        "logit_chunk": 4096,     # items per chunk of the training logsumexp (memory B x chunk)
         "cluster_capacity": None,  # max items per cluster as a multiple of I / C (None: k-means)
         "partition": None,       # path of a saved partition artifact to reuse
     },

@@ -184,7 +184,8 @@ class LinearLogSumExp(torch.autograd.Function):
     chunk's [chunk, h + 1] weights, not of [B, chunk] biases). Forward: per chunk
     lse_k = max + log sum exp(l_k - max) (in place), lse = logaddexp over chunks. Backward,
     with g = dL/dlse [B]: the chunk's logits are recomputed and turned in place into
-    P_k = exp(l_k - lse) * g (softmax times g); dL/dhidden = sum_k P_k W_k and
+    P_k = exp(l_k - lse) * g (softmax times g; a single chunk keeps its softmax from the
+    forward instead); dL/dhidden = sum_k P_k W_k and
     [dL/dW_k, dL/db_k] = P_k.T @ [hidden, 1]. Memory: [B, chunk], never [B, n]; no
     autograd-saved logits and no recomputed logsumexp (the profile's hottest path).
     """
@@ -198,20 +199,27 @@ class LinearLogSumExp(torch.autograd.Function):
             top = logits.amax(dim=1, keepdim=True)
             part = logits.sub_(top).exp_().sum(dim=1).log_().add_(top.squeeze(1))
             lse = part if lse is None else torch.logaddexp(lse, part)
-        ctx.save_for_backward(hidden1, weight, bias, lse)
+        # one chunk: keep its softmax (exp(l - max) / sum, within the B x chunk budget)
+        # instead of recomputing the logits in backward
+        single = weight.shape[0] <= chunk
+        probs = logits.div_(logits.sum(dim=1, keepdim=True)) if single else None
+        ctx.save_for_backward(hidden1, weight, bias, lse, probs)
         ctx.chunk = chunk
         return lse
 
     @staticmethod
     def backward(ctx, grad):
-        hidden1, weight, bias, lse = ctx.saved_tensors
+        hidden1, weight, bias, lse, probs = ctx.saved_tensors
         h = weight.shape[1]
         grad_h = hidden1.new_zeros(hidden1.shape[0], h)
         grad_wb = weight.new_empty(weight.shape[0], h + 1)
         for s in range(0, weight.shape[0], ctx.chunk):
             wb = _with_bias(weight, bias, s, ctx.chunk)
-            p = hidden1 @ wb.T
-            p.sub_(lse[:, None]).exp_().mul_(grad[:, None])            # [B, chunk]
+            if probs is not None:
+                p = probs * grad[:, None]
+            else:
+                p = hidden1 @ wb.T
+                p.sub_(lse[:, None]).exp_().mul_(grad[:, None])        # [B, chunk]
             grad_h.addmm_(p, wb[:, :h])
             torch.mm(p.T, hidden1, out=grad_wb[s:s + ctx.chunk])
         return grad_h, grad_wb[:, :h], grad_wb[:, h], None
@@ -545,11 +553,17 @@ class LDiffRec(Recommender):
                           bias: torch.Tensor, inp: ClusterInput):
         """(picked [B], total [B], lse [B]) of one cluster whose logits are
         hidden [B, h] @ weight[n_c, h].T + bias [n_c]: sum of target * logit over the
-        cluster's entries (from their own weight rows), sum of targets, and the logsumexp
+        cluster's entries (sparse products with the targets), sum of targets, the logsumexp
         over the cluster's items (``chunked_logsumexp``)."""
-        b = inp.batch_size
-        logit = (hidden[inp.rows] * weight[inp.local]).sum(1) + bias[inp.local]
-        picked = hidden.new_zeros(b).index_add(0, inp.rows, inp.target * logit)
+        b, n = inp.batch_size, weight.shape[0]
+        target = torch.sparse_coo_tensor(torch.stack([inp.rows, inp.local]),
+                                         inp.target.to(hidden.dtype), (b, n),
+                                         is_coalesced=True,        # [B, n_c], row-major
+                                         check_invariants=False)
+        # sum_i x_bi logit_bi = sum_j (X W)_bj hidden_bj + (X b)_b: sparse products, whose
+        # backward is X.T @ grad (no scatter into the [n_c, h] weight row by row)
+        picked = (torch.sparse.mm(target, weight) * hidden).sum(1) \
+            + torch.sparse.mm(target, bias[:, None]).squeeze(1)
         total = hidden.new_zeros(b).index_add(0, inp.rows, inp.target.to(hidden.dtype))
         return picked, total, chunked_logsumexp(hidden, weight, bias, self.logit_chunk)
 
