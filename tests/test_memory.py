@@ -29,6 +29,13 @@ def test_sharded_term_is_sixteen_bytes_per_parameter_of_the_workers_parts(out_di
     assert terms["tables"] == 56 * 1000 + 8 * (500 + 50)
     assert terms["data"] == 20 * 2000 + 24 * 100
     assert terms["total"] == pytest.approx(sum(v for k, v in terms.items() if k != "total"))
+    run = [worker_terms(cfg, SIZES, mine, sum(SIZES), 100, 2000, 800, 2, phase="run",
+                        rank0=rank0) for rank0 in (False, True)]
+    assert run[0]["finish"] == 16 * params                  # the best shard read back
+    everything = sum(p.numel() for c in range(4)
+                     for part in (shell.new_encoder(c), shell.new_decoder(c))
+                     for p in part.parameters())
+    assert run[1]["finish"] == 16 * params + 4 * everything + 8 * (everything - params)
 
 
 def test_zero_stages_agree_on_one_worker_and_split_with_more():

@@ -27,6 +27,11 @@ moments, so a trained parameter costs 16 bytes (weight, gradient, m, v).
                                        items, the latents)
                      eval:  8 B_eval min(n_c, 65,536)   (a chunk of scores, the running
                                        top-K; ``worker.EVAL_CHUNK``)
+        + finish     16 P_r            the end of a run: the best epoch's shard read back
+                     + 4 P + 8 (P - P_r) next to the live one; on rank 0 also the assembled
+                                       single-process state (P = every cluster's
+                                       parameters) and the other ranks' parts, pickled and
+                                       unpickled
 
 Only ``sharded`` and the 8 I_r of ``tables`` shrink as 1/W; data, the O(I)
 tables, the runtime and the ZeRO-replicated part of the denoiser do not, which is the gap
@@ -92,10 +97,12 @@ def _head_width(cfg: dict, dims: list[int], latent: int) -> int:
 def worker_terms(cfg: dict, sizes, clusters, n_items: int, n_users: int,
                  interactions: int, batch_nnz: float, workers: int,
                  runtime_bytes: float = 0.0, denoiser_params: int | None = None,
-                 phase: str = "train") -> dict[str, float]:
+                 phase: str = "train", rank0: bool = False) -> dict[str, float]:
     """The model's terms (bytes) for the worker holding ``clusters`` of a partition with
     cluster ``sizes``; ``batch_nnz``: interactions in one training batch (B x mean per
-    user); ``phase``: "train" (training steps) or "eval" (adds the evaluation scores)."""
+    user); ``phase``: "train" (training steps), "eval" (adds the evaluation scores) or
+    "run" (a whole training run: evaluation and the finish; ``rank0`` assembles the
+    model)."""
     sizes = [int(s) for s in sizes]
     dims = latent_dims(sizes, cfg["ldiffrec"]["in_dims"])
     latent = sum(d[-1] for d in dims)
@@ -109,7 +116,7 @@ def worker_terms(cfg: dict, sizes, clusters, n_items: int, n_users: int,
     step = 4 * (max(sizes[c] * (_head_width(cfg, dims[c], latent) + 1) for c in own)
                 + 2 * b * min(chunk, max(sizes[c] for c in own)) + 2 * batch_nnz * h
                 + 4 * b * latent)
-    if phase == "eval":
+    if phase in ("eval", "run"):
         from .worker import EVAL_CHUNK
         step = max(step, 8 * int(cfg["eval_batch_size"])
                    * min(EVAL_CHUNK, max(sizes[c] for c in own)))
@@ -119,6 +126,9 @@ def worker_terms(cfg: dict, sizes, clusters, n_items: int, n_users: int,
              "sharded": 16.0 * p_r,
              "denoiser": p_den * ZERO_BYTES[int(cfg["distributed"]["zero_stage"])](workers),
              "step": float(step)}
+    if phase == "run":
+        p_all = sum(params)
+        terms["finish"] = 16.0 * p_r + ((4.0 * p_all + 8.0 * (p_all - p_r)) if rank0 else 0.0)
     terms["total"] = sum(terms.values())
     return terms
 

@@ -322,6 +322,10 @@ def _finish(run, cfg: dict, record: dict, config: dict, rank: int, device,
     metrics.json (rank 0), with every worker's peak memory."""
     run_dir = Path(config["run_dir"])
     last = run.full_model_state()
+    if rank == 0:        # written now, not held through the best epoch's evaluation
+        runs.save_checkpoint(run_dir, "last", {"model": last, "epoch": run.progress.epoch,
+                                               "step": run.progress.step, "record": record})
+    del last
     best_dir = _storage(run_dir) / RAY_NAME / _epoch_dir(record["best_epoch"])
     run.load_shard_state(torch.load(best_dir / _shard_file(rank), map_location="cpu",
                                     weights_only=False)["shard"])
@@ -331,8 +335,6 @@ def _finish(run, cfg: dict, record: dict, config: dict, rank: int, device,
     dist.all_gather_object(memory, {"rank": rank, **_peak_memory(device)})
     if rank != 0:
         return
-    runs.save_checkpoint(run_dir, "last", {"model": last, "epoch": run.progress.epoch,
-                                           "step": run.progress.step, "record": record})
     runs.save_checkpoint(run_dir, "best", {"model": best, "epoch": record["best_epoch"],
                                            "record": record})
     plan = Plan.from_dict(config["plan"])
