@@ -23,7 +23,8 @@ terms; the larger catalogues then test the model (``measured_over_model``).
 Launchers: ``local`` (default) runs W processes joined by gloo (NCCL and one GPU each when
 the machine has W GPUs); ``ray`` runs a TorchTrainer with ScalingConfig(num_workers=W,
 use_gpu when the cluster has W GPUs) on the cluster at RAY_ADDRESS (or a local one); the
-partition files go to ``--workdir``, which must be shared storage on a multi-node cluster.
+partition files and the ranks' results go to ``--workdir``, which must be shared storage
+on a multi-node cluster.
 With W processes on fewer cores (this 2-core machine at W = 4), time measures
 oversubscription, not scaling; memory is unaffected. ``--profile`` adds rank 0's top
 operators (torch.profiler) over two more steps of each point, after the measurements.
@@ -139,13 +140,13 @@ def _local_rank(rank: int, world: int, point: dict) -> dict:
 
 
 def _ray_rank(point: dict) -> None:
-    import ray.train
     import torch.distributed as dist
     from ray.train.torch import get_device
     result = measure(point, get_device())
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, result)
-    ray.train.report({"ranks": every})
+    if dist.get_rank() == 0:       # Ray Train keeps no metrics without a checkpoint
+        Path(point["result"]).write_text(json.dumps(every))
 
 
 # ------------------------------------------------------------------------- launchers
@@ -174,7 +175,8 @@ def run_ray(point: dict, workers: int) -> list[dict]:
         run_config=RunConfig(name=f"scaling-{point['items']}-{workers}",
                              storage_path=point["workdir"],
                              worker_runtime_env={"env_vars": worker_env(use_gpu)}))
-    return trainer.fit().metrics["ranks"]
+    trainer.fit()
+    return json.loads(Path(point["result"]).read_text())
 
 
 # ------------------------------------------------------------------------- the sweep
@@ -312,7 +314,8 @@ def main() -> None:
                 continue
             point = {"config": config, "overrides": overrides, "items": items,
                      "plan": build_plan(cfg, partition, w).to_dict(), "steps": args.steps,
-                     "warmup": args.warmup, "profile": args.profile, "workdir": str(workdir)}
+                     "warmup": args.warmup, "profile": args.profile, "workdir": str(workdir),
+                     "result": str(workdir / f"ranks-{items}-{w}.json")}
             ranks = launch(point, w)
             row = summarize(items, w, data.n_users, cfg["batch_size"], ranks)
             rows.append(row)
