@@ -23,8 +23,8 @@ moments, so a trained parameter costs 16 bytes (weight, gradient, m, v).
                                        moments split over W)
         + step       train: 4 [max_c n_c (h_c + 1) + 2 B chunk + 2 nnz_B h + 4 B d]
                                        (LinearLogSumExp's [n_c, h + 1] gradient and
-                                       [B, chunk] buffers, the gathered rows of the batch's
-                                       items, the latents)
+                                       [B, chunk] buffers, the batch's sparse targets and
+                                       their products, the latents)
                      eval:  8 B_eval min(n_c, 65,536)   (a chunk of scores, the running
                                        top-K; ``worker.EVAL_CHUNK``)
         + finish     16 P_r            the end of a run: the best epoch's shard read back
