@@ -26,7 +26,7 @@ def test_sharded_term_is_sixteen_bytes_per_parameter_of_the_workers_parts(out_di
     terms = worker_terms(cfg, SIZES, mine, sum(SIZES), n_users=100, interactions=2000,
                          batch_nnz=800, workers=2)
     assert terms["sharded"] == 16 * params
-    assert terms["tables"] == 56 * 1000 + 8 * (500 + 50)
+    assert terms["tables"] == 32 * 1000 + 8 * (500 + 50)
     assert terms["data"] == 20 * 2000 + 24 * 100
     assert terms["total"] == pytest.approx(sum(v for k, v in terms.items() if k != "total"))
     run = [worker_terms(cfg, SIZES, mine, sum(SIZES), 100, 2000, 800, 2, phase="run",

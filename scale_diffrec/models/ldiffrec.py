@@ -357,13 +357,14 @@ class LDiffRec(Recommender):
         self.latent_size = sum(self.latent_sizes)
         self.latent_offsets = np.concatenate([[0], np.cumsum(self.latent_sizes)]).tolist()
 
-        # item lookup tables as (non-persistent) buffers so they follow .to(device)
-        self.register_buffer("cluster_of", torch.from_numpy(partition.cluster_of.copy()),
+        # item lookup tables as (non-persistent, read-only) buffers so they follow
+        # .to(device); on the CPU they share the partition's arrays (O(I) bytes, once)
+        self.register_buffer("cluster_of", torch.from_numpy(partition.cluster_of),
                              persistent=False)
-        self.register_buffer("local_of", torch.from_numpy(partition.local_of.copy()),
+        self.register_buffer("local_of", torch.from_numpy(partition.local_of),
                              persistent=False)
         for c in range(self.n_clusters):
-            self.register_buffer(f"items_{c}", torch.from_numpy(partition.items_of(c).copy()),
+            self.register_buffer(f"items_{c}", torch.from_numpy(partition.items_of(c)),
                                  persistent=False)
 
         self.global_decoder = len(lcfg["out_dims"]) == 0

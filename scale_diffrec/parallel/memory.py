@@ -11,10 +11,10 @@ moments, so a trained parameter costs 16 bytes (weight, gradient, m, v).
         + data       20 N + 24 U       CSRs of train/valid/test (8-byte index + 4-byte value
                                        per interaction, 8-byte row pointers) and the train
                                        timestamps; N interactions, U users
-        + tables     56 I + 8 I_r      item -> cluster / local column / per-cluster item
-                                       lists: the partition (24 I), the model's copies
-                                       (24 I), the worker's position table (8 I), its own
-                                       item list (8 I_r)
+        + tables     32 I + 8 I_r      item -> cluster / local column / per-cluster item
+                                       lists: the partition (24 I; the model's buffers share
+                                       its arrays), the worker's position table (8 I), its
+                                       own item list (8 I_r)
         + sharded    16 P_r            its clusters' encoders E_c (EmbeddingBag [n_c, w1_c]
                                        + layers) and decoders (D_c, or rows [n_c, d + 1] of
                                        the global linear decoder)
@@ -122,7 +122,7 @@ def worker_terms(cfg: dict, sizes, clusters, n_items: int, n_users: int,
                    * min(EVAL_CHUNK, max(sizes[c] for c in own)))
     terms = {"runtime": float(runtime_bytes),
              "data": 20.0 * interactions + 24.0 * n_users,
-             "tables": 56.0 * n_items + 8.0 * items_r,
+             "tables": 32.0 * n_items + 8.0 * items_r,
              "sharded": 16.0 * p_r,
              "denoiser": p_den * ZERO_BYTES[int(cfg["distributed"]["zero_stage"])](workers),
              "step": float(step)}
