@@ -26,6 +26,8 @@ DEFAULTS: dict = {
     "topk": [10, 20, 50, 100],
     "convention": "reference",   # reference | users_with_truth (see metrics.py)
     "eval_batch_size": 1000,
+    "device": "auto",            # auto (CUDA when torch sees a GPU) | cpu | cuda | cuda:N
+    "precision": "fp32",         # fp32 | tf32 | bf16 (autocast for the matmuls)
     "data": {
         "source": "synthetic",   # diffrec_npy | parquet | synthetic
         "path": None,
