@@ -50,10 +50,11 @@ def _short(metrics: dict) -> dict:
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate
     from .runs import load_run
-    run = load_run(args.run, checkpoint=args.checkpoint)
+    run = load_run(args.run, checkpoint=args.checkpoint, device=args.device)
     cfg = run.cfg
     metrics = evaluate(run.model, run.data, split=args.split, ks=cfg["topk"],
-                       convention=cfg["convention"], batch_size=cfg["eval_batch_size"])
+                       convention=cfg["convention"], batch_size=cfg["eval_batch_size"],
+                       precision=args.precision or cfg["precision"])
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -75,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True)
     p.add_argument("--split", default="test", choices=["valid", "test"])
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the run's)")
+    p.add_argument("--precision", choices=["fp32", "tf32", "bf16"],
+                   help="default: the run's")
     p.set_defaults(func=cmd_evaluate)
 
     from .retrieval.cli import register

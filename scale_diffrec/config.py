@@ -28,6 +28,8 @@ DEFAULTS: dict = {
     "eval_batch_size": 1000,
     "device": "auto",            # auto (CUDA when torch sees a GPU) | cpu | cuda | cuda:N
     "precision": "fp32",         # fp32 | tf32 | bf16 (autocast for the matmuls)
+    "chunk_mib": None,           # MiB of one [B, chunk] block of logits/scores; None: 8 on
+                                 # the CPU, 1024 on a GPU (scale_diffrec/device.py)
     "data": {
         "source": "synthetic",   # diffrec_npy | parquet | synthetic
         "path": None,
@@ -76,7 +78,7 @@ DEFAULTS: dict = {
         "embeddings": "auto",    # file (data.item_emb / item_emb.npy) | svd | auto (file if any)
         "emb_dim": 64,           # svd embedding dimensions
         "kmeans_niter": 50,
-        "logit_chunk": 4096,     # items per chunk of the training logsumexp (memory B x chunk)
+        "logit_chunk": None,     # items per chunk of the training logsumexp; None: chunk_mib
         "cluster_capacity": None,  # max items per cluster as a multiple of I / C (None: k-means)
         "partition": None,       # path of a saved partition artifact to reuse
     },

@@ -24,6 +24,7 @@ import torch
 
 from .data.csr import CSR
 from .data.dataset import InteractionData
+from .device import autocast
 from .metrics import CONVENTIONS, MetricAccumulator, _as_ks, _as_numpy_items
 from .models.base import Recommender
 
@@ -108,8 +109,9 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 def accumulate(model: Recommender, data: InteractionData, split: str = "valid",
                ks: Iterable[int] = (10, 20, 50, 100), batch_size: int = 1000,
                device: torch.device | str | None = None,
-               users: np.ndarray | None = None) -> MetricAccumulator:
-    """Metric sums of ``model`` over ``users`` (default: all users, in order)."""
+               users: np.ndarray | None = None, precision: str = "fp32") -> MetricAccumulator:
+    """Metric sums of ``model`` over ``users`` (default: all users, in order); the forward
+    pass in ``precision`` (``device.autocast``), the ranking on fp32 scores."""
     _check_split(split)
     ks = _as_ks(ks)
     if batch_size < 1:
@@ -127,7 +129,8 @@ def accumulate(model: Recommender, data: InteractionData, split: str = "valid",
             for start in range(0, len(users), batch_size):
                 rows = users[start: start + batch_size]
                 batch = data.train.take_rows(rows).to_torch(device)
-                scores = model.score(batch)
+                with autocast(device, precision):
+                    scores = model.score(batch).float()
                 if tuple(scores.shape) != (len(rows), data.n_items):
                     raise ValueError(f"model.score returned shape {tuple(scores.shape)}, "
                                      f"expected {(len(rows), data.n_items)}")
@@ -140,7 +143,8 @@ def accumulate(model: Recommender, data: InteractionData, split: str = "valid",
 
 def evaluate(model: Recommender, data: InteractionData, split: str = "valid",
              ks: Iterable[int] = (10, 20, 50, 100), convention: str = "reference",
-             batch_size: int = 1000, device: torch.device | str | None = None) -> dict:
+             batch_size: int = 1000, device: torch.device | str | None = None,
+             precision: str = "fp32") -> dict:
     """Full-ranking metrics of ``model`` on ``split`` ("valid" or "test") over all users.
 
     Returns {"recall@K", "ndcg@K", "precision@K", "mrr@K" for K in ks, "n_users",
@@ -148,7 +152,7 @@ def evaluate(model: Recommender, data: InteractionData, split: str = "valid",
     model's device). The model's train/eval mode is restored afterwards.
     """
     _check_convention(convention)
-    acc = accumulate(model, data, split, ks, batch_size, device)
+    acc = accumulate(model, data, split, ks, batch_size, device, precision=precision)
     return acc.result(convention)
 
 

@@ -21,6 +21,7 @@ import torch
 
 from .config import load_config, save_config
 from .data import InteractionData, load_data
+from .device import resolve_device
 from .models import build_model
 
 CONFIG = "config.yaml"
@@ -79,8 +80,10 @@ class TrainedRun:
     partition: object | None
 
 
-def load_run(run_dir: str | Path, checkpoint: str = "best") -> TrainedRun:
-    """Rebuild a run's model from its config, partition and checkpoint (eval mode)."""
+def load_run(run_dir: str | Path, checkpoint: str = "best",
+             device: str | None = None) -> TrainedRun:
+    """Rebuild a run's model from its config, partition and checkpoint (eval mode), on
+    ``device`` (default: the run's ``device`` setting, see ``device.resolve_device``)."""
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG).is_file():
         raise FileNotFoundError(f"{run_dir / CONFIG}: not a run directory (no {CONFIG})")
@@ -90,5 +93,6 @@ def load_run(run_dir: str | Path, checkpoint: str = "best") -> TrainedRun:
     model = build_model(cfg, data.n_items, partition)
     state = load_checkpoint(run_dir, checkpoint)
     model.load_state_dict(state["model"])
+    model.to(resolve_device(cfg["device"] if device is None else device))
     model.eval()
     return TrainedRun(run_dir, cfg, data, model, partition)

@@ -23,7 +23,7 @@ class UniformSampler(nn.Module):
         self.steps = steps
 
     def probabilities(self) -> torch.Tensor:
-        return torch.full((self.steps,), 1.0 / self.steps, dtype=torch.float64)
+        return torch.full((self.steps,), 1.0 / self.steps, dtype=torch.float64, device="cpu")
 
     def sample(self, batch_size: int, device=None,
                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:

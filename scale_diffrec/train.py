@@ -16,6 +16,8 @@ import torch
 
 from . import runs
 from .data import InteractionData, load_data
+from .device import (autocast, describe, peak_memory_mib, resolve_device,
+                     set_matmul_precision)
 from .evaluate import evaluate
 from .models import Progress, build_model, parameter_groups
 from .progress import StepProgress, format_seconds, log, peak_rss_mib
@@ -68,16 +70,20 @@ def describe_model(model: torch.nn.Module) -> str:
 
 
 def train_epoch(model, optimizer, data: InteractionData, cfg: dict, epoch: int,
-                progress: Progress) -> float:
-    """One pass over all users; returns the mean batch loss."""
+                progress: Progress, device: torch.device | None = None) -> float:
+    """One pass over all users on ``device`` (default: the CPU); returns the mean batch
+    loss. Batches are built from CSR on the host and copied asynchronously; the loss value
+    for the progress line is the step's only host synchronisation."""
+    device = torch.device("cpu") if device is None else device
     model.train()
     order = batches(epoch_order(data.n_users, cfg["seed"], epoch), cfg["batch_size"])
     meter = StepProgress(epoch + 1, len(order))
     total = 0.0
     for i, users in enumerate(order, 1):
-        rows = data.train.take_rows(users).to_torch()
+        rows = data.train.take_rows(users).to_torch(device)
         optimizer.zero_grad(set_to_none=True)
-        loss = model.training_loss(rows, progress)["loss"]
+        with autocast(device, cfg["precision"]):
+            loss = model.training_loss(rows, progress)["loss"]
         loss.backward()
         optimizer.step()
         progress.step += 1
@@ -88,13 +94,14 @@ def train_epoch(model, optimizer, data: InteractionData, cfg: dict, epoch: int,
 
 def _metrics(model, data, split, cfg) -> dict:
     return evaluate(model, data, split=split, ks=cfg["topk"], convention=cfg["convention"],
-                    batch_size=cfg["eval_batch_size"])
+                    batch_size=cfg["eval_batch_size"], precision=cfg["precision"])
 
 
 def _state(model, optimizer, progress, record) -> dict:
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "epoch": progress.epoch, "step": progress.step, "record": record,
-            "torch_rng": torch.get_rng_state()}
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def train(cfg: dict, run_dir: str | Path, resume: bool = False) -> dict:
@@ -102,10 +109,14 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False) -> dict:
     run_dir = Path(run_dir)
     seed_everything(cfg["seed"])
     data = load_data(cfg)          # validates the input before anything is written
+    device = resolve_device(cfg["device"])
+    set_matmul_precision(cfg["precision"])
     run_dir.mkdir(parents=True, exist_ok=True)
     runs.write_config(run_dir, cfg)
     partition = prepare_partition(cfg, data, run_dir)
-    model = build_model(cfg, data.n_items, partition)
+    log.info("device %s (device: %s), precision %s", describe(device), cfg["device"],
+             cfg["precision"])
+    model = build_model(cfg, data.n_items, partition).to(device)
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg))
     progress = Progress()
     record = {"history": [], "best": -1.0, "best_epoch": 0, "valid": {}}
@@ -116,6 +127,8 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False) -> dict:
         progress = Progress(epoch=state["epoch"], step=state["step"])
         record = state["record"]
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         log.info("resumed from %s at epoch %d", run_dir / runs.CHECKPOINTS / "last.pt",
                  progress.epoch)
     log.info("data %s: %d users x %d items, %d train interactions",
@@ -127,7 +140,7 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False) -> dict:
     first_epoch = progress.epoch
     for epoch in range(first_epoch, cfg["epochs"]):
         t0 = time.perf_counter()
-        loss = train_epoch(model, optimizer, data, cfg, epoch, progress)
+        loss = train_epoch(model, optimizer, data, cfg, epoch, progress, device)
         seconds = time.perf_counter() - t0
         progress.epoch = epoch + 1
         entry = {"epoch": epoch + 1, "loss": loss, "seconds": seconds}
@@ -160,6 +173,8 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False) -> dict:
         "history": record["history"],
         "parameters": parameter_counts(model),
         "peak_rss_mib": peak_rss_mib(),
+        "device": str(device), "precision": cfg["precision"],
+        "peak_gpu_mib": peak_memory_mib(device),
     }
     runs.write_json(run_dir / runs.METRICS, metrics)
     log.info("best epoch %d | test recall@20 %.4f ndcg@20 %.4f | wrote %s",

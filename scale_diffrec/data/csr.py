@@ -103,12 +103,18 @@ class CSR:
         return out
 
     def to_torch(self, device: torch.device | str | None = None) -> "SparseRows":
-        return SparseRows(
-            indptr=torch.from_numpy(self.indptr).to(device),
-            indices=torch.from_numpy(self.indices).to(device),
-            values=torch.from_numpy(self.values).to(device),
-            n_cols=self.n_cols,
-        )
+        """The rows as torch tensors on ``device`` (default: the CPU, sharing memory).
+        For a CUDA device the arrays are staged in pinned host memory and copied
+        asynchronously (``non_blocking``): no host synchronisation."""
+        device = torch.device("cpu") if device is None else torch.device(device)
+
+        def move(array: np.ndarray) -> torch.Tensor:
+            t = torch.from_numpy(array)
+            if device.type == "cuda":
+                return t.pin_memory().to(device, non_blocking=True)
+            return t.to(device)
+        return SparseRows(indptr=move(self.indptr), indices=move(self.indices),
+                          values=move(self.values), n_cols=self.n_cols)
 
 
 @dataclass

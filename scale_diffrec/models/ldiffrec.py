@@ -88,7 +88,7 @@ reuses are public: ``cluster_inputs`` / ``cluster_input``, ``encode_input`` /
 (cfg seed, training step, cluster) only, independent of which worker holds the cluster.
 
 Large clusters: logsumexp_{i in c} logit_bi is computed ``ldiffrec.logit_chunk`` items at a
-time by a fused linear-logsumexp (``LinearLogSumExp``: the chunk's logits are recomputed
+time (None: as many as fit ``chunk_mib``, see ``device.chunk_items``) by a fused linear-logsumexp (``LinearLogSumExp``: the chunk's logits are recomputed
 in backward), so memory is B x chunk rather than B x n_c; picked_bc gathers the weight
 rows of the batch's own items (O(nnz h)), never the [B, n_c] logits.
 """
@@ -105,6 +105,7 @@ from torch import nn
 
 from ..data.csr import SparseRows
 from ..data.errors import ConfigError
+from ..device import chunk_items
 from .base import ItemHead, Progress, Recommender
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid,
@@ -192,10 +193,13 @@ class LinearLogSumExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, chunk):
-        hidden1 = torch.cat([hidden, hidden.new_ones(hidden.shape[0], 1)], dim=1)
+        # the matmuls in the ambient autocast dtype (bf16 under precision bf16), the
+        # exp / sum / log on fp32 logits
+        mm, acc = _matmul_dtype(hidden), torch.promote_types(hidden.dtype, torch.float32)
+        hidden1 = torch.cat([hidden, hidden.new_ones(hidden.shape[0], 1)], dim=1).to(mm)
         lse = None
         for s in range(0, weight.shape[0], chunk):
-            logits = hidden1 @ _with_bias(weight, bias, s, chunk).T
+            logits = (hidden1 @ _with_bias(weight, bias, s, chunk).to(mm).T).to(acc)
             top = logits.amax(dim=1, keepdim=True)
             part = logits.sub_(top).exp_().sum(dim=1).log_().add_(top.squeeze(1))
             lse = part if lse is None else torch.logaddexp(lse, part)
@@ -204,25 +208,38 @@ class LinearLogSumExp(torch.autograd.Function):
         single = weight.shape[0] <= chunk
         probs = logits.div_(logits.sum(dim=1, keepdim=True)) if single else None
         ctx.save_for_backward(hidden1, weight, bias, lse, probs)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.out_dtype = chunk, hidden.dtype
         return lse
 
     @staticmethod
     def backward(ctx, grad):
         hidden1, weight, bias, lse, probs = ctx.saved_tensors
-        h = weight.shape[1]
-        grad_h = hidden1.new_zeros(hidden1.shape[0], h)
-        grad_wb = weight.new_empty(weight.shape[0], h + 1)
+        mm, acc, h = hidden1.dtype, lse.dtype, weight.shape[1]
+        grad = grad.to(acc)
+        grad_h = torch.zeros(hidden1.shape[0], h, device=grad.device, dtype=acc)
+        grad_wb = torch.empty(weight.shape[0], h + 1, device=grad.device, dtype=acc)
         for s in range(0, weight.shape[0], ctx.chunk):
-            wb = _with_bias(weight, bias, s, ctx.chunk)
+            wb = _with_bias(weight, bias, s, ctx.chunk).to(mm)
             if probs is not None:
                 p = probs * grad[:, None]
             else:
-                p = hidden1 @ wb.T
+                p = (hidden1 @ wb.T).to(acc)
                 p.sub_(lse[:, None]).exp_().mul_(grad[:, None])        # [B, chunk]
-            grad_h.addmm_(p, wb[:, :h])
-            torch.mm(p.T, hidden1, out=grad_wb[s:s + ctx.chunk])
-        return grad_h, grad_wb[:, :h], grad_wb[:, h], None
+            if mm == acc:
+                grad_h.addmm_(p, wb[:, :h])
+                torch.mm(p.T, hidden1, out=grad_wb[s:s + ctx.chunk])
+            else:                          # bf16 products, fp32 accumulation
+                p = p.to(mm)
+                grad_h += (p @ wb[:, :h]).to(acc)
+                grad_wb[s:s + ctx.chunk] = (p.T @ hidden1).to(acc)
+        return (grad_h.to(ctx.out_dtype), grad_wb[:, :h].to(weight.dtype),
+                grad_wb[:, h].to(bias.dtype), None)
+
+
+def _matmul_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype autocast gives matmuls on ``t``'s device now (``t.dtype`` outside it)."""
+    kind = t.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else t.dtype
 
 
 def _with_bias(weight, bias, start, chunk) -> torch.Tensor:
@@ -319,7 +336,7 @@ def _mlp(dims: list[int], act: str) -> nn.Sequential:
 class LDiffRec(Recommender):
     def __init__(self, n_items: int, partition, lcfg: dict, diffusion, sampler, denoiser,
                  reweight: bool = True, sampling_steps: int = 0, sampling_noise: bool = False,
-                 seed: int = 0, build_parts: bool = True):
+                 seed: int = 0, build_parts: bool = True, chunk_mib: float | None = None):
         """``build_parts`` False: no encoders or decoder (a worker builds its own clusters'
         with ``new_encoder`` / ``new_decoder``)."""
         super().__init__()
@@ -344,10 +361,13 @@ class LDiffRec(Recommender):
         self.sampling_steps = int(sampling_steps)
         self.sampling_noise = bool(sampling_noise)
         self.seed = int(seed)
-        self.logit_chunk = int(lcfg["logit_chunk"])
-        if self.logit_chunk < 1:
+        # items per chunk of the training logsumexp: fixed, or None = from the memory
+        # budget (``device.chunk_items``) for each batch size and device
+        self.logit_chunk = None if lcfg["logit_chunk"] is None else int(lcfg["logit_chunk"])
+        if self.logit_chunk is not None and self.logit_chunk < 1:
             raise ConfigError(f"config key 'ldiffrec.logit_chunk' must be >= 1, got "
                               f"{lcfg['logit_chunk']}")
+        self.chunk_mib = chunk_mib
         self.diffusion = diffusion
         self.sampler = sampler
 
@@ -403,7 +423,7 @@ class LDiffRec(Recommender):
                    reweight=cfg["diffusion"]["reweight"],
                    sampling_steps=cfg["diffusion"]["sampling_steps"],
                    sampling_noise=cfg["diffusion"]["sampling_noise"], seed=cfg["seed"],
-                   build_parts=build_parts)
+                   build_parts=build_parts, chunk_mib=cfg.get("chunk_mib"))
 
     def items_of(self, c: int) -> torch.Tensor:
         return getattr(self, f"items_{c}")
@@ -452,10 +472,10 @@ class LDiffRec(Recommender):
         rank can draw the whole batch's and take its rows."""
         g = self.cluster_generator(step, -1, "cpu")     # on the CPU: the same on any device
         t, weights = self.sampler.sample(batch_size, device, generator=g)
-        noise = torch.randn(batch_size, self.latent_size, generator=g).to(device)
+        noise = torch.randn(batch_size, self.latent_size, generator=g, device="cpu").to(device)
         p = self.denoiser.drop.p
-        keep = ((torch.rand(batch_size, self.latent_size, generator=g) >= p).to(device)
-                if p > 0 else None)
+        keep = ((torch.rand(batch_size, self.latent_size, generator=g, device="cpu") >= p)
+                .to(device) if p > 0 else None)
         return t, weights, noise, keep
 
     # ------------------------------------------------------------------ encoder side
@@ -557,16 +577,21 @@ class LDiffRec(Recommender):
         cluster's entries (sparse products with the targets), sum of targets, the logsumexp
         over the cluster's items (``chunked_logsumexp``)."""
         b, n = inp.batch_size, weight.shape[0]
+        acc = torch.promote_types(hidden.dtype, torch.float32)   # fp32 under bf16 autocast
         target = torch.sparse_coo_tensor(torch.stack([inp.rows, inp.local]),
-                                         inp.target.to(hidden.dtype), (b, n),
+                                         inp.target.to(acc), (b, n), device=hidden.device,
                                          is_coalesced=True,        # [B, n_c], row-major
                                          check_invariants=False)
         # sum_i x_bi logit_bi = sum_j (X W)_bj hidden_bj + (X b)_b: sparse products, whose
-        # backward is X.T @ grad (no scatter into the [n_c, h] weight row by row)
-        picked = (torch.sparse.mm(target, weight) * hidden).sum(1) \
-            + torch.sparse.mm(target, bias[:, None]).squeeze(1)
-        total = hidden.new_zeros(b).index_add(0, inp.rows, inp.target.to(hidden.dtype))
-        return picked, total, chunked_logsumexp(hidden, weight, bias, self.logit_chunk)
+        # backward is X.T @ grad (no scatter into the [n_c, h] weight row by row); in fp32
+        # (CUDA has no bf16 sparse matmul), outside autocast
+        with torch.autocast(hidden.device.type, enabled=False):
+            picked = (torch.sparse.mm(target, weight.to(acc)) * hidden.to(acc)).sum(1) \
+                + torch.sparse.mm(target, bias.to(acc)[:, None]).squeeze(1)
+        total = torch.zeros(b, dtype=acc, device=hidden.device).index_add(0, inp.rows,
+                                                                         inp.target.to(acc))
+        chunk = self.logit_chunk or chunk_items(b, hidden.device, self.chunk_mib)
+        return picked, total, chunked_logsumexp(hidden, weight, bias, chunk)
 
     def multinomial_nll(self, zhat0: torch.Tensor, inputs: list[ClusterInput]) -> torch.Tensor:
         """[B] -sum_i x_i log_softmax(logits)_i over the whole catalogue, cluster by cluster."""

@@ -25,8 +25,8 @@ moments, so a trained parameter costs 16 bytes (weight, gradient, m, v).
                                        (LinearLogSumExp's [n_c, h + 1] gradient and
                                        [B, chunk] buffers, the batch's sparse targets and
                                        their products, the latents)
-                     eval:  8 B_eval min(n_c, 65,536)   (a chunk of scores, the running
-                                       top-K; ``worker.EVAL_CHUNK``)
+                     eval:  8 B_eval min(n_c, chunk)   (a chunk of scores, the running
+                                       top-K; chunk = ``device.chunk_items``)
         + finish     16 P_r            the end of a run: the best epoch's shard read back
                      + 4 P + 8 (P - P_r) next to the live one; on rank 0 also the assembled
                                        single-process state (P = every cluster's
@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..device import chunk_items
 from ..models.ldiffrec import latent_dims
 
 ZERO_BYTES = {0: lambda w: 16.0, 1: lambda w: 8 + 8 / w, 2: lambda w: 4 + 12 / w,
@@ -111,15 +112,16 @@ def worker_terms(cfg: dict, sizes, clusters, n_items: int, n_users: int,
     items_r = sum(sizes[c] for c in own)
     p_r = sum(params[c] for c in own)
     p_den = denoiser_parameters(cfg) if denoiser_params is None else int(denoiser_params)
-    b, chunk = int(cfg["batch_size"]), int(cfg["ldiffrec"]["logit_chunk"])
+    b = int(cfg["batch_size"])
+    chunk = cfg["ldiffrec"]["logit_chunk"] or chunk_items(b, "cpu", cfg.get("chunk_mib"))
     h = max(_head_width(cfg, dims[c], latent) for c in own)
     step = 4 * (max(sizes[c] * (_head_width(cfg, dims[c], latent) + 1) for c in own)
                 + 2 * b * min(chunk, max(sizes[c] for c in own)) + 2 * batch_nnz * h
                 + 4 * b * latent)
     if phase in ("eval", "run"):
-        from .worker import EVAL_CHUNK
-        step = max(step, 8 * int(cfg["eval_batch_size"])
-                   * min(EVAL_CHUNK, max(sizes[c] for c in own)))
+        b_eval = int(cfg["eval_batch_size"])
+        step = max(step, 8 * b_eval * min(chunk_items(b_eval, "cpu", cfg.get("chunk_mib")),
+                                          max(sizes[c] for c in own)))
     terms = {"runtime": float(runtime_bytes),
              "data": 20.0 * interactions + 24.0 * n_users,
              "tables": 32.0 * n_items + 8.0 * items_r,

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.dataset import InteractionData
+from ..device import autocast, chunk_items
 from ..evaluate import excluded_matrices, truth_matrix
 from ..metrics import MetricAccumulator
 from ..models import Progress
@@ -48,13 +49,10 @@ from .plan import Plan
 from .zero import gathered_state_dict, hybrid_backward, init_denoiser_engine
 
 
-EVAL_CHUNK = 65536                  # items scored at a time in evaluation (B x chunk floats)
-
-
 class ShardedRun:
     """One rank's part of a W-worker L-DiffRec run (torch.distributed already initialized)."""
 
-    eval_chunk = EVAL_CHUNK
+    eval_chunk: int | None = None     # items scored at a time in evaluation; None: chunk_mib
 
     def __init__(self, cfg: dict, data: InteractionData, partition, plan: Plan,
                  device: torch.device):
@@ -87,9 +85,15 @@ class ShardedRun:
             weight_decay=(cfg["weight_decay"] if lcfg["weight_decay_vae"] is None
                           else float(lcfg["weight_decay_vae"])))
         dcfg = cfg["distributed"]
+        # precision bf16 on a GPU: DeepSpeed's torch_autocast mode (fp32 master weights,
+        # bf16 matmuls, bf16 gradient communication of its Linear layers), the same
+        # autocast as the rest of the step; on the CPU autocast alone
+        bf16 = cfg["precision"] == "bf16" and self.device.type == "cuda"
         self.engine = init_denoiser_engine(
             model.denoiser, {"lr": cfg["lr"], "weight_decay": cfg["weight_decay"]},
-            zero_stage=int(dcfg["zero_stage"]), ds_overrides=dcfg["deepspeed"],
+            zero_stage=int(dcfg["zero_stage"]),
+            ds_overrides={"torch_autocast": {"enabled": bf16, "dtype": "bfloat16"},
+                          **dcfg["deepspeed"]},
             micro_batch_size=max(1, cfg["batch_size"] // self.world))
         self.own_items = torch.cat([model.items_of(c) for c in self.clusters])
         self.local_pos = torch.full((data.n_items,), -1, dtype=torch.long, device=self.device)
@@ -119,6 +123,14 @@ class ShardedRun:
     def loss_and_backward(self, users: np.ndarray) -> float:
         """This rank's share of one step: forward, then exact gradients in every parameter
         (denoiser: reduced by the engine at ``engine.step``). Returns the global loss."""
+        with autocast(self.device, self.cfg["precision"]):
+            loss = self._loss(users)
+        self.local_optimizer.zero_grad(set_to_none=True)
+        hybrid_backward(self.engine, loss, self.local.parameters())
+        return all_reduce_sum(loss.detach()).item()
+
+    def _loss(self, users: np.ndarray) -> torch.Tensor:
+        """This rank's share L_r of the batch loss (the module docstring's formula)."""
         m, step = self.model, self.progress.step
         batch = self.data.train.take_rows(users).to_torch(self.device)
         b = batch.batch_size
@@ -150,11 +162,8 @@ class ShardedRun:
 
         lamda, beta = lamda_at(m.lcfg, self.progress.epoch), beta_at(m.lcfg, step)
         a, v = (lamda, 1.0) if m.reweight else (1.0, lamda)
-        loss = (a * terms["loss"].sum()
+        return (a * terms["loss"].sum()
                 + v * ((total[own] * lse[own]).sum() - picked.sum() - 0.5 * beta * kl.sum())) / b
-        self.local_optimizer.zero_grad(set_to_none=True)
-        hybrid_backward(self.engine, loss, self.local.parameters())
-        return all_reduce_sum(loss.detach()).item()
 
     def optimizer_step(self) -> None:
         self.engine.step()
@@ -180,8 +189,13 @@ class ShardedRun:
     def topk(self, users: np.ndarray, exclude: list, k: int) -> np.ndarray:
         """[B, k] global item indexes: the merged top-k of every rank's own items, with the
         items of the ``exclude`` CSRs (rows = users) masked. Scores are made
-        ``eval_chunk`` items at a time and folded into a running top-k, so memory is
-        B x EVAL_CHUNK, not B x (the rank's items)."""
+        ``eval_chunk`` items at a time (None: as many as fit ``chunk_mib``,
+        ``device.chunk_items``) and folded into a running top-k, so memory is B x chunk,
+        not B x (the rank's items)."""
+        with autocast(self.device, self.cfg["precision"]):
+            return self._topk(users, exclude, k)
+
+    def _topk(self, users: np.ndarray, exclude: list, k: int) -> np.ndarray:
         m = self.model
         batch = self.data.train.take_rows(users).to_torch(self.device)
         b = batch.batch_size
@@ -194,11 +208,11 @@ class ShardedRun:
         top = torch.full((b, k), -torch.inf, device=self.device)
         items = torch.full((b, k), -1, dtype=torch.long, device=self.device)
         start = 0                                   # the chunk's first position in own_items
+        chunk = self.eval_chunk or chunk_items(b, self.device, self.cfg["chunk_mib"])
         for c in self.clusters:
             hidden, weight, bias = self._head(c, zhat0)
-            for s in range(0, weight.shape[0], self.eval_chunk):
-                scores = F.linear(hidden, weight[s:s + self.eval_chunk],
-                                  bias[s:s + self.eval_chunk])
+            for s in range(0, weight.shape[0], chunk):
+                scores = F.linear(hidden, weight[s:s + chunk], bias[s:s + chunk]).float()
                 n = scores.shape[1]
                 hit = (seen_pos >= start) & (seen_pos < start + n)
                 scores[seen_rows[hit], seen_pos[hit] - start] = -torch.inf

@@ -87,7 +87,7 @@ def export(run, out: str | Path, kind: str = "flat", params: dict | None = None,
                               "n_items": b - a, "dim": dim})
             heads.append({"name": head.name, "dim": int(weight.shape[1]), "units": units})
         save_config(run.cfg, tmp / CONFIG)
-        torch.save(run.model.state_dict(), tmp / TOWER)
+        torch.save({k: v.cpu() for k, v in run.model.state_dict().items()}, tmp / TOWER)
         item_ids = (np.arange(run.data.n_items, dtype=np.int64) if run.data.item_ids is None
                     else np.asarray(run.data.item_ids))
         np.save(tmp / ITEM_IDS, item_ids)

@@ -16,7 +16,7 @@ def cmd_export(args) -> int:
     from .index import DEFAULTS
     params = {key: getattr(args, key) for key in DEFAULTS[args.index]
               if getattr(args, key, None) is not None}
-    run = load_run(args.run, checkpoint=args.checkpoint)
+    run = load_run(args.run, checkpoint=args.checkpoint, device=args.device)
     out = export(run, args.out, kind=args.index, params=params, shards=args.shards,
                  use_gpu=args.use_gpu)
     log.info("exported %s (%s index, %d items) to %s", args.run, args.index,
@@ -58,7 +58,7 @@ def cmd_recommend(args) -> int:
     from .retriever import Retriever
     if (args.items is None) == (args.histories is None):
         raise ConfigError("give either --items ID,ID,... or --histories FILE.parquet")
-    retriever = Retriever.load(args.index)
+    retriever = Retriever.load(args.index, device=args.device)
     if args.nprobe is not None or args.ef_search is not None:
         retriever.set_search(args.nprobe, args.ef_search)
     if args.items is not None:
@@ -98,6 +98,8 @@ def register(sub) -> None:
     p.add_argument("--ef-search", dest="ef_search", type=int)
     p.add_argument("--pq-m", dest="pq_m", type=int)
     p.add_argument("--use-gpu", default="auto", choices=["auto", "true", "false"])
+    p.add_argument("--device", help="where the model runs: auto | cpu | cuda | cuda:N "
+                                    "(default: the run's)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("recommend", help="top-K items from an exported bundle")
@@ -112,4 +114,6 @@ def register(sub) -> None:
     p.add_argument("--nprobe", type=int)
     p.add_argument("--ef-search", dest="ef_search", type=int)
     p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--device", default="auto",
+                   help="where the query tower runs: auto | cpu | cuda | cuda:N")
     p.set_defaults(func=cmd_recommend)

@@ -24,6 +24,7 @@ from ..config import load_config
 from ..data.csr import CSR
 from ..data.errors import DataError
 from ..data.time_weights import time_weights
+from ..device import resolve_device
 from ..models import build_model
 from .bundle import CONFIG, ITEM_IDS, PARTITION, TOWER, read_manifest
 from .index import SearchUnit, gpu_available, query_vectors, search_units, to_gpu
@@ -43,8 +44,10 @@ class Retriever:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, folder: str | Path, use_gpu="auto", verify: bool = True) -> "Retriever":
-        """Open a bundle: manifest and checksums, query tower, FAISS units (on the GPU when
+    def load(cls, folder: str | Path, use_gpu="auto", verify: bool = True,
+             device: str = "auto") -> "Retriever":
+        """Open a bundle: manifest and checksums, query tower (on ``device``: auto = CUDA
+        when torch sees a GPU, see ``device.resolve_device``), FAISS units (on the GPU when
         faiss has one and ``use_gpu`` allows)."""
         folder = Path(folder)
         manifest = read_manifest(folder, verify)
@@ -60,7 +63,7 @@ class Retriever:
             partition = Partition.load(folder / PARTITION, n_items=n_items)
         model = build_model(cfg, n_items, partition)
         model.load_state_dict(torch.load(folder / TOWER, map_location="cpu", weights_only=True))
-        model.eval()
+        model.to(resolve_device(device)).eval()
         gpu = gpu_available() if use_gpu == "auto" else bool(use_gpu)
         units = [cls._load_unit(folder, head, unit, gpu)
                  for head in manifest["heads"] for unit in head["units"]]
@@ -122,10 +125,10 @@ class Retriever:
         Excluded: the rows' own items (``exclude_seen``), or the items of ``exclude`` [B, I]
         when given (e.g. train + valid items when ranking for the test split).
         """
-        batch = rows.to_torch()
+        batch = rows.to_torch(next(self.model.parameters()).device)
         seen = exclude if exclude is not None else (rows if exclude_seen else None)
         if brute_force:
-            scores = self.model.score(batch)
+            scores = self.model.score(batch).float().cpu()
             if seen is not None:
                 r = np.repeat(np.arange(seen.n_rows), seen.row_lengths())
                 scores[torch.from_numpy(r), torch.from_numpy(seen.indices)] = -torch.inf
