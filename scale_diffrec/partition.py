@@ -92,7 +92,8 @@ class Partition:
     @staticmethod
     def kmeans(emb: np.ndarray, n_clusters: int, seed: int = 0, niter: int = 50,
                capacity: float | None = None) -> "Partition":
-        """FAISS k-means (L2) of ``emb`` [I, d] into ``n_clusters`` non-empty clusters.
+        """FAISS k-means (L2) of ``emb`` [I, d] into ``n_clusters`` non-empty clusters (on
+        the GPU with faiss-gpu).
 
         Deterministic for a seed. All points are used for training (no subsampling), as the
         reference's kmeans_pytorch does. ``capacity`` f >= 1: at most ceil(f * I / C) items
@@ -111,10 +112,17 @@ class Partition:
                               f"(a multiple of items / clusters), got {capacity}")
         if n_clusters == 1:
             return Partition.single(n_items)
-        import faiss
+        try:
+            import faiss
+        except ImportError:
+            raise ConfigError("config key 'ldiffrec.n_clusters': the k-means partition needs "
+                              "faiss: pip install 'scale-diffrec[cpu]' (or [gpu]), or give a "
+                              "saved partition in ldiffrec.partition") from None
+        # on the GPUs when faiss has GPU support and sees one (faiss-gpu), else the CPU
         km = faiss.Kmeans(emb.shape[1], n_clusters, niter=int(niter), seed=int(seed),
                           verbose=False, min_points_per_centroid=1,
-                          max_points_per_centroid=max(n_items, 1))
+                          max_points_per_centroid=max(n_items, 1),
+                          gpu=bool(getattr(faiss, "get_num_gpus", lambda: 0)()))
         km.train(emb)
         if capacity is None:
             dist, assign = km.index.search(emb, 1)

@@ -159,3 +159,10 @@ def test_gpu_benchmark_runs_small_without_a_gpu(tmp_path):
     for part in ("precisions", "one_process_1m", "sharded_1m", "faiss_gpu"):
         assert result[part] == {"skipped": "no CUDA GPU visible to torch"}
     assert result["one_process_1m_cpu_small"]["items"] == 3000
+
+
+def test_kmeans_without_faiss_names_the_extra(monkeypatch):
+    from scale_diffrec.partition import Partition
+    monkeypatch.setitem(sys.modules, "faiss", None)          # import faiss -> ImportError
+    with pytest.raises(ConfigError, match=r"needs faiss: pip install 'scale-diffrec\[cpu\]'"):
+        Partition.kmeans(torch.randn(20, 4).numpy(), 3)
