@@ -54,7 +54,8 @@ def cmd_evaluate(args) -> int:
     cfg = run.cfg
     metrics = evaluate(run.model, run.data, split=args.split, ks=cfg["topk"],
                        convention=cfg["convention"], batch_size=cfg["eval_batch_size"],
-                       precision=args.precision or cfg["precision"])
+                       precision=args.precision or cfg["precision"],
+                       chunk_mib=cfg["chunk_mib"])
     print(json.dumps(metrics, indent=2))
     return 0
 

@@ -15,6 +15,7 @@ from .data.errors import ConfigError
 
 DEFAULTS: dict = {
     "model": "diffrec",          # diffrec | ldiffrec | multvae  (T-/LT- = data.time_weights)
+                                 # | baselines: mostpop | itemknn | ease | als
     "seed": 0,
     "epochs": 100,
     "batch_size": 400,
@@ -82,6 +83,10 @@ DEFAULTS: dict = {
         "cluster_capacity": None,  # max items per cluster as a multiple of I / C (None: k-means)
         "partition": None,       # path of a saved partition artifact to reuse
     },
+    "itemknn": {"k": 100, "shrink": 10.0},      # neighbours per item; cosine shrinkage
+    "ease": {"lamda": 500.0, "max_items": 20000},  # L2 weight; refused above max_items
+    "als": {"factors": 64, "regularization": 0.01, "iterations": 15, "alpha": 1.0,
+            "use_gpu": "auto"},          # implicit's AlternatingLeastSquares (auto: its CUDA)
     "distributed": {
         "workers": 1,
         "use_gpu": "auto",

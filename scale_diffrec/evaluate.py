@@ -2,8 +2,10 @@
 
 As in the DiffRec reference: every user 0 .. n_users - 1 is evaluated in batches; the
 model's input is the user's train row; train items are masked with -inf (for the test
-split, valid items too); the top max(ks) items are ranked with ``torch.topk`` and compared
-with that split's rows (metric definitions and the two averaging conventions in
+split, valid items too); the top max(ks) items are ranked and compared with that split's
+rows. Scores are made and ranked a chunk of items at a time (``ranking.py``: a model with
+linear heads is scored head by head from its queries, so no [B, I] matrix is built; any
+other model's ``score`` matrix is walked in column slices) (metric definitions and the two averaging conventions in
 ``metrics.py``). Users without ground truth in the split still count in the "reference"
 convention's denominator.
 
@@ -24,9 +26,10 @@ import torch
 
 from .data.csr import CSR
 from .data.dataset import InteractionData
-from .device import autocast
+from .device import autocast, chunk_items
 from .metrics import CONVENTIONS, MetricAccumulator, _as_ks, _as_numpy_items
 from .models.base import Recommender
+from .ranking import RunningTopK, linear_chunks, seen_positions
 
 SPLITS = ("valid", "test")
 
@@ -53,49 +56,44 @@ def truth_matrix(data: InteractionData, split: str) -> CSR:
     return data.valid if split == "valid" else data.test
 
 
-def exclusion_mask(exclude: CSR | Sequence[CSR] | None, shape: tuple[int, int],
-                   device: torch.device | str | None = None) -> torch.Tensor:
-    """[B, I] bool, True at the items of each row of the exclude CSR(s) (each B rows)."""
-    mask = torch.zeros(shape, dtype=torch.bool, device=device)
-    if exclude is None:
-        return mask
-    for csr in ([exclude] if isinstance(exclude, CSR) else exclude):
-        if csr.n_rows != shape[0]:
-            raise ValueError(f"exclude matrix has {csr.n_rows} rows, scores {shape[0]}")
-        if csr.nnz == 0:
-            continue
-        rows = np.repeat(np.arange(csr.n_rows, dtype=np.int64), csr.row_lengths())
-        mask[torch.from_numpy(rows).to(mask.device),
-             torch.from_numpy(csr.indices.astype(np.int64, copy=False)).to(mask.device)] = True
-    return mask
-
-
-def topk_excluding(scores: torch.Tensor, exclude: CSR | Sequence[CSR] | None, k: int
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_excluding(scores: torch.Tensor, exclude: CSR | Sequence[CSR] | None, k: int,
+                   chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k items of each row of ``scores`` [B, I], never an excluded item.
 
     ``exclude``: a CSR of B rows (or several, e.g. train and valid) whose items are set to
-    -inf before ``torch.topk``. Returns (items [B, k] int64, scores [B, k]), best first.
-    Where a row has fewer than k rankable items, the remaining slots hold item -1 and score
-    -inf (padding, never a hit). ``scores`` is not modified.
+    -inf before ranking (``ranking.RunningTopK``, ``chunk`` columns at a time; None:
+    ``device.chunk_items``). Returns
+    (items [B, k] int64, scores [B, k]), best first. Where a row has fewer than k rankable
+    items (score > -inf), the remaining slots hold item -1 and score -inf (padding, never a
+    hit). ``scores`` is not modified.
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must be [B, I], got shape {tuple(scores.shape)}")
-    k = int(k)
-    n_rows, n_items = scores.shape
-    mask = exclusion_mask(exclude, (n_rows, n_items), scores.device)
-    masked = scores.masked_fill(mask, float("-inf"))
-    kk = min(k, n_items)
-    values, items = torch.topk(masked, kk, dim=1, largest=True, sorted=True)
-    # an excluded item can only surface once every rankable item is taken (or on ties with
-    # a model's own -inf scores): turn those slots into padding
-    hidden = mask.gather(1, items)
-    items = items.masked_fill(hidden, -1)
-    values = values.masked_fill(hidden, float("-inf"))
-    if kk < k:
-        items = torch.cat([items, items.new_full((n_rows, k - kk), -1)], dim=1)
-        values = torch.cat([values, values.new_full((n_rows, k - kk), float("-inf"))], dim=1)
-    return items, values
+    scores = scores.clone()
+    top = RunningTopK(scores.shape[0], k, seen_positions(exclude, scores.shape[0],
+                                                         device=scores.device), scores.device)
+    items = torch.arange(scores.shape[1], device=scores.device)
+    chunk = chunk or chunk_items(scores.shape[0], scores.device)
+    for s in range(0, scores.shape[1], chunk):
+        top.add(scores[:, s:s + chunk], items[s:s + chunk])
+    return top.result()
+
+
+def has_linear_heads(model: Recommender) -> bool:
+    """Whether the model's scores are linear heads (``Recommender.item_heads``)."""
+    return type(model).item_heads is not Recommender.item_heads
+
+
+def score_chunks(model: Recommender, batch, heads: list | None, chunk: int):
+    """(scores [B, n], items [n]) blocks covering the catalogue for a batch: the linear
+    ``heads`` (``model.item_heads()``) chunk by chunk from the model's queries, or, without
+    heads, the model's own ``score_chunks``."""
+    if heads is None:
+        yield from model.score_chunks(batch, chunk)
+        return
+    queries = model.query(batch)
+    for h in heads:
+        yield from linear_chunks(queries[h.name], h.weight, h.bias, h.items, chunk)
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -109,9 +107,12 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 def accumulate(model: Recommender, data: InteractionData, split: str = "valid",
                ks: Iterable[int] = (10, 20, 50, 100), batch_size: int = 1000,
                device: torch.device | str | None = None,
-               users: np.ndarray | None = None, precision: str = "fp32") -> MetricAccumulator:
+               users: np.ndarray | None = None, precision: str = "fp32",
+               chunk_mib: float | None = None) -> MetricAccumulator:
     """Metric sums of ``model`` over ``users`` (default: all users, in order); the forward
-    pass in ``precision`` (``device.autocast``), the ranking on fp32 scores."""
+    pass in ``precision`` (``device.autocast``), the ranking on fp32 scores, made a
+    ``chunk_mib`` block of items at a time (``device.chunk_items``; ``score_chunks``)
+    into a ``ranking.RunningTopK``."""
     _check_split(split)
     ks = _as_ks(ks)
     if batch_size < 1:
@@ -126,16 +127,23 @@ def accumulate(model: Recommender, data: InteractionData, split: str = "valid",
     model.eval()
     try:
         with torch.no_grad():
+            heads = model.item_heads() if has_linear_heads(model) else None
+            position_of = None
+            if heads is not None:      # positions: the heads' items in scoring order
+                order = torch.cat([h.items for h in heads]).to(device)
+                position_of = torch.empty_like(order)
+                position_of[order] = torch.arange(len(order), device=device)
             for start in range(0, len(users), batch_size):
                 rows = users[start: start + batch_size]
                 batch = data.train.take_rows(rows).to_torch(device)
+                seen = seen_positions([m.take_rows(rows) for m in exclude], len(rows),
+                                      position_of, device)
+                top = RunningTopK(len(rows), ks[-1], seen, device)
+                chunk = chunk_items(len(rows), device, chunk_mib)
                 with autocast(device, precision):
-                    scores = model.score(batch).float()
-                if tuple(scores.shape) != (len(rows), data.n_items):
-                    raise ValueError(f"model.score returned shape {tuple(scores.shape)}, "
-                                     f"expected {(len(rows), data.n_items)}")
-                items, _ = topk_excluding(scores, [m.take_rows(rows) for m in exclude], ks[-1])
-                acc.add(items.cpu().numpy(), truth.take_rows(rows))
+                    for scores, items in score_chunks(model, batch, heads, chunk):
+                        top.add(scores.float(), items)
+                acc.add(top.result()[0].cpu().numpy(), truth.take_rows(rows))
     finally:
         model.train(was_training)
     return acc
@@ -144,7 +152,7 @@ def accumulate(model: Recommender, data: InteractionData, split: str = "valid",
 def evaluate(model: Recommender, data: InteractionData, split: str = "valid",
              ks: Iterable[int] = (10, 20, 50, 100), convention: str = "reference",
              batch_size: int = 1000, device: torch.device | str | None = None,
-             precision: str = "fp32") -> dict:
+             precision: str = "fp32", chunk_mib: float | None = None) -> dict:
     """Full-ranking metrics of ``model`` on ``split`` ("valid" or "test") over all users.
 
     Returns {"recall@K", "ndcg@K", "precision@K", "mrr@K" for K in ks, "n_users",
@@ -152,7 +160,8 @@ def evaluate(model: Recommender, data: InteractionData, split: str = "valid",
     model's device). The model's train/eval mode is restored afterwards.
     """
     _check_convention(convention)
-    acc = accumulate(model, data, split, ks, batch_size, device, precision=precision)
+    acc = accumulate(model, data, split, ks, batch_size, device, precision=precision,
+                     chunk_mib=chunk_mib)
     return acc.result(convention)
 
 
@@ -184,5 +193,5 @@ def evaluate_topk(topk_items, data: InteractionData, split: str = "valid",
     return acc.result(convention)
 
 
-__all__ = ["evaluate", "accumulate", "evaluate_topk", "topk_excluding", "exclusion_mask",
-           "excluded_matrices", "truth_matrix", "SPLITS"]
+__all__ = ["evaluate", "accumulate", "evaluate_topk", "topk_excluding", "score_chunks",
+           "has_linear_heads", "excluded_matrices", "truth_matrix", "SPLITS"]

@@ -4,6 +4,8 @@ One epoch = every user once, in a seeded order (``epoch_order``), in batches of
 ``batch_size`` CSR rows. Validation every ``eval_every`` epochs on Recall@20 (the
 ``select_metric``); training stops after ``patience`` epochs without improvement, and the
 test metrics are those of the best validation checkpoint (the reference's model selection).
+A ``FittedRecommender`` (the baselines) trains in one epoch, ``fit`` on the train matrix,
+with no optimizer; validation, checkpoints and metrics are the same.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from .data import InteractionData, load_data
 from .device import (autocast, describe, peak_memory_mib, resolve_device,
                      set_matmul_precision)
 from .evaluate import evaluate
-from .models import Progress, build_model, parameter_groups
+from .models import FittedRecommender, Progress, build_model, parameter_groups
 from .progress import StepProgress, format_seconds, log, peak_rss_mib
 
 
@@ -70,12 +72,17 @@ def describe_model(model: torch.nn.Module) -> str:
 
 
 def train_epoch(model, optimizer, data: InteractionData, cfg: dict, epoch: int,
-                progress: Progress, device: torch.device | None = None) -> float:
+                progress: Progress, device: torch.device | None = None) -> float | None:
     """One pass over all users on ``device`` (default: the CPU); returns the mean batch
-    loss. Batches are built from CSR on the host and copied asynchronously; the loss value
-    for the progress line is the step's only host synchronisation."""
+    loss (None for a fitted model, whose epoch is ``fit(data.train)``). Batches are built
+    from CSR on the host and copied asynchronously; the loss value for the progress line
+    is the step's only host synchronisation."""
     device = torch.device("cpu") if device is None else device
     model.train()
+    if isinstance(model, FittedRecommender):
+        model.fit(data.train)
+        model.to(device)                       # fit sets its buffers on the host
+        return None
     order = batches(epoch_order(data.n_users, cfg["seed"], epoch), cfg["batch_size"])
     meter = StepProgress(epoch + 1, len(order))
     total = 0.0
@@ -94,11 +101,13 @@ def train_epoch(model, optimizer, data: InteractionData, cfg: dict, epoch: int,
 
 def _metrics(model, data, split, cfg) -> dict:
     return evaluate(model, data, split=split, ks=cfg["topk"], convention=cfg["convention"],
-                    batch_size=cfg["eval_batch_size"], precision=cfg["precision"])
+                    batch_size=cfg["eval_batch_size"], precision=cfg["precision"],
+                    chunk_mib=cfg["chunk_mib"])
 
 
 def _state(model, optimizer, progress, record) -> dict:
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+    return {"model": model.state_dict(),
+            "optimizer": None if optimizer is None else optimizer.state_dict(),
             "epoch": progress.epoch, "step": progress.step, "record": record,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -111,19 +120,23 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False) -> dict:
     data = load_data(cfg)          # validates the input before anything is written
     device = resolve_device(cfg["device"])
     set_matmul_precision(cfg["precision"])
+    partition = prepare_partition(cfg, data, run_dir)
+    model = build_model(cfg, data.n_items, partition)    # refuses a bad model config
     run_dir.mkdir(parents=True, exist_ok=True)
     runs.write_config(run_dir, cfg)
-    partition = prepare_partition(cfg, data, run_dir)
     log.info("device %s (device: %s), precision %s", describe(device), cfg["device"],
              cfg["precision"])
-    model = build_model(cfg, data.n_items, partition).to(device)
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg))
+    model = model.to(device)
+    fitted = isinstance(model, FittedRecommender)
+    optimizer = None if fitted else torch.optim.AdamW(parameter_groups(model, cfg))
+    n_epochs = 1 if fitted else cfg["epochs"]
     progress = Progress()
     record = {"history": [], "best": -1.0, "best_epoch": 0, "valid": {}}
     if resume:
         state = runs.load_checkpoint(run_dir, "last")
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
         progress = Progress(epoch=state["epoch"], step=state["step"])
         record = state["record"]
         torch.set_rng_state(state["torch_rng"])
@@ -138,16 +151,17 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False) -> dict:
     metric = cfg["select_metric"]
     started = time.perf_counter()
     first_epoch = progress.epoch
-    for epoch in range(first_epoch, cfg["epochs"]):
+    for epoch in range(first_epoch, n_epochs):
         t0 = time.perf_counter()
         loss = train_epoch(model, optimizer, data, cfg, epoch, progress, device)
         seconds = time.perf_counter() - t0
         progress.epoch = epoch + 1
         entry = {"epoch": epoch + 1, "loss": loss, "seconds": seconds}
         done = epoch + 1 - first_epoch
-        eta = (time.perf_counter() - started) / done * (cfg["epochs"] - epoch - 1)
-        line = f"epoch {epoch + 1}/{cfg['epochs']} | loss {loss:.4f} | {seconds:.1f} s"
-        if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == cfg["epochs"]:
+        eta = (time.perf_counter() - started) / done * (n_epochs - epoch - 1)
+        line = (f"epoch {epoch + 1}/{n_epochs} | "
+                + ("fit" if loss is None else f"loss {loss:.4f}") + f" | {seconds:.1f} s")
+        if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == n_epochs:
             valid = _metrics(model, data, "valid", cfg)
             entry["valid"] = {k: valid[k] for k in (f"recall@20", "ndcg@20") if k in valid}
             line += f" | valid recall@20 {valid['recall@20']:.4f} ndcg@20 {valid['ndcg@20']:.4f}"
@@ -168,7 +182,7 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False) -> dict:
     metrics = {
         "model": cfg["model"], "data": data.name, "convention": cfg["convention"],
         "best_epoch": record["best_epoch"],
-        "valid": _metrics(model, data, "valid", cfg),
+        "valid": record["valid"],          # the best epoch's (full) valid metrics
         "test": _metrics(model, data, "test", cfg),
         "history": record["history"],
         "parameters": parameter_counts(model),

@@ -26,3 +26,33 @@ def test_scaling_benchmark_writes_rows_plot_and_shards_memory(tmp_path):
     assert two["collective_bytes_per_step"]["all_to_all_single"] > 0
     assert one["measured_over_model"] == 1.0                  # the calibration point
     assert result["machine"]["launcher"] == "local" and out.with_suffix(".png").stat().st_size
+
+
+def test_catalogue_benchmark_filters_ratings_tunes_on_valid_and_times_passes(tmp_path):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rng = np.random.default_rng(0)
+    n = 4000
+    ratings = tmp_path / "ratings.parquet"
+    pq.write_table(pa.table({"user_id": rng.integers(0, 150, n), "item_id":
+                             (rng.pareto(1.0, n) * 10).astype(np.int64) % 300,
+                             "rating": rng.integers(1, 6, n).astype(np.int8)}), ratings)
+    out = tmp_path / "catalogue.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "catalogue.py"), "--only",
+                    "mostpop", "--only", "itemknn", "--ratings", str(ratings), "--runs",
+                    str(tmp_path / "runs"), "--repeats", "1", "--out", str(out)],
+                   check=True, cwd=tmp_path, timeout=600, capture_output=True)
+    kept = pq.read_table(tmp_path / "runs" / "epinions-r4.parquet")
+    assert kept.num_rows == int((pq.read_table(ratings)["rating"].to_numpy() >= 4).sum())
+    rows = json.loads(out.read_text())["rows"]
+    knn = rows["itemknn"]
+    assert len(knn["grid"]) == 4                                # k x shrink, 2 x 2
+    assert knn["valid"]["recall@20"] == max(p["valid"]["recall@20"] for p in knn["grid"])
+    chosen = [p for p in knn["grid"] if p["point"] == knn["selected"]]
+    assert chosen and chosen[0]["valid"] == knn["valid"]
+    pop = rows["mostpop"]            # linear head (d = 0): a bound; ItemKNN has none
+    assert pop["scoring_gflop"] == pytest.approx(2 * pop["users"] * pop["items"] / 1e9)
+    assert pop["bound_seconds"] > 0 and "bound_seconds" not in knn
+    assert all(r["eval_seconds_per_pass"] > 0 and r["peak_rss_mib"] > 0 for r in rows.values())
+    assert out.with_suffix(".png").stat().st_size

@@ -106,6 +106,7 @@ from torch import nn
 from ..data.csr import SparseRows
 from ..data.errors import ConfigError
 from ..device import chunk_items
+from ..ranking import with_bias
 from .base import ItemHead, Progress, Recommender
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid,
@@ -199,7 +200,7 @@ class LinearLogSumExp(torch.autograd.Function):
         hidden1 = torch.cat([hidden, hidden.new_ones(hidden.shape[0], 1)], dim=1).to(mm)
         lse = None
         for s in range(0, weight.shape[0], chunk):
-            logits = (hidden1 @ _with_bias(weight, bias, s, chunk).to(mm).T).to(acc)
+            logits = (hidden1 @ with_bias(weight, bias, s, chunk).to(mm).T).to(acc)
             top = logits.amax(dim=1, keepdim=True)
             part = logits.sub_(top).exp_().sum(dim=1).log_().add_(top.squeeze(1))
             lse = part if lse is None else torch.logaddexp(lse, part)
@@ -219,7 +220,7 @@ class LinearLogSumExp(torch.autograd.Function):
         grad_h = torch.zeros(hidden1.shape[0], h, device=grad.device, dtype=acc)
         grad_wb = torch.empty(weight.shape[0], h + 1, device=grad.device, dtype=acc)
         for s in range(0, weight.shape[0], ctx.chunk):
-            wb = _with_bias(weight, bias, s, ctx.chunk).to(mm)
+            wb = with_bias(weight, bias, s, ctx.chunk).to(mm)
             if probs is not None:
                 p = probs * grad[:, None]
             else:
@@ -240,11 +241,6 @@ def _matmul_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype autocast gives matmuls on ``t``'s device now (``t.dtype`` outside it)."""
     kind = t.device.type
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else t.dtype
-
-
-def _with_bias(weight, bias, start, chunk) -> torch.Tensor:
-    """[chunk, h + 1] rows start .. start + chunk of [weight, bias]."""
-    return torch.cat([weight[start:start + chunk], bias[start:start + chunk, None]], dim=1)
 
 
 def lamda_at(lcfg: dict, epochs_done: int) -> float:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from ..data.dataset import InteractionData
@@ -43,6 +42,7 @@ from ..metrics import MetricAccumulator
 from ..models import Progress
 from ..models.ldiffrec import LDiffRec, beta_at, combine_logsumexp, lamda_at
 from ..progress import StepProgress
+from ..ranking import RunningTopK, keep_best, linear_chunks, seen_positions
 from ..train import batches, epoch_order
 from .collectives import all_reduce_sum, gather_rows, parallel_logsumexp, rows_to_owners, world
 from .plan import Plan
@@ -190,8 +190,9 @@ class ShardedRun:
         """[B, k] global item indexes: the merged top-k of every rank's own items, with the
         items of the ``exclude`` CSRs (rows = users) masked. Scores are made
         ``eval_chunk`` items at a time (None: as many as fit ``chunk_mib``,
-        ``device.chunk_items``) and folded into a running top-k, so memory is B x chunk,
-        not B x (the rank's items)."""
+        ``device.chunk_items``) and folded into a running top-k (``ranking.py``, the
+        single-process evaluator's code), so memory is B x chunk, not B x (the rank's
+        items)."""
         with autocast(self.device, self.cfg["precision"]):
             return self._topk(users, exclude, k)
 
@@ -204,38 +205,21 @@ class ShardedRun:
         z = self._exchange(torch.cat(mus, 1), splits)
         zhat0 = gather_rows(m.diffusion.p_sample(self.engine, z, m.sampling_steps,
                                                  m.sampling_noise), splits)
-        seen_rows, seen_pos = self._excluded_positions(exclude, b)
-        top = torch.full((b, k), -torch.inf, device=self.device)
-        items = torch.full((b, k), -1, dtype=torch.long, device=self.device)
-        start = 0                                   # the chunk's first position in own_items
+        top = RunningTopK(b, k, seen_positions(exclude, b, self.local_pos, self.device),
+                          self.device)
         chunk = self.eval_chunk or chunk_items(b, self.device, self.cfg["chunk_mib"])
-        for c in self.clusters:
+        for c in self.clusters:            # own_items is the clusters' items in this order
             hidden, weight, bias = self._head(c, zhat0)
-            for s in range(0, weight.shape[0], chunk):
-                scores = F.linear(hidden, weight[s:s + chunk], bias[s:s + chunk]).float()
-                n = scores.shape[1]
-                hit = (seen_pos >= start) & (seen_pos < start + n)
-                scores[seen_rows[hit], seen_pos[hit] - start] = -torch.inf
-                top, items = _merge_topk(top, items, scores, self.own_items[start:start + n], k)
-                start += n
+            for scores, items in linear_chunks(hidden, weight, bias, m.items_of(c), chunk):
+                top.add(scores.float(), items)
+        items, values = top.result()
         if self.world > 1:
-            tops, its = [torch.empty_like(top) for _ in range(self.world)], \
+            tops, its = [torch.empty_like(values) for _ in range(self.world)], \
                 [torch.empty_like(items) for _ in range(self.world)]
-            dist.all_gather(tops, top.contiguous())
+            dist.all_gather(tops, values.contiguous())
             dist.all_gather(its, items.contiguous())
-            top, items = _merge_topk(torch.cat(tops, 1), torch.cat(its, 1), None, None, k)
+            _, items = keep_best(torch.cat(tops, 1), torch.cat(its, 1), k)
         return items.cpu().numpy()
-
-    def _excluded_positions(self, exclude: list, b: int):
-        """(rows [n], positions in ``own_items`` [n]) of the excluded items this rank holds."""
-        rows, pos = [], []
-        for csr in exclude:
-            r = torch.from_numpy(np.repeat(np.arange(b), csr.row_lengths())).to(self.device)
-            p = self.local_pos[torch.from_numpy(csr.indices).to(self.device)]
-            rows.append(r[p >= 0])
-            pos.append(p[p >= 0])
-        empty = torch.zeros(0, dtype=torch.long, device=self.device)
-        return torch.cat(rows) if rows else empty, torch.cat(pos) if pos else empty
 
     def evaluate(self, split: str) -> dict:
         """Full-ranking metrics of ``split`` over all users (the same dict on all ranks)."""
@@ -303,17 +287,6 @@ class ShardedRun:
             state["decoder.weight"], state["decoder.bias"] = weight, bias
         state.update({f"denoiser.{k}": v.cpu() for k, v in denoiser.items()})
         return state
-
-
-def _merge_topk(top, items, scores, score_items, k: int):
-    """The k best of (top [B, k'], items [B, k']) and, if given, the chunk's
-    (scores [B, n], score_items [n])."""
-    if scores is not None:
-        kk = min(k, scores.shape[1])
-        s, idx = torch.topk(scores, kk, dim=1)
-        top, items = torch.cat([top, s], 1), torch.cat([items, score_items[idx]], 1)
-    best, idx = torch.topk(top, k, dim=1)
-    return best, torch.gather(items, 1, idx)
 
 
 def _load_denoiser(engine, params: dict, optimizer_state) -> None:

@@ -29,7 +29,7 @@ import faiss
 import numpy as np
 import torch
 
-from ..data.errors import DataError
+from ..data.errors import ConfigError, DataError
 from .index import (L2_KINDS, build_index, index_dim, item_vectors, mips_norm, resolve_params,
                     resolve_use_gpu, shard_bounds)
 
@@ -58,8 +58,15 @@ def export(run, out: str | Path, kind: str = "flat", params: dict | None = None,
 
     ``kind``/``params``: the FAISS index type and its parameters (``index.DEFAULTS``);
     ``shards``: split each head's items into this many units (searched in parallel).
+    A model whose scores are not linear heads (ItemKNN, EASE) is refused with a
+    ConfigError before anything is written.
     """
     from ..config import save_config
+    from ..evaluate import has_linear_heads
+    if not has_linear_heads(run.model):
+        raise ConfigError(f"model '{run.cfg['model']}' is not MIPS-servable: its scores are a "
+                          f"history times an item x item matrix, not inner products of a query "
+                          f"and item vectors; rank it with `scale-diffrec evaluate`")
     out = Path(out)
     gpu = resolve_use_gpu(use_gpu)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,265 @@
+"""Every model on a real 242k-item catalogue: Epinions, ratings >= 4, random 7:1:2 split.
+
+    nice -n 10 python benchmarks/catalogue.py            # every default row, in order
+    python benchmarks/catalogue.py --only als --only itemknn
+    python benchmarks/catalogue.py --only diffrec        # rows off by default run by name
+
+Rows: most-popular, ItemKNN and ALS (tuned on valid Recall@20 over the small grids in
+``ROWS``; test is read only for the selected point), Mult-VAE, L-DiffRec in one process
+and on 2 Ray workers (``configs/epinions-ldiffrec.yaml`` when it exists, else
+``LDIFFREC_DEFAULT``), and DiffRec only when asked (its dense I x 600 layers are ~290M
+parameters here: ~4.6 GiB with Adam and minutes per epoch on 2 cores). Every run is a
+``scale-diffrec train`` subprocess on the same data and split, so its peak RSS (VmHWM, in
+metrics.json) is its own. Then one run's model is loaded and ``evaluate`` timed over the
+test split (``--repeats`` passes, median), beside the bound of a pass for linear heads:
+
+    bound = 2 U sum_h I_h (d_h + 1) / 210 GFLOP/s            (the scoring products)
+          + U I x (seconds per score of torch.topk(k=100) over one [1000, chunk] block,
+                   the evaluator's chunk (``chunk_mib``), measured here, at the same time)
+
+Writes benchmarks/results/catalogue.json (rows merged by name, written as each finishes)
+and catalogue.png. The data: ``--ratings`` (Tang et al.'s Epinions ratings as parquet:
+user_id, item_id, rating) filtered to rating >= 4 into ``--runs``/epinions-r4.parquet.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scale_diffrec.config import load_config, save_config  # noqa: E402
+from scale_diffrec.evaluate import evaluate, has_linear_heads  # noqa: E402
+from scale_diffrec.progress import setup_logging  # noqa: E402
+from scale_diffrec.device import chunk_items  # noqa: E402
+from scale_diffrec.runs import load_run, write_json  # noqa: E402
+
+MATMUL_GFLOPS = 210.0        # torch fp32 matmul on these 2 cores (the project's roofline)
+KEYS = ("recall@20", "ndcg@20")
+# the L-DiffRec settings of configs/ml1m-clean-ldiffrec.yaml with SVD item embeddings,
+# 10 epochs (the issue's run): used when configs/epinions-ldiffrec.yaml does not exist
+LDIFFREC_DEFAULT = [
+    "model=ldiffrec", "epochs=10", "eval_every=5", "batch_size=400", "lr=5e-4",
+    "diffusion.noise_max=0.02", "ldiffrec.n_clusters=2", "ldiffrec.in_dims=[300]",
+    "ldiffrec.mlp_dims=[300]", "ldiffrec.lr_vae=1e-3", "ldiffrec.embeddings=svd"]
+ROWS = {   # name: (overrides, {key: grid values} tuned on valid, workers, on by default)
+    "mostpop": (["model=mostpop"], {}, 1, True),
+    "als": (["model=als", "als.iterations=15"],
+            {"als.factors": [64, 128], "als.regularization": [0.1, 1.0],
+             "als.alpha": [1.0, 10.0]}, 1, True),
+    "itemknn": (["model=itemknn"], {"itemknn.k": [50, 200], "itemknn.shrink": [10.0, 100.0]},
+                1, True),
+    "ldiffrec": ("ldiffrec", {}, 1, True),
+    "ldiffrec-2workers": ("ldiffrec", {}, 2, True),
+    "multvae": (["model=multvae", "epochs=10", "eval_every=5", "batch_size=500"], {}, 1, True),
+    "diffrec": (["model=diffrec", "epochs=10", "eval_every=5"], {}, 1, False),
+}
+
+
+def data_overrides(path: Path) -> list[str]:
+    return ["data.source=parquet", f"data.path={path}", "data.name=epinions-r4",
+            "data.split.rule=random", "data.split.valid=0.1", "data.split.test=0.2",
+            "data.split.seed=0", "eval_batch_size=1000"]
+
+
+def epinions_r4(ratings: Path, out: Path) -> Path:
+    """user_id, item_id of the ratings >= 4 (written once)."""
+    if not out.is_file():
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+        table = pq.read_table(ratings, columns=["user_id", "item_id", "rating"])
+        table = table.filter(pc.greater_equal(table["rating"], 4)).select(["user_id", "item_id"])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, out)
+    return out
+
+
+def row_config(name: str) -> tuple[Path | None, list[str]]:
+    """(config file or None, overrides) of a row, before the data and the grid point."""
+    overrides = ROWS[name][0]
+    if overrides == "ldiffrec":
+        tuned = ROOT / "configs" / "epinions-ldiffrec.yaml"
+        return (tuned, []) if tuned.is_file() else (None, LDIFFREC_DEFAULT)
+    return None, list(overrides)
+
+
+def train_run(name: str, config: Path | None, overrides: list[str], workers: int,
+              out: Path) -> dict:
+    """One ``scale-diffrec train`` subprocess; its metrics.json plus the wall seconds. A
+    finished run of the same config is reused (so an interrupted benchmark resumes)."""
+    cfg = load_config(config, overrides)
+    saved = out.parent / f"{out.name}.yaml"
+    if (out / "metrics.json").is_file() and saved.is_file() and load_config(saved) == cfg:
+        return json.loads((out / "metrics.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, saved)
+    cmd = [sys.executable, "-m", "scale_diffrec", "train", "--config",
+           str(out.parent / f"{out.name}.yaml"), "--out", str(out), "--overwrite"]
+    if workers > 1:
+        cmd += ["--workers", str(workers)]
+    started = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics["wall_seconds"] = time.perf_counter() - started
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def tune(name: str, data: list[str], runs: Path, first_point: bool = False
+         ) -> tuple[dict, list[dict], list[str]]:
+    """Train every grid point (only the first with ``first_point``); (the point best on
+    valid recall@20: its metrics, every point's valid figures, the selected overrides)."""
+    config, base = row_config(name)
+    grid = ROWS[name][1]
+    points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    points = points[:1] if first_point else points
+    tried, best = [], None
+    for i, point in enumerate(points or [{}]):
+        overrides = data + base + [f"{k}={v}" for k, v in point.items()]
+        run_dir = runs / name / (f"grid{i}" if points else "run")
+        metrics = train_run(name, config, overrides, ROWS[name][2], run_dir)
+        tried.append({"point": point, "valid": {k: metrics["valid"][k] for k in KEYS},
+                      "run": str(run_dir)})
+        if best is None or metrics["valid"]["recall@20"] > best[0]["valid"]["recall@20"]:
+            best = (metrics, overrides, run_dir, point)
+    metrics, overrides, run_dir, point = best
+    metrics["run_dir"], metrics["point"] = str(run_dir), point
+    return metrics, tried, overrides
+
+
+def time_passes(run_dir: str, repeats: int) -> dict:
+    """Median seconds of one full-ranking test pass of a run's model (and its bound)."""
+    run = load_run(run_dir, device="cpu")
+    cfg, seconds = run.cfg, []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        evaluate(run.model, run.data, "test", ks=cfg["topk"], batch_size=cfg["eval_batch_size"],
+                 precision=cfg["precision"], chunk_mib=cfg["chunk_mib"])
+        seconds.append(time.perf_counter() - t0)
+    chunk = chunk_items(cfg["eval_batch_size"], "cpu", cfg["chunk_mib"])
+    out = {"eval_seconds_per_pass": statistics.median(seconds), "eval_passes": seconds,
+           "eval_chunk": chunk, "users": run.data.n_users, "items": run.data.n_items}
+    if has_linear_heads(run.model):
+        flops = 2.0 * run.data.n_users * sum(
+            h.weight.shape[0] * (h.weight.shape[1] + 1) for h in run.model.item_heads())
+        per_score = topk_seconds_per_score(cfg["eval_batch_size"], chunk)
+        out.update(scoring_gflop=flops / 1e9, topk_seconds_per_score=per_score,
+                   matmul_gflops_measured=matmul_gflops(),
+                   bound_seconds=flops / (MATMUL_GFLOPS * 1e9)
+                   + run.data.n_users * run.data.n_items * per_score)
+        out["pass_over_bound"] = out["eval_seconds_per_pass"] / out["bound_seconds"]
+    return out
+
+
+def _median_seconds(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def topk_seconds_per_score(rows: int, cols: int, k: int = 100) -> float:
+    block = torch.randn(rows, cols)
+    return _median_seconds(lambda: torch.topk(block, k, dim=1)) / (rows * cols)
+
+
+def matmul_gflops(n: int = 2048) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n ** 3 / _median_seconds(lambda: a @ b) / 1e9
+
+
+def make_row(name: str, metrics: dict, tried: list[dict], overrides: list[str],
+             timing: dict) -> dict:
+    seconds = [h["seconds"] for h in metrics["history"]]
+    config, _ = row_config(name)
+    return {
+        "config": str(config.relative_to(ROOT)) if config else None,
+        "overrides": overrides, "workers": ROWS[name][2], "selected": metrics["point"],
+        "grid": tried, "best_epoch": metrics["best_epoch"], "epochs_run": len(seconds),
+        "test": {k: metrics["test"][k] for k in KEYS},
+        "valid": {k: metrics["valid"][k] for k in KEYS},
+        "train_seconds": sum(seconds), "wall_seconds": metrics["wall_seconds"],
+        "peak_rss_mib": metrics["peak_rss_mib"],
+        **({"per_worker": metrics["per_worker"]} if "per_worker" in metrics else {}),
+        **timing,
+    }
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = results["rows"]
+    names = list(rows)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, key, label in ((axes[0], "recall@20", "test Recall@20"),
+                           (axes[1], "ndcg@20", "test NDCG@20")):
+        ax.bar(names, [rows[n]["test"][key] for n in names])
+        ax.set_title(label)
+    axes[2].bar(names, [rows[n]["eval_seconds_per_pass"] for n in names], label="measured")
+    axes[2].bar(names, [rows[n].get("bound_seconds", 0.0) for n in names], alpha=0.6,
+                label="bound (linear heads)")
+    axes[2].set_title("seconds per full-ranking test pass")
+    axes[2].legend()
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=45)
+    fig.suptitle("Epinions, ratings >= 4, random 7:1:2 "
+                 f"({results.get('n_users', '?')} users x {results.get('n_items', '?')} items)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", action="append", choices=sorted(ROWS))
+    parser.add_argument("--ratings", default=str(
+        ROOT.parent / "shared" / "data" / "tang-trust" / "epinions" / "ratings.parquet"))
+    parser.add_argument("--runs", default=str(ROOT / "runs" / "catalogue"))
+    parser.add_argument("--repeats", type=int, default=3, help="timed evaluation passes")
+    parser.add_argument("--first-point", action="store_true",
+                        help="only the first point of each grid (a quick look, not tuned)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "catalogue.json"))
+    args = parser.parse_args()
+    setup_logging()
+    ratings = Path(args.ratings)
+    if not ratings.is_file():
+        sys.exit(f"error: {ratings}: Epinions ratings not found (give --ratings)")
+    runs, out = Path(args.runs), Path(args.out)
+    data = data_overrides(epinions_r4(ratings, runs / "epinions-r4.parquet"))
+    machine = {"platform": platform.platform(), "python": platform.python_version(),
+               "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+               "load_average": os.getloadavg()}
+    for name in args.only or [n for n, row in ROWS.items() if row[3]]:
+        metrics, tried, overrides = tune(name, data, runs, args.first_point)
+        row = make_row(name, metrics, tried, overrides, time_passes(metrics["run_dir"],
+                                                                    args.repeats))
+        row["tuned"] = len(tried) > 1 or not ROWS[name][1]
+        # re-read before writing: rows may be run by separate invocations
+        results = json.loads(out.read_text()) if out.is_file() else {"rows": {}}
+        results["rows"][name] = row
+        results.update(machine=machine, data="Epinions (Tang et al.), ratings >= 4, "
+                       "random 7:1:2 per user (data.split seed 0)",
+                       n_users=row["users"], n_items=row["items"],
+                       roofline_gflops=MATMUL_GFLOPS)
+        write_json(out, results)
+        plot(results, out.with_suffix(".png"))
+        print(json.dumps({name: row["test"], "eval_s": row["eval_seconds_per_pass"]}))
+
+
+if __name__ == "__main__":
+    main()
