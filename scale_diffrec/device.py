@@ -93,6 +93,14 @@ def chunk_items(rows: int, device: torch.device | str, chunk_mib: float | None =
     return max(1, int(mib * 2 ** 20) // (4 * max(int(rows), 1)))
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's tensors are: its first parameter's device, else its first buffer's
+    (the fitted baselines hold only buffers), else the CPU."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (for timing); nothing on the CPU."""
     if device.type == "cuda":

@@ -26,7 +26,7 @@ import torch
 
 from .data.csr import CSR
 from .data.dataset import InteractionData
-from .device import autocast, chunk_items
+from .device import autocast, chunk_items, model_device
 from .metrics import CONVENTIONS, MetricAccumulator, _as_ks, _as_numpy_items
 from .models.base import Recommender
 from .ranking import RunningTopK, linear_chunks, seen_positions
@@ -96,14 +96,6 @@ def score_chunks(model: Recommender, batch, heads: list | None, chunk: int):
         yield from linear_chunks(queries[h.name], h.weight, h.bias, h.items, chunk)
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
-
-
 def accumulate(model: Recommender, data: InteractionData, split: str = "valid",
                ks: Iterable[int] = (10, 20, 50, 100), batch_size: int = 1000,
                device: torch.device | str | None = None,
@@ -117,7 +109,7 @@ def accumulate(model: Recommender, data: InteractionData, split: str = "valid",
     ks = _as_ks(ks)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = _model_device(model) if device is None else torch.device(device)
+    device = model_device(model) if device is None else torch.device(device)
     users = (np.arange(data.n_users, dtype=np.int64) if users is None
              else np.asarray(users, dtype=np.int64))
     exclude = excluded_matrices(data, split)

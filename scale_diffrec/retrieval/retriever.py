@@ -24,7 +24,7 @@ from ..config import load_config
 from ..data.csr import CSR
 from ..data.errors import DataError
 from ..data.time_weights import time_weights
-from ..device import resolve_device
+from ..device import model_device, resolve_device
 from ..models import build_model
 from .bundle import CONFIG, ITEM_IDS, PARTITION, TOWER, read_manifest
 from .index import SearchUnit, gpu_available, query_vectors, search_units, to_gpu
@@ -125,7 +125,7 @@ class Retriever:
         Excluded: the rows' own items (``exclude_seen``), or the items of ``exclude`` [B, I]
         when given (e.g. train + valid items when ranking for the test split).
         """
-        batch = rows.to_torch(next(self.model.parameters()).device)
+        batch = rows.to_torch(model_device(self.model))
         seen = exclude if exclude is not None else (rows if exclude_seen else None)
         if brute_force:
             scores = self.model.score(batch).float().cpu()
