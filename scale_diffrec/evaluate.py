@@ -3,11 +3,11 @@
 As in the DiffRec reference: every user 0 .. n_users - 1 is evaluated in batches; the
 model's input is the user's train row; train items are masked with -inf (for the test
 split, valid items too); the top max(ks) items are ranked and compared with that split's
-rows. Scores are made and ranked a chunk of items at a time (``ranking.py``: a model with
+rows (metric definitions and the two averaging conventions in ``metrics.py``). Scores are
+made and ranked a ``chunk_mib`` block of items at a time (``ranking.py``): a model with
 linear heads is scored head by head from its queries, so no [B, I] matrix is built; any
-other model's ``score`` matrix is walked in column slices) (metric definitions and the two averaging conventions in
-``metrics.py``). Users without ground truth in the split still count in the "reference"
-convention's denominator.
+other model gives its own blocks (``Recommender.score_chunks``). Users without ground
+truth in the split still count in the "reference" convention's denominator.
 
 Three entry points:
 

@@ -12,10 +12,10 @@ on each rank) ranks a batch of B users over its items the same way:
 3. ``RunningTopK.add`` takes the chunk's top k per row (``torch.topk``) and merges it
    into the running lists (top k of [B, 2k]).
 
-Profile of a pass on Epinions (242k items, ALS with 64 factors, 1,000 users, chunks of 16,384,
-before these choices): ``addmm`` 37% (half of it the bias copy), ``nonzero`` of a
-threshold filter 15%, the compare 8%, ``topk`` 5%: CPU ``nonzero`` is slower than ``topk``
-itself, so every chunk is ranked by ``topk``. Scores of -inf (excluded items, or a model's
+Profile of a pass on Epinions (242k items, ALS with 64 factors, 1,000 users, chunks of
+16,384 items, before these choices): ``addmm`` 37% (half of it the bias copy), ``nonzero``
+of a threshold filter 15%, the compare 8%, ``topk`` 5%: CPU ``nonzero`` is slower than
+``topk`` itself, so every chunk is ranked by ``topk``. Scores of -inf (excluded items, or a model's
 own -inf) are never ranked: slots that only such items could fill are padding, item -1 and
 score -inf. Among exactly tied scores the choice is arbitrary, as with ``torch.topk``.
 
@@ -28,10 +28,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .data.csr import CSR
-
 
 
 def seen_positions(exclude: CSR | Sequence[CSR] | None, n_rows: int,
