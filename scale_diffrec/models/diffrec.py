@@ -64,5 +64,5 @@ class DiffRec(Recommender):
 
     def item_heads(self) -> list[ItemHead]:
         last = self.denoiser.last_layer
-        return [ItemHead("items", torch.arange(self.n_items), last.weight.detach(),
-                         last.bias.detach())]
+        return [ItemHead("items", torch.arange(self.n_items, device=last.weight.device),
+                         last.weight.detach(), last.bias.detach())]

@@ -104,5 +104,5 @@ class MultVAE(Recommender):
 
     def item_heads(self) -> list[ItemHead]:
         last = self.p_layers[-1]
-        return [ItemHead("items", torch.arange(self.n_items), last.weight.detach(),
-                         last.bias.detach())]
+        return [ItemHead("items", torch.arange(self.n_items, device=last.weight.device),
+                         last.weight.detach(), last.bias.detach())]
