@@ -3,6 +3,7 @@
     nice -n 10 python benchmarks/catalogue.py            # every default row, in order
     python benchmarks/catalogue.py --only als --only itemknn
     python benchmarks/catalogue.py --only diffrec        # rows off by default run by name
+    python benchmarks/catalogue.py --table               # the README table of the results
 
 Rows: most-popular, ItemKNN and ALS (tuned on valid Recall@20 over the small grids in
 ``ROWS``; test is read only for the selected point), Mult-VAE, L-DiffRec in one process
@@ -224,6 +225,20 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def markdown_table(results: dict) -> str:
+    """The README's table of a catalogue.json."""
+    lines = ["| row | test R@20 | test N@20 | valid R@20 | selected | train s | peak RSS MiB "
+             "| eval s/pass | bound s |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results["rows"].items():
+        selected = ", ".join(f"{k.split('.')[-1]} {v}" for k, v in r["selected"].items())
+        selected = (selected or "-") + ("" if r.get("tuned", True) else " (untuned)")
+        bound = f"{r['bound_seconds']:.1f}" if "bound_seconds" in r else "-"
+        lines.append(f"| {name} | {r['test']['recall@20']:.4f} | {r['test']['ndcg@20']:.4f} "
+                     f"| {r['valid']['recall@20']:.4f} | {selected} | {r['train_seconds']:.0f} "
+                     f"| {r['peak_rss_mib']:.0f} | {r['eval_seconds_per_pass']:.0f} | {bound} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", choices=sorted(ROWS))
@@ -234,7 +249,12 @@ def main() -> None:
     parser.add_argument("--first-point", action="store_true",
                         help="only the first point of each grid (a quick look, not tuned)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "catalogue.json"))
+    parser.add_argument("--table", action="store_true",
+                        help="print the README table of --out and exit")
     args = parser.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(Path(args.out).read_text())))
+        return
     setup_logging()
     ratings = Path(args.ratings)
     if not ratings.is_file():

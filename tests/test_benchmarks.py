@@ -56,3 +56,6 @@ def test_catalogue_benchmark_filters_ratings_tunes_on_valid_and_times_passes(tmp
     assert pop["bound_seconds"] > 0 and "bound_seconds" not in knn
     assert all(r["eval_seconds_per_pass"] > 0 and r["peak_rss_mib"] > 0 for r in rows.values())
     assert out.with_suffix(".png").stat().st_size
+    table = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "catalogue.py"), "--table",
+                            "--out", str(out)], check=True, capture_output=True, text=True).stdout
+    assert table.count("\n| ") == 2 and f"| {pop['test']['recall@20']:.4f} |" in table
