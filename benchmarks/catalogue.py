@@ -18,6 +18,9 @@ test split (``--repeats`` passes, median), beside the bound of a pass for linear
           + U I x (seconds per score of torch.topk(k=100) over one [1000, chunk] block,
                    the evaluator's chunk (``chunk_mib``), measured here, at the same time)
 
+and the same bound at the matmul rate measured at that moment (``bound_seconds_measured_rate``:
+on a shared, loaded machine 210 GFLOP/s is not what a matmul gets).
+
 Writes benchmarks/results/catalogue.json (rows merged by name, written as each finishes)
 and catalogue.png. The data: ``--ratings`` (Tang et al.'s Epinions ratings as parquet:
 user_id, item_id, rating) filtered to rating >= 4 into ``--runs``/epinions-r4.parquet.
@@ -57,7 +60,7 @@ LDIFFREC_DEFAULT = [
 ROWS = {   # name: (overrides, {key: grid values} tuned on valid, workers, on by default)
     "mostpop": (["model=mostpop"], {}, 1, True),
     "als": (["model=als", "als.iterations=15"],
-            {"als.factors": [64, 128], "als.regularization": [0.1, 1.0],
+            {"als.factors": [64, 128], "als.regularization": [0.01, 0.1],
              "als.alpha": [1.0, 10.0]}, 1, True),
     "itemknn": (["model=itemknn"], {"itemknn.k": [50, 200], "itemknn.shrink": [10.0, 100.0]},
                 1, True),
@@ -127,9 +130,10 @@ def tune(name: str, data: list[str], runs: Path, first_point: bool = False
     points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     points = points[:1] if first_point else points
     tried, best = [], None
-    for i, point in enumerate(points or [{}]):
+    for point in points:
         overrides = data + base + [f"{k}={v}" for k, v in point.items()]
-        run_dir = runs / name / (f"grid{i}" if points else "run")
+        run_dir = runs / name / ("_".join(f"{k.split('.')[-1]}{v}" for k, v in point.items())
+                                 or "run")
         metrics = train_run(name, config, overrides, ROWS[name][2], run_dir)
         tried.append({"point": point, "valid": {k: metrics["valid"][k] for k in KEYS},
                       "run": str(run_dir)})
@@ -156,10 +160,13 @@ def time_passes(run_dir: str, repeats: int) -> dict:
         flops = 2.0 * run.data.n_users * sum(
             h.weight.shape[0] * (h.weight.shape[1] + 1) for h in run.model.item_heads())
         per_score = topk_seconds_per_score(cfg["eval_batch_size"], chunk)
+        topk_seconds = run.data.n_users * run.data.n_items * per_score
+        gflops = matmul_gflops()
         out.update(scoring_gflop=flops / 1e9, topk_seconds_per_score=per_score,
-                   matmul_gflops_measured=matmul_gflops(),
-                   bound_seconds=flops / (MATMUL_GFLOPS * 1e9)
-                   + run.data.n_users * run.data.n_items * per_score)
+                   matmul_gflops_measured=gflops,
+                   bound_seconds=flops / (MATMUL_GFLOPS * 1e9) + topk_seconds,
+                   # the same bound at the matmul rate measured now (a loaded machine)
+                   bound_seconds_measured_rate=flops / (gflops * 1e9) + topk_seconds)
         out["pass_over_bound"] = out["eval_seconds_per_pass"] / out["bound_seconds"]
     return out
 
