@@ -1,4 +1,4 @@
-"""``scale-diffrec``: train, evaluate, export and recommend.
+"""``scale-diffrec``: prepare, train, evaluate, export and recommend.
 
 Bad input (data, config, run directory) ends with one line 'error: ...' naming the file,
 field or row, and exit status 2 — never a bare traceback, and nothing written over.
@@ -60,6 +60,15 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from .data.prepare import load_prepare_config, prepare
+    cfg = load_prepare_config(args.config, args.overrides)
+    stats = prepare(args.input, args.out, cfg, overwrite=args.overwrite)
+    print(json.dumps({k: stats[k] for k in ("users", "items", "interactions", "noise",
+                                            "density")}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scale-diffrec", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"],
                    help="default: the run's")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("prepare", help="raw interaction log -> a dataset directory "
+                                       "(data.source: dataset)")
+    p.add_argument("--input", required=True, help="parquet or CSV log: user_id, item_id "
+                                                  "[, rating][, timestamp]")
+    p.add_argument("--out", required=True, help="dataset directory to write")
+    p.add_argument("--config", help="prepare YAML (e.g. configs/epinions-prepare.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="override a prepare key, dotted (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
+    p.set_defaults(func=cmd_prepare)
 
     from .retrieval.cli import register
     register(sub)

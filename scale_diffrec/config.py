@@ -32,7 +32,7 @@ DEFAULTS: dict = {
     "chunk_mib": None,           # MiB of one [B, chunk] block of logits/scores; None: 8 on
                                  # the CPU, 1024 on a GPU (scale_diffrec/device.py)
     "data": {
-        "source": "synthetic",   # diffrec_npy | parquet | synthetic
+        "source": "synthetic",   # diffrec_npy | parquet | synthetic | dataset (prepared dir)
         "path": None,
         "name": None,
         "item_emb": None,        # optional path to item embeddings (.npy or parquet)

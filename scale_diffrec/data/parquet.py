@@ -5,7 +5,9 @@ Columns
     timestamp         optional; integer, float or a parquet timestamp/date (read as its
                       integer value); no nulls/NaN. Without it the row order of the file is
                       the time order (as in the DiffRec authors' files).
-    rating            optional and ignored: every row is one implicit interaction.
+    rating            optional; ignored by the parquet source (every row is one implicit
+                      interaction), read by ``prepare`` (numbers, or strings holding
+                      numbers; no nulls/NaN).
     Other columns are ignored.
 
 The file is read in record batches (``ParquetFile.iter_batches``), in two passes over the
@@ -37,7 +39,7 @@ from .dataset import InteractionData
 from .errors import DataError
 from .split import check_split_config, sorted_unique, split_interactions
 
-USER, ITEM, TIME = "user_id", "item_id", "timestamp"
+USER, ITEM, TIME, RATING = "user_id", "item_id", "timestamp", "rating"
 USER_MAP, ITEM_MAP = "user_ids.parquet", "item_ids.parquet"
 BATCH_ROWS = 1 << 20
 _INT64_MAX = np.iinfo(np.int64).max
@@ -88,6 +90,21 @@ def _batches(pf, path: Path, columns: list[str], batch_rows: int):
                               f"{pf.metadata.num_rows} (truncated or corrupt?)")
 
 
+class ParquetLog:
+    """A parquet interaction log as record batches: ``path``, ``schema`` (arrow),
+    ``num_rows`` and ``batches(columns, batch_rows)`` -> (first row, RecordBatch).
+    ``csv_log.CsvLog`` offers the same for CSV; ``read_interactions`` takes either."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.file = open_parquet(self.path)
+        self.schema = self.file.schema_arrow
+        self.num_rows = self.file.metadata.num_rows
+
+    def batches(self, columns: list[str], batch_rows: int = BATCH_ROWS):
+        return _batches(self.file, self.path, columns, batch_rows)
+
+
 def _base_type(t):
     pa, _, _ = _pa()
     return t.value_type if pa.types.is_dictionary(t) else t
@@ -120,6 +137,53 @@ def time_kind(path: Path, schema) -> str:
 
 def _first_null(col) -> int:
     return int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+
+
+def cast_column(col, to_type, path: Path, field: str, offset: int):
+    """``col`` cast to ``to_type``, or a DataError at the first row whose value does not
+    convert (found by bisection: only the failing case pays for it)."""
+    pa, pc, _ = _pa()
+    try:
+        return pc.cast(col, to_type)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    lo, hi = 0, len(col)                     # the first bad value lies in [lo, hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        try:
+            pc.cast(col.slice(lo, mid - lo), to_type)
+            lo = mid
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            hi = mid
+    raise DataError(path, f"cannot read {col[lo].as_py()!r} as {to_type}", field=field,
+                    row=offset + lo)
+
+
+def check_rating_type(path: Path, schema) -> None:
+    """Ratings must be numbers (or strings, converted and checked row by row)."""
+    pa, _, _ = _pa()
+    t = _base_type(schema.field(RATING).type)
+    if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
+            or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)):
+        raise DataError(path, f"ratings must be numbers, got type {t}", field=RATING)
+
+
+def rating_values(col, path: Path, offset: int) -> np.ndarray:
+    """Validated ratings of one batch column: float32 numpy (no nulls, finite)."""
+    pa, _, _ = _pa()
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    if col.null_count:
+        raise DataError(path, "missing (null) rating", field=RATING,
+                        row=offset + _first_null(col))
+    if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+        col = cast_column(col, pa.float64(), path, RATING, offset)
+    values = col.to_numpy(zero_copy_only=False).astype(np.float32)
+    bad = np.flatnonzero(~np.isfinite(values))
+    if len(bad):
+        raise DataError(path, f"rating is not finite ({values[bad[0]]})", field=RATING,
+                        row=offset + int(bad[0]))
+    return values
 
 
 def id_values(col, kind: str, path: Path, field: str, offset: int):
@@ -269,37 +333,43 @@ class _StringMapper:
         self.pending, self.rows = [], 0
 
 
-def read_interactions(path: str | Path, n_items: int | None = None,
-                      batch_rows: int = BATCH_ROWS) -> dict:
-    """Validate and index every row of ``path``.
+def read_interactions(source, n_items: int | None = None, batch_rows: int = BATCH_ROWS,
+                      ratings: bool = False, index_dtype=np.int64) -> dict:
+    """Validate and index every row of ``source`` (a parquet path, a ``ParquetLog`` or a
+    ``csv_log.CsvLog``).
 
-    Returns a dict: ``users`` / ``items`` [rows] int64 indexes, ``times`` [rows] (int64 or
-    float64) or None, ``user_ids`` / ``item_ids`` (sorted original ids; ``item_ids`` None
-    when ``n_items`` is declared), ``n_users``, ``n_items``, ``rows``.
+    Returns a dict: ``users`` / ``items`` [rows] indexes (``index_dtype``; int64 when
+    the ids outnumber it), ``times`` [rows] (int64 or float64) or None, ``ratings``
+    [rows] float32 or None (read only when ``ratings`` is true and the log has the
+    column), ``user_ids`` / ``item_ids`` (sorted original ids; ``item_ids`` None when
+    ``n_items`` is declared), ``n_users``, ``n_items``, ``rows``, ``has_timestamp``,
+    ``has_rating``.
     """
-    pa, _, _ = _pa()
-    path = Path(path)
-    pf = open_parquet(path)
-    schema = pf.schema_arrow
+    log = source if hasattr(source, "batches") else ParquetLog(source)
+    path, schema = log.path, log.schema
     for field in (USER, ITEM):
         if field not in schema.names:
             raise DataError(path, f"missing column (the file has {schema.names})",
                             field=field)
+    if log.num_rows == 0:
+        raise DataError(path, "no interactions (the file has no rows)")
     kinds = {f: id_kind(path, schema, f) for f in (USER, ITEM)}
     if n_items is not None and kinds[ITEM] == "str":
         raise DataError(path, f"data.n_items = {n_items} is declared, so item ids must be "
                               f"integer indexes below it, got strings", field=ITEM)
     has_time = TIME in schema.names
     tkind = time_kind(path, schema) if has_time else None
-    n_rows = pf.metadata.num_rows
-    if n_rows == 0:
-        raise DataError(path, "no interactions (the file has no rows)")
+    has_rating = RATING in schema.names
+    if ratings and has_rating:
+        check_rating_type(path, schema)
 
-    # pass 1: validate ids, collect the distinct ones
+    # pass 1: validate ids, collect the distinct ones, count the rows
     distinct = {USER: _DistinctIds(kinds[USER])}
     if n_items is None:
         distinct[ITEM] = _DistinctIds(kinds[ITEM])
-    for offset, batch in _batches(pf, path, [USER, ITEM], batch_rows):
+    n_rows = 0
+    for offset, batch in log.batches([USER, ITEM], batch_rows):
+        n_rows = offset + batch.num_rows
         for field in (USER, ITEM):
             values = id_values(batch.column(field), kinds[field], path, field, offset)
             if field in distinct:
@@ -310,18 +380,27 @@ def read_interactions(path: str | Path, n_items: int | None = None,
                     raise DataError(path, f"item id {values[bad[0]]} is not below the "
                                           f"declared data.n_items = {n_items}", field=ITEM,
                                     row=offset + int(bad[0]))
+    if n_rows == 0:
+        raise DataError(path, "no interactions (the file has no rows)")
     sorted_ids = {f: d.sorted() for f, d in distinct.items()}
+    largest = max([len(ids) for ids in sorted_ids.values()] + [n_items or 0])
+    if largest > np.iinfo(index_dtype).max:
+        index_dtype = np.int64
 
-    # pass 2: map to indexes, read timestamps
-    out = {f: np.empty(n_rows, np.int64) for f in (USER, ITEM)}
+    # pass 2: map to indexes, read timestamps (and ratings)
+    out = {f: np.empty(n_rows, index_dtype) for f in (USER, ITEM)}
     times = (np.empty(n_rows, np.float64 if tkind == "float" else np.int64)
              if has_time else None)
+    read_ratings = ratings and has_rating
+    rating_out = np.empty(n_rows, np.float32) if read_ratings else None
     mappers = {f: _StringMapper(sorted_ids[f], out[f], path, f, batch_rows)
                for f in sorted_ids if kinds[f] == "str"}
     lookups = {f: _int_lookup(ids) for f, ids in sorted_ids.items() if kinds[f] != "str"}
-    columns = [USER, ITEM] + ([TIME] if has_time else [])
-    for offset, batch in _batches(pf, path, columns, batch_rows):
+    columns = [USER, ITEM] + ([TIME] if has_time else []) + ([RATING] if read_ratings else [])
+    for offset, batch in log.batches(columns, batch_rows):
         end = offset + batch.num_rows
+        if end > n_rows:
+            raise DataError(path, "the file changed while it was being read")
         for field in (USER, ITEM):
             values = id_values(batch.column(field), kinds[field], path, field, offset)
             if field in mappers:
@@ -332,6 +411,8 @@ def read_interactions(path: str | Path, n_items: int | None = None,
                 out[field][offset:end] = values
         if has_time:
             times[offset:end] = time_values(batch.column(TIME), tkind, path, offset)
+        if read_ratings:
+            rating_out[offset:end] = rating_values(batch.column(RATING), path, offset)
     for mapper in mappers.values():
         mapper.flush()
 
@@ -342,10 +423,10 @@ def read_interactions(path: str | Path, n_items: int | None = None,
         return np.asarray(ids.to_numpy(zero_copy_only=False), dtype=object)
 
     user_ids, item_ids = originals(USER), originals(ITEM)
-    return {"users": out[USER], "items": out[ITEM], "times": times,
+    return {"users": out[USER], "items": out[ITEM], "times": times, "ratings": rating_out,
             "user_ids": user_ids, "item_ids": item_ids, "n_users": len(user_ids),
             "n_items": int(n_items) if n_items is not None else len(item_ids),
-            "rows": n_rows, "has_timestamp": has_time}
+            "rows": n_rows, "has_timestamp": has_time, "has_rating": has_rating}
 
 
 def load_parquet(path: str | Path, split: dict | None = None, n_items: int | None = None,
@@ -410,10 +491,17 @@ def save_id_maps(data: InteractionData, folder: str | Path) -> tuple[Path, Path]
     id; identity maps where the data has none). Both are written to temporary files first
     and renamed into place only when both are complete, so a failure leaves any earlier
     maps intact. Returns the two paths."""
+    return write_id_maps(folder, data.user_ids, data.n_users, data.item_ids, data.n_items)
+
+
+def write_id_maps(folder: str | Path, user_ids, n_users: int, item_ids, n_items: int
+                  ) -> tuple[Path, Path]:
+    """``save_id_maps`` from the arrays: ``user_ids`` [n_users] / ``item_ids`` [n_items]
+    original ids (int or str), or None for identity maps."""
     _, _, pq = _pa()
     folder = Path(folder)
-    targets = [(folder / USER_MAP, data.user_ids, data.n_users, USER),
-               (folder / ITEM_MAP, data.item_ids, data.n_items, ITEM)]
+    targets = [(folder / USER_MAP, user_ids, n_users, USER),
+               (folder / ITEM_MAP, item_ids, n_items, ITEM)]
     tables = [(path, _id_table(ids, n, field, path)) for path, ids, n, field in targets]
     folder.mkdir(parents=True, exist_ok=True)
     temps: list[str] = []

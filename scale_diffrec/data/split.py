@@ -70,6 +70,15 @@ def holdout_counts(counts: np.ndarray, valid: float, test: float
     return n_valid, n_test
 
 
+def leave_one_out_counts(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per user (n_valid, n_test) for leave-one-out: the last interaction to test, the one
+    before it to valid, keeping at least one in train (valid is dropped first: 2
+    interactions -> train + test, 1 -> train)."""
+    room = np.maximum(np.asarray(counts, dtype=np.int64) - 1, 0)
+    n_test = np.minimum(room, 1)
+    return np.minimum(room - n_test, 1), n_test
+
+
 def sorted_unique(values: np.ndarray) -> np.ndarray:
     """``np.unique`` by sorting (numpy >= 2.3's hash-based np.unique is several times
     slower on millions of integers)."""
@@ -124,7 +133,16 @@ def assign_splits(users: np.ndarray, n_users: int, rule: str, valid: float, test
         raise ConfigError(f"config key 'data.split.rule' must be one of {list(RULES)}, "
                           f"got {rule!r}")
     counts = np.bincount(users, minlength=n_users)
-    n_valid, n_test = holdout_counts(counts, valid, test)
+    return label_tails(order, counts, *holdout_counts(counts, valid, test))
+
+
+def label_tails(order: np.ndarray, counts: np.ndarray, n_valid: np.ndarray,
+                n_test: np.ndarray) -> np.ndarray:
+    """[n] int8 split of each interaction (0 train, 1 valid, 2 test) from ``order``, the
+    positions sorted by user and, within a user, oldest first: each user's last
+    ``n_test`` go to test, the ``n_valid`` before them to valid (``counts``,
+    ``n_valid``, ``n_test``: [n_users])."""
+    n = len(order)
     ends = np.cumsum(counts)                         # one past each user's last position
     # in sorted order each user's range ends with n_valid 1s then n_test 2s: mark the
     # steps and integrate (int8, no n-length int64 temporaries)

@@ -1,0 +1,410 @@
+"""``scale-diffrec prepare``: a raw interaction log -> a prepared dataset directory
+(prepared.py) that ``train`` reads with ``data.source: dataset``.
+
+Input: a parquet log, or CSV (``.csv``, ``.csv.gz``, ``.csv.bz2``; csv_log.py), with
+``user_id``, ``item_id`` and optionally ``rating`` and ``timestamp``, validated row by row
+as the parquet source validates its input (parquet.py): bad input is a DataError naming
+the file, the field and the 0-based row, raised before anything is written.
+
+The steps, in this order; each is a key of the prepare config (``PrepareConfig``; RecBole's
+nearest option in brackets):
+
+1. read: two streaming passes over record batches (parquet row groups / CSV blocks): the
+   distinct ids, then each row's user and item index (int32), timestamp and rating
+   (float32). Peak memory (measured in ``benchmarks/prepare.py``) is a few tens of bytes
+   per row of the log plus the distinct ids; never users x items.
+2. ``dedupe`` (``rm_dup_inter``): a (user, item) pair repeated in the log counts once.
+   ``first`` keeps its earliest occurrence (by timestamp, then by row of the log),
+   ``last`` its latest; the kept occurrence's rating and timestamp are the pair's.
+3. ``rating_threshold`` (``val_interval: {rating: "[t,inf)"}``): the pairs rated >= t
+   are the interactions; the others are dropped, or kept as natural noise (step 6).
+   null keeps every pair (no rating column needed).
+4. ``kcore.users`` / ``kcore.items`` (``user_inter_num_interval`` /
+   ``item_inter_num_interval: "[k,inf)"``): iterative k-core. Every pass removes together
+   the users with fewer than ``kcore.users`` interactions and the items with fewer than
+   ``kcore.items``, counted on what the previous pass kept, until nothing changes: the
+   result is the largest subset in which every user and item meets its bound (whatever
+   the order of removal). 0 turns a side off. Users and items left without interactions
+   are dropped; the passes are listed in stats.json.
+5. ``split`` (``eval_args``), per user:
+
+       random         a seeded (``split.seed``) random choice of ``split.valid`` /
+                      ``split.test`` fractions; independent of the log's row order
+       time           chronological: the latest to test, the ones before to valid, the
+                      oldest to train (needs ``timestamp``)
+       leave_one_out  the latest interaction to test, the one before it to valid, the
+                      rest to train (``split.valid`` / ``split.test`` unused; needs
+                      ``timestamp``)
+
+   Equal timestamps are ordered by the row of the log (the log's order is the order of
+   events). Counts per user round half up (split.py: ``holdout_counts``), and a user with
+   too few interactions keeps at least one in train: valid is shortened first, then
+   test (1 interaction: train only; 2 under leave_one_out: train and test).
+6. ``natural_noise`` (the DiffRec paper's noisy training): the pairs rated below the
+   threshold, of users and items that survived step 4, are added to train and valid only
+   (test stays clean): per user a share valid / (1 - test) of them to valid, by the
+   split's rule (random with seed ``split.seed + 1``, or the latest for ``time``); all to
+   train under ``leave_one_out``.
+
+Output: prepared.py's directory, built in a temporary sibling and renamed into place, so
+a failed run leaves nothing behind and an existing directory is replaced (only with
+``overwrite``) in one step.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..progress import log, peak_rss_mib
+from .csv_log import CsvLog
+from .errors import ConfigError, DataError
+from .parquet import BATCH_ROWS, RATING, TIME, ParquetLog, read_interactions, write_id_maps
+from .prepared import FORMAT, MANIFEST, SPLIT_FILES, STATS, VERSION
+from .split import (SPLIT_NAMES, TRAIN, assign_splits, holdout_counts, label_tails,
+                    leave_one_out_counts)
+
+CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2")
+PERCENTILES = (0, 25, 50, 75, 90, 99, 100)
+
+
+# ----------------------------------------------------------------------------- config
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class KCore(_Strict):
+    """Iterative k-core bounds (0: off)."""
+    users: int = Field(0, ge=0)
+    items: int = Field(0, ge=0)
+
+
+class SplitConfig(_Strict):
+    """Per-user split; fractions of each user's interactions (train = the rest)."""
+    rule: Literal["random", "time", "leave_one_out"] = "random"
+    valid: float = Field(0.1, gt=0, lt=1)
+    test: float = Field(0.2, gt=0, lt=1)
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _fractions_fit(self):
+        if self.valid + self.test >= 1:
+            raise ValueError(f"split.valid + split.test must be < 1, got {self.valid} + "
+                             f"{self.test}")
+        return self
+
+
+class PrepareConfig(_Strict):
+    """The prepare config (module docstring); every key optional."""
+    rating_threshold: float | None = None
+    dedupe: Literal["first", "last"] = "first"
+    kcore: KCore = Field(default_factory=KCore)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    natural_noise: bool = False
+
+    @model_validator(mode="after")
+    def _noise_needs_threshold(self):
+        if self.natural_noise and self.rating_threshold is None:
+            raise ValueError("natural_noise needs rating_threshold (the noise is the pairs "
+                             "rated below it)")
+        return self
+
+
+def load_prepare_config(path: str | Path | None = None,
+                        overrides: list[str] = ()) -> PrepareConfig:
+    """PrepareConfig from a YAML file and dotted ``key=value`` overrides (values parse as
+    YAML); ConfigError naming the file and the dotted key otherwise."""
+    from ..config import parse_override
+    raw: dict = {}
+    where = ""
+    if path is not None:
+        path, where = Path(path), f"{path}: "
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for i, key in enumerate(keys[:-1]):
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"prepare config key '{'.'.join(keys[:i + 1])}' is not "
+                                  f"a mapping")
+        node[keys[-1]] = value
+    try:
+        return PrepareConfig.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(part) for part in first["loc"])
+        msg = first["msg"].removeprefix("Value error, ")
+        if not key:
+            raise ConfigError(f"{where}prepare config: {msg}") from None
+        got = "" if first["type"] == "missing" else f", got {first.get('input')!r}"
+        raise ConfigError(f"{where}prepare config key '{key}': {msg}{got}") from None
+
+
+# ------------------------------------------------------------------------------ steps
+
+def open_log(path: str | Path):
+    """CsvLog for .csv / .csv.gz / .csv.bz2, else ParquetLog (DataError if unreadable)."""
+    path = Path(path)
+    return CsvLog(path) if path.name.lower().endswith(CSV_SUFFIXES) else ParquetLog(path)
+
+
+def pick_occurrences(users: np.ndarray, items: np.ndarray, n_items: int,
+                     times: np.ndarray | None, keep: str) -> np.ndarray:
+    """Rows [pairs] int64 of the kept occurrence of each (user, item) pair, sorted by
+    (user, item): the earliest (``keep`` 'first') or latest ('last') by (time, row);
+    by row alone when ``times`` is None."""
+    key = users.astype(np.int64) * np.int64(max(n_items, 1)) + items
+    perm = np.argsort(key, kind="stable") if times is None else np.lexsort((times, key))
+    key = key[perm]
+    edge = np.empty(len(key), bool)
+    if keep == "first":
+        edge[:1] = True
+        np.not_equal(key[1:], key[:-1], out=edge[1:])
+    else:
+        edge[-1:] = True
+        np.not_equal(key[:-1], key[1:], out=edge[:-1])
+    return perm[edge]
+
+
+def kcore(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int,
+          min_user: int, min_item: int) -> tuple[np.ndarray, list[dict]]:
+    """Iterative k-core (module docstring, step 4): a keep mask [n] and one record per
+    pass that removed something ({removed, users_below, items_below})."""
+    keep = np.ones(len(users), bool)
+    passes: list[dict] = []
+    if min_user <= 1 and min_item <= 1:
+        return keep, passes                      # every user and item present has one
+    while True:
+        u_count = np.bincount(users[keep], minlength=n_users)
+        i_count = np.bincount(items[keep], minlength=n_items)
+        drop = keep & ((u_count[users] < min_user) | (i_count[items] < min_item))
+        removed = int(drop.sum())
+        if removed == 0:
+            return keep, passes
+        keep &= ~drop
+        passes.append({"removed": removed,
+                       "users_below": int(((u_count > 0) & (u_count < min_user)).sum()),
+                       "items_below": int(((i_count > 0) & (i_count < min_item)).sum())})
+
+
+def time_order(cols: dict) -> np.ndarray:
+    """Positions sorted by user, then timestamp, then row of the log."""
+    keys = [cols["row"]] + ([cols["time"]] if "time" in cols else []) + [cols["user"]]
+    return np.lexsort(keys)
+
+
+def split_clean(cols: dict, n_users: int, split: SplitConfig) -> np.ndarray:
+    """[n] int8 split (0 train, 1 valid, 2 test) of the interactions (step 5); ``cols``
+    sorted by (user, item)."""
+    if split.rule == "random":
+        return assign_splits(cols["user"], n_users, "random", split.valid, split.test,
+                             split.seed)
+    counts = np.bincount(cols["user"], minlength=n_users)
+    tails = (leave_one_out_counts(counts) if split.rule == "leave_one_out"
+             else holdout_counts(counts, split.valid, split.test))
+    return label_tails(time_order(cols), counts, *tails)
+
+
+def split_noise(cols: dict, n_users: int, split: SplitConfig) -> np.ndarray:
+    """[n] int8 split of the natural-noise pairs: train or valid only (step 6)."""
+    if split.rule == "leave_one_out" or len(cols["user"]) == 0:
+        return np.zeros(len(cols["user"]), np.int8)
+    share = split.valid / (1.0 - split.test)
+    if split.rule == "random":
+        return assign_splits(cols["user"], n_users, "random", share, 0.0, split.seed + 1)
+    counts = np.bincount(cols["user"], minlength=n_users)
+    return label_tails(time_order(cols), counts, *holdout_counts(counts, share, 0.0))
+
+
+def _subset(cols: dict, mask: np.ndarray) -> dict:
+    return {k: v[mask] for k, v in cols.items()}
+
+
+def _percentiles(values: np.ndarray) -> dict:
+    out = {f"p{q}": float(np.percentile(values, q)) for q in PERCENTILES}
+    out["mean"] = float(values.mean())
+    return out
+
+
+def dataset_stats(cols: dict, which: np.ndarray, noise: np.ndarray, n_users: int,
+                  n_items: int) -> dict:
+    """Sizes per split (clean and noise), density and percentiles of item popularity and
+    user activity over the clean interactions (all splits)."""
+    clean = ~noise
+    sizes = {name: int(((which == s) & clean).sum()) for s, name in enumerate(SPLIT_NAMES)}
+    total = sum(sizes.values())
+    popularity = np.bincount(cols["item"][clean], minlength=n_items)
+    top = np.sort(popularity)[::-1][:max(1, int(np.ceil(0.01 * n_items)))]
+    return {"users": n_users, "items": n_items, "interactions": sizes,
+            "noise": {name: int(((which == s) & noise).sum())
+                      for s, name in enumerate(SPLIT_NAMES[:2])},
+            "density": total / (n_users * n_items),
+            "item_popularity": _percentiles(popularity),
+            "top_1pct_items_share": float(top.sum() / max(total, 1)),
+            "user_activity": _percentiles(np.bincount(cols["user"][clean],
+                                                      minlength=n_users))}
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"{out}: already exists; pass --overwrite to replace it")
+
+
+def _write(out: Path, cols: dict, which: np.ndarray, user_ids, item_ids, manifest: dict,
+           stats: dict) -> None:
+    """All files into a temporary sibling of ``out``, then renamed into place."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    old = None
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)            # mkdtemp's 0700 -> what mkdir would give
+        for s, name in enumerate(SPLIT_NAMES):
+            part = _subset(cols, which == s)
+            order = time_order(part)
+            table = {"user": part["user"][order], "item": part["item"][order]}
+            if "time" in part:
+                table["timestamp"] = part["time"][order]
+            if "rating" in part:
+                table["rating"] = part["rating"][order]
+            pq.write_table(pa.table(table), tmp / SPLIT_FILES[name],
+                           row_group_size=BATCH_ROWS)
+        write_id_maps(tmp, user_ids, len(user_ids), item_ids, len(item_ids))
+        (tmp / STATS).write_text(json.dumps(stats, indent=2) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        if old is not None and old.exists():
+            if out.exists():
+                shutil.rmtree(old)
+            else:
+                os.replace(old, out)             # the new one failed to land: restore
+
+
+def prepare(input_path: str | Path, out_dir: str | Path, cfg: PrepareConfig | None = None,
+            overwrite: bool = False, batch_rows: int = BATCH_ROWS) -> dict:
+    """Run the steps of the module docstring on ``input_path`` and write ``out_dir``.
+
+    Returns the stats written to ``out_dir/stats.json``: ``input`` (path, rows),
+    ``steps`` (duplicates, below_threshold, kcore passes and removals, noise pairs
+    dropped with their users / items), the dataset's ``users``, ``items``,
+    ``interactions`` per split, ``noise`` per split, ``density``, ``item_popularity`` /
+    ``user_activity`` percentiles, ``top_1pct_items_share``, ``seconds`` and
+    ``peak_rss_mib``. Errors (all before anything is written): ConfigError for the
+    config or an existing ``out_dir`` without ``overwrite``; DataError naming the file,
+    field and row for bad input, or for a result with an empty split.
+    """
+    start = time.perf_counter()
+    cfg = cfg or PrepareConfig()
+    out = Path(out_dir)
+    _check_target(out, overwrite)
+    source = open_log(input_path)
+    path, names = source.path, source.schema.names
+    if cfg.rating_threshold is not None and RATING not in names:
+        raise DataError(path, f"missing column: rating_threshold = {cfg.rating_threshold} "
+                              f"needs ratings (the file has {names})", field=RATING)
+    if cfg.split.rule != "random" and TIME not in names:
+        raise DataError(path, f"missing column: split.rule '{cfg.split.rule}' needs "
+                              f"timestamps (the file has {names})", field=TIME)
+
+    got = read_interactions(source, batch_rows=batch_rows, ratings=True,
+                            index_dtype=np.int32)
+    n_users, n_items, rows = got["n_users"], got["n_items"], got["rows"]
+    log.info("prepare: read %d rows (%d users, %d items) from %s", rows, n_users, n_items,
+             path)
+    kept = pick_occurrences(got["users"], got["items"], n_items, got["times"], cfg.dedupe)
+    cols = {"row": kept}
+    for key, name in (("users", "user"), ("items", "item"), ("times", "time"),
+                      ("ratings", "rating")):
+        values = got.pop(key)                    # popped: the full column is freed here
+        if values is not None:
+            cols[name] = values[kept]
+    del kept, values                             # (values: the last column popped)
+    steps = {"duplicates": rows - len(cols["row"])}
+
+    positive = (np.ones(len(cols["row"]), bool) if cfg.rating_threshold is None
+                else cols["rating"] >= cfg.rating_threshold)
+    steps["below_threshold"] = int((~positive).sum())
+    noise = _subset(cols, ~positive) if cfg.natural_noise else None
+    cols = _subset(cols, positive)
+    del positive
+
+    keep, passes = kcore(cols["user"], cols["item"], n_users, n_items, cfg.kcore.users,
+                         cfg.kcore.items)
+    steps["kcore_passes"], steps["kcore_removed"] = passes, int((~keep).sum())
+    cols = _subset(cols, keep)
+    del keep
+    if len(cols["row"]) == 0:
+        raise DataError(path, f"no interactions left after rating_threshold = "
+                              f"{cfg.rating_threshold} and kcore (users {cfg.kcore.users}, "
+                              f"items {cfg.kcore.items}) ({rows} rows read)")
+
+    user_alive = np.bincount(cols["user"], minlength=n_users) > 0
+    item_alive = np.bincount(cols["item"], minlength=n_items) > 0
+    new_user = np.cumsum(user_alive, dtype=np.int64) - 1
+    new_item = np.cumsum(item_alive, dtype=np.int64) - 1
+    user_ids, item_ids = got["user_ids"][user_alive], got["item_ids"][item_alive]
+    n_users, n_items = len(user_ids), len(item_ids)
+    if noise is not None:
+        alive = user_alive[noise["user"]] & item_alive[noise["item"]]
+        steps["noise_dropped"] = int((~alive).sum())
+        noise = _subset(noise, alive)
+    for part in (cols, noise) if noise is not None else (cols,):
+        part["user"] = new_user[part["user"]].astype(np.int32)
+        part["item"] = new_item[part["item"]].astype(np.int32)
+    del new_user, new_item, user_alive, item_alive
+
+    which = split_clean(cols, n_users, cfg.split)
+    is_noise = np.zeros(len(which), bool)
+    if noise is not None:
+        which = np.concatenate([which, split_noise(noise, n_users, cfg.split)])
+        is_noise = np.concatenate([is_noise, np.ones(len(noise["row"]), bool)])
+        cols = {k: np.concatenate([cols[k], noise[k]]) for k in cols}
+    del noise
+    stats = dataset_stats(cols, which, is_noise, n_users, n_items)
+    for name in ("valid", "test"):
+        if stats["interactions"][name] == 0:
+            raise DataError(path, f"the {name} split is empty (split.rule "
+                                  f"'{cfg.split.rule}', {stats['interactions']['train']} "
+                                  f"train interactions of {n_users} users): too few "
+                                  f"interactions per user")
+    stats = {"input": {"path": str(path), "rows": rows}, "steps": steps, **stats}
+    manifest = {"format": FORMAT, "version": VERSION, "n_users": n_users,
+                "n_items": n_items, "has_timestamp": "time" in cols,
+                "has_rating": "rating" in cols, "input": str(path),
+                "config": cfg.model_dump()}
+    stats["seconds"] = time.perf_counter() - start
+    stats["peak_rss_mib"] = peak_rss_mib()      # before writing (benchmarks/prepare.py
+                                                 # measures the whole process)
+    _write(out, cols, which, user_ids, item_ids, manifest, stats)
+    log.info("prepare: %d users, %d items, train/valid/test %s (noise %s) -> %s in %.1f s, "
+             "peak %.0f MiB", n_users, n_items, stats["interactions"], stats["noise"], out,
+             stats["seconds"], stats["peak_rss_mib"])
+    return stats
