@@ -68,7 +68,7 @@ from ..progress import log, peak_rss_mib
 from .csv_log import CsvLog
 from .errors import ConfigError, DataError
 from .parquet import BATCH_ROWS, RATING, TIME, ParquetLog, read_interactions, write_id_maps
-from .prepared import FORMAT, MANIFEST, SPLIT_FILES, STATS, VERSION
+from .prepared import FORMAT, ITEM, MANIFEST, SPLIT_FILES, STATS, USER, VERSION
 from .split import (SPLIT_NAMES, TRAIN, assign_splits, holdout_counts, label_tails,
                     leave_one_out_counts)
 
@@ -237,6 +237,13 @@ def _subset(cols: dict, mask: np.ndarray) -> dict:
     return {k: v[mask] for k, v in cols.items()}
 
 
+def _filter(cols: dict, mask: np.ndarray) -> None:
+    """``cols`` narrowed to ``mask`` in place, one column at a time (each old column is
+    freed as it is replaced, so the peak is one column more, not a second copy)."""
+    for key in list(cols):
+        cols[key] = cols[key][mask]
+
+
 def _percentiles(values: np.ndarray) -> dict:
     out = {f"p{q}": float(np.percentile(values, q)) for q in PERCENTILES}
     out["mean"] = float(values.mean())
@@ -281,16 +288,14 @@ def _write(out: Path, cols: dict, which: np.ndarray, user_ids, item_ids, manifes
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)            # mkdtemp's 0700 -> what mkdir would give
+        order = time_order(cols)
+        split_of = which[order]
+        names = {"user": USER, "item": ITEM, "time": TIME, "rating": RATING}  # file columns
         for s, name in enumerate(SPLIT_NAMES):
-            part = _subset(cols, which == s)
-            order = time_order(part)
-            table = {"user": part["user"][order], "item": part["item"][order]}
-            if "time" in part:
-                table["timestamp"] = part["time"][order]
-            if "rating" in part:
-                table["rating"] = part["rating"][order]
-            pq.write_table(pa.table(table), tmp / SPLIT_FILES[name],
-                           row_group_size=BATCH_ROWS)
+            rows = order[split_of == s]              # this split, by user, oldest first
+            table = pa.table({names[k]: cols[k][rows] for k in names if k in cols})
+            pq.write_table(table, tmp / SPLIT_FILES[name], row_group_size=BATCH_ROWS)
+            del table, rows
         write_id_maps(tmp, user_ids, len(user_ids), item_ids, len(item_ids))
         (tmp / STATS).write_text(json.dumps(stats, indent=2) + "\n")
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -340,7 +345,7 @@ def prepare(input_path: str | Path, out_dir: str | Path, cfg: PrepareConfig | No
     log.info("prepare: read %d rows (%d users, %d items) from %s", rows, n_users, n_items,
              path)
     kept = pick_occurrences(got["users"], got["items"], n_items, got["times"], cfg.dedupe)
-    cols = {"row": kept}
+    cols = {"row": kept.astype(np.int32) if rows <= np.iinfo(np.int32).max else kept}
     for key, name in (("users", "user"), ("items", "item"), ("times", "time"),
                       ("ratings", "rating")):
         values = got.pop(key)                    # popped: the full column is freed here
@@ -353,13 +358,13 @@ def prepare(input_path: str | Path, out_dir: str | Path, cfg: PrepareConfig | No
                 else cols["rating"] >= cfg.rating_threshold)
     steps["below_threshold"] = int((~positive).sum())
     noise = _subset(cols, ~positive) if cfg.natural_noise else None
-    cols = _subset(cols, positive)
+    _filter(cols, positive)
     del positive
 
     keep, passes = kcore(cols["user"], cols["item"], n_users, n_items, cfg.kcore.users,
                          cfg.kcore.items)
     steps["kcore_passes"], steps["kcore_removed"] = passes, int((~keep).sum())
-    cols = _subset(cols, keep)
+    _filter(cols, keep)
     del keep
     if len(cols["row"]) == 0:
         raise DataError(path, f"no interactions left after rating_threshold = "
@@ -375,7 +380,7 @@ def prepare(input_path: str | Path, out_dir: str | Path, cfg: PrepareConfig | No
     if noise is not None:
         alive = user_alive[noise["user"]] & item_alive[noise["item"]]
         steps["noise_dropped"] = int((~alive).sum())
-        noise = _subset(noise, alive)
+        _filter(noise, alive)
     for part in (cols, noise) if noise is not None else (cols,):
         part["user"] = new_user[part["user"]].astype(np.int32)
         part["item"] = new_item[part["item"]].astype(np.int32)

@@ -28,13 +28,13 @@ import numpy as np
 
 from .dataset import InteractionData
 from .errors import ConfigError, DataError
-from .parquet import ParquetLog, id_kind, id_values, load_id_maps, time_kind, time_values
+from .parquet import TIME, ParquetLog, id_kind, id_values, load_id_maps, time_kind, time_values
 from .split import SPLIT_NAMES, dedupe_pairs, sorted_pairs_to_csr
 
 FORMAT, VERSION = "scale_diffrec.dataset", 1
 MANIFEST, STATS = "dataset.json", "stats.json"
 SPLIT_FILES = {name: f"{name}.parquet" for name in SPLIT_NAMES}
-USER, ITEM, TIME, RATING = "user", "item", "timestamp", "rating"
+USER, ITEM = "user", "item"           # indexes; timestamp and rating keep the log's names
 
 
 def read_manifest(folder: Path) -> dict:
