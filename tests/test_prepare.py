@@ -4,6 +4,7 @@ ties, the natural-noise setting, dedupe, threshold), plus bad input and the roun
 into ``train``."""
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +18,8 @@ from scale_diffrec.data.prepare import (PrepareConfig, kcore, load_prepare_confi
                                         prepare)
 
 SPLITS = ("train", "valid", "test")
+ROOT = Path(__file__).resolve().parents[1]
+EPINIONS = ROOT / ".." / "shared" / "data" / "tang-trust" / "epinions" / "ratings.parquet"
 
 
 def write_log(path, rows, columns=("user_id", "item_id", "rating", "timestamp")):
@@ -396,3 +399,32 @@ def test_prepared_directory_errors(tmp_path):
     with pytest.raises(DataError, match=r"test\.parquet, field 'user', row 3: index 20 is "
                                         r"not below the dataset's 20 users"):
         load_data(cfg)
+
+
+def test_epinions_config_matches_an_independent_count(tmp_path, epinions=EPINIONS):
+    """configs/epinions-prepare.yaml on the real log: users, items and interactions equal
+    a direct count (first row of each (user, item) pair, rating >= 4), every user's split
+    sizes follow the 7:1:2 rounding, and the id maps give the log's ids back."""
+    if not Path(epinions).is_file():
+        pytest.skip(f"{epinions} not found (the shared Epinions log)")
+    stats = prepare(epinions, tmp_path / "ds",
+                    load_prepare_config(ROOT / "configs" / "epinions-prepare.yaml"))
+    t = pq.read_table(epinions, columns=["user_id", "item_id", "rating"])
+    u, i = t.column("user_id").to_numpy(), t.column("item_id").to_numpy()
+    r = t.column("rating").to_numpy()
+    key = u.astype(np.int64) * (int(i.max()) + 1) + i
+    _, first = np.unique(key, return_index=True)                 # first row of each pair
+    good = first[r[first] >= 4]
+    assert stats["input"]["rows"] == len(u)
+    assert stats["steps"]["duplicates"] == len(u) - len(first)
+    assert (stats["users"], stats["items"]) == (len(np.unique(u[good])), len(np.unique(i[good])))
+    assert sum(stats["interactions"].values()) == len(good)
+    data = load_data(load_config(None, ["data.source=dataset", f"data.path={tmp_path / 'ds'}"]))
+    n = np.bincount(u[good]); n = n[n > 0]                        # per user, sorted id order
+    n_test, n_valid = np.floor(0.2 * n + 0.5), np.floor(0.1 * n + 0.5)
+    assert data.test.row_lengths().tolist() == np.minimum(n_test, n - 1).tolist()
+    assert data.valid.row_lengths().tolist() == \
+        np.minimum(n_valid, np.maximum(n - 1 - n_test, 0)).tolist()
+    assert data.user_ids.tolist() == np.unique(u[good]).tolist()
+    row = data.train.row(0)
+    assert set(data.item_ids[row]) <= set(i[good][u[good] == data.user_ids[0]])
