@@ -244,6 +244,40 @@ def _filter(cols: dict, mask: np.ndarray) -> None:
         cols[key] = cols[key][mask]
 
 
+def _deduped_columns(got: dict, dedupe: str) -> dict:
+    """The kept occurrence of each pair (step 2) as columns sorted by (user, item): ``row``
+    (of the log; int32 when it fits), ``user``, ``item`` (+ ``time``, ``rating``). The
+    read's columns are popped from ``got`` and freed one by one."""
+    kept = pick_occurrences(got["users"], got["items"], got["n_items"], got["times"], dedupe)
+    cols = {"row": kept.astype(np.int32) if got["rows"] <= np.iinfo(np.int32).max else kept}
+    for key, name in (("users", "user"), ("items", "item"), ("times", "time"),
+                      ("ratings", "rating")):
+        values = got.pop(key)
+        if values is not None:
+            cols[name] = values[kept]
+        del values
+    return cols
+
+
+def _compact_ids(cols: dict, noise: dict | None, got: dict):
+    """Re-index users and items to those with an interaction left in ``cols``, in place
+    (noise pairs of the others are dropped). Returns (user_ids, item_ids, noise pairs
+    dropped): the original ids of the new indexes, still in sorted order."""
+    user_alive = np.bincount(cols["user"], minlength=got["n_users"]) > 0
+    item_alive = np.bincount(cols["item"], minlength=got["n_items"]) > 0
+    dropped = 0
+    if noise is not None:
+        alive = user_alive[noise["user"]] & item_alive[noise["item"]]
+        dropped = int((~alive).sum())
+        _filter(noise, alive)
+    new_user = np.cumsum(user_alive, dtype=np.int64) - 1
+    new_item = np.cumsum(item_alive, dtype=np.int64) - 1
+    for part in (cols, noise) if noise is not None else (cols,):
+        part["user"] = new_user[part["user"]].astype(np.int32)
+        part["item"] = new_item[part["item"]].astype(np.int32)
+    return got["user_ids"][user_alive], got["item_ids"][item_alive], dropped
+
+
 def _percentiles(values: np.ndarray) -> dict:
     out = {f"p{q}": float(np.percentile(values, q)) for q in PERCENTILES}
     out["mean"] = float(values.mean())
@@ -341,17 +375,10 @@ def prepare(input_path: str | Path, out_dir: str | Path, cfg: PrepareConfig | No
 
     got = read_interactions(source, batch_rows=batch_rows, ratings=True,
                             index_dtype=np.int32)
-    n_users, n_items, rows = got["n_users"], got["n_items"], got["rows"]
-    log.info("prepare: read %d rows (%d users, %d items) from %s", rows, n_users, n_items,
-             path)
-    kept = pick_occurrences(got["users"], got["items"], n_items, got["times"], cfg.dedupe)
-    cols = {"row": kept.astype(np.int32) if rows <= np.iinfo(np.int32).max else kept}
-    for key, name in (("users", "user"), ("items", "item"), ("times", "time"),
-                      ("ratings", "rating")):
-        values = got.pop(key)                    # popped: the full column is freed here
-        if values is not None:
-            cols[name] = values[kept]
-    del kept, values                             # (values: the last column popped)
+    rows = got["rows"]
+    log.info("prepare: read %d rows (%d users, %d items) from %s", rows, got["n_users"],
+             got["n_items"], path)
+    cols = _deduped_columns(got, cfg.dedupe)
     steps = {"duplicates": rows - len(cols["row"])}
 
     positive = (np.ones(len(cols["row"]), bool) if cfg.rating_threshold is None
@@ -361,8 +388,8 @@ def prepare(input_path: str | Path, out_dir: str | Path, cfg: PrepareConfig | No
     _filter(cols, positive)
     del positive
 
-    keep, passes = kcore(cols["user"], cols["item"], n_users, n_items, cfg.kcore.users,
-                         cfg.kcore.items)
+    keep, passes = kcore(cols["user"], cols["item"], got["n_users"], got["n_items"],
+                         cfg.kcore.users, cfg.kcore.items)
     steps["kcore_passes"], steps["kcore_removed"] = passes, int((~keep).sum())
     _filter(cols, keep)
     del keep
@@ -370,21 +397,10 @@ def prepare(input_path: str | Path, out_dir: str | Path, cfg: PrepareConfig | No
         raise DataError(path, f"no interactions left after rating_threshold = "
                               f"{cfg.rating_threshold} and kcore (users {cfg.kcore.users}, "
                               f"items {cfg.kcore.items}) ({rows} rows read)")
-
-    user_alive = np.bincount(cols["user"], minlength=n_users) > 0
-    item_alive = np.bincount(cols["item"], minlength=n_items) > 0
-    new_user = np.cumsum(user_alive, dtype=np.int64) - 1
-    new_item = np.cumsum(item_alive, dtype=np.int64) - 1
-    user_ids, item_ids = got["user_ids"][user_alive], got["item_ids"][item_alive]
+    user_ids, item_ids, noise_dropped = _compact_ids(cols, noise, got)
     n_users, n_items = len(user_ids), len(item_ids)
     if noise is not None:
-        alive = user_alive[noise["user"]] & item_alive[noise["item"]]
-        steps["noise_dropped"] = int((~alive).sum())
-        _filter(noise, alive)
-    for part in (cols, noise) if noise is not None else (cols,):
-        part["user"] = new_user[part["user"]].astype(np.int32)
-        part["item"] = new_item[part["item"]].astype(np.int32)
-    del new_user, new_item, user_alive, item_alive
+        steps["noise_dropped"] = noise_dropped
 
     which = split_clean(cols, n_users, cfg.split)
     is_noise = np.zeros(len(which), bool)
