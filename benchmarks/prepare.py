@@ -56,7 +56,7 @@ def generate_step(path: str, rows: int, users: int, items: int, seed: int = 0) -
     group = 1_000_000
     schema = pa.schema([("user_id", pa.int64()), ("item_id", pa.int64()),
                         ("rating", pa.int8()), ("timestamp", pa.int64())])
-    users_per_group = max(1, round(users * group / rows))
+    users_per_group = max(1, round(users * min(group, rows) / rows))
     with pq.ParquetWriter(path, schema) as writer:
         for g, start in enumerate(range(0, rows, group)):
             n = min(group, rows - start)

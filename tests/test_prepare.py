@@ -4,6 +4,8 @@ ties, the natural-noise setting, dedupe, threshold), plus bad input and the roun
 into ``train``."""
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -428,3 +430,22 @@ def test_epinions_config_matches_an_independent_count(tmp_path, epinions=EPINION
     assert data.user_ids.tolist() == np.unique(u[good]).tolist()
     row = data.train.row(0)
     assert set(data.item_ids[row]) <= set(i[good][u[good] == data.user_ids[0]])
+
+
+def test_prepare_benchmark_runs_on_a_small_synthetic_log(tmp_path):
+    out = tmp_path / "prepare.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "prepare.py"),
+                           "--rows", "30000", "--users", "500", "--items", "400",
+                           "--epinions", str(tmp_path / "absent.parquet"),
+                           "--workdir", str(tmp_path / "work"), "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["log"] == "synthetic" and run["rows"] == 30000
+    assert run["peak_rss_mib"] >= run["import_rss_mib"] > 0 and run["seconds"] > 0
+    # every row is accounted for: duplicates, below 4, k-core, or in the dataset
+    steps = run["steps"]
+    kept = sum(run["interactions"].values())
+    assert steps["duplicates"] + steps["below_threshold"] + steps["kcore_removed"] + kept \
+        == 30000
+    assert sum(run["noise"].values()) + steps["noise_dropped"] == steps["below_threshold"]
