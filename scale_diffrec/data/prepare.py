@@ -325,11 +325,16 @@ def _write(out: Path, cols: dict, which: np.ndarray, user_ids, item_ids, manifes
         order = time_order(cols)
         split_of = which[order]
         names = {"user": USER, "item": ITEM, "time": TIME, "rating": RATING}  # file columns
+        keys = [k for k in names if k in cols]
+        schema = pa.schema([(names[k], pa.from_numpy_dtype(cols[k].dtype)) for k in keys])
         for s, name in enumerate(SPLIT_NAMES):
             rows = order[split_of == s]              # this split, by user, oldest first
-            table = pa.table({names[k]: cols[k][rows] for k in names if k in cols})
-            pq.write_table(table, tmp / SPLIT_FILES[name], row_group_size=BATCH_ROWS)
-            del table, rows
+            with pq.ParquetWriter(tmp / SPLIT_FILES[name], schema) as writer:
+                for start in range(0, len(rows), BATCH_ROWS):    # a row group at a time
+                    chunk = rows[start:start + BATCH_ROWS]
+                    writer.write_table(pa.Table.from_arrays([cols[k][chunk] for k in keys],
+                                                            schema=schema))
+            del rows
         write_id_maps(tmp, user_ids, len(user_ids), item_ids, len(item_ids))
         (tmp / STATS).write_text(json.dumps(stats, indent=2) + "\n")
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -407,7 +412,8 @@ def prepare(input_path: str | Path, out_dir: str | Path, cfg: PrepareConfig | No
     if noise is not None:
         which = np.concatenate([which, split_noise(noise, n_users, cfg.split)])
         is_noise = np.concatenate([is_noise, np.ones(len(noise["row"]), bool)])
-        cols = {k: np.concatenate([cols[k], noise[k]]) for k in cols}
+        for key in cols:                         # one column at a time: one extra copy
+            cols[key] = np.concatenate([cols[key], noise.pop(key)])
     del noise
     stats = dataset_stats(cols, which, is_noise, n_users, n_items)
     for name in ("valid", "test"):
