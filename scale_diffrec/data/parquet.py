@@ -415,6 +415,7 @@ def read_interactions(source, n_items: int | None = None, batch_rows: int = BATC
             rating_out[offset:end] = rating_values(batch.column(RATING), path, offset)
     for mapper in mappers.values():
         mapper.flush()
+    _pa()[0].default_memory_pool().release_unused()  # the batches' memory, before sorts
 
     def originals(field):
         ids = sorted_ids.get(field)

@@ -172,7 +172,7 @@ def pick_occurrences(users: np.ndarray, items: np.ndarray, n_items: int,
     by row alone when ``times`` is None."""
     key = users.astype(np.int64) * np.int64(max(n_items, 1)) + items
     perm = np.argsort(key, kind="stable") if times is None else np.lexsort((times, key))
-    key = key[perm]
+    key.sort()                                   # == key[perm], without a second copy
     edge = np.empty(len(key), bool)
     if keep == "first":
         edge[:1] = True
