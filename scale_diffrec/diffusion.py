@@ -138,6 +138,33 @@ class GaussianDiffusion:
         return (_gather(self.posterior_coef_x0, t, x_t) * x_start
                 + _gather(self.posterior_coef_xt, t, x_t) * x_t)
 
+    def reverse_coefficients(self) -> tuple[float, np.ndarray]:
+        """How ``p_sample`` without sampling noise combines its inputs, as (m, a): its
+        result is ``m * x_T + sum_i a[i] * output_i``, with x_T the reverse process's start
+        and output_i [B, D] the model's output at reverse step i (a: [T] float64).
+
+        Every reverse step is affine with the same scalar coefficients for all rows (the
+        posterior mean, and for "eps" the x0 rebuilt from the noise), so the result is a
+        fixed linear combination. "x0": a = e_0, m = 0 (the last output itself); "eps":
+        m != 0 and every a[i] may be non-zero (and negative: x0 = (x_t - sigma eps) / alpha).
+        """
+        unit = np.eye(self.steps)
+        m, a = 1.0, np.zeros(self.steps)
+        for i in reversed(range(self.steps)):
+            if self.noise_scale == 0:
+                m, a = 0.0, unit[i]
+                continue
+            if self.mean_type == "x0":
+                pred_m, pred_a = 0.0, unit[i]
+            else:
+                alpha, sigma = math.sqrt(self.alpha_bar[i]), math.sqrt(1 - self.alpha_bar[i])
+                pred_m, pred_a = m / alpha, a / alpha - unit[i] * sigma / alpha
+            if i == 0:
+                return pred_m, pred_a
+            c0, ct = float(self.posterior_coef_x0[i]), float(self.posterior_coef_xt[i])
+            m, a = c0 * pred_m + ct * m, c0 * pred_a + ct * a
+        return m, a
+
     def p_sample(self, model, x_start: torch.Tensor, steps: int,
                  sampling_noise: bool = False) -> torch.Tensor:
         """Reverse process from x_start [B, D] noised to ``steps`` - 1 (steps = 0: as is).

@@ -32,13 +32,13 @@ renamed into place; validated on load.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .data.errors import ConfigError, DataError
+from .files import atomic_write
+from .optional import require_faiss
 
 META_KEY = b"scale_diffrec.partition"
 FORMAT_VERSION = 1
@@ -112,12 +112,8 @@ class Partition:
                               f"(a multiple of items / clusters), got {capacity}")
         if n_clusters == 1:
             return Partition.single(n_items)
-        try:
-            import faiss
-        except ImportError:
-            raise ConfigError("config key 'ldiffrec.n_clusters': the k-means partition needs "
-                              "faiss: pip install 'scale-diffrec[cpu]' (or [gpu]), or give a "
-                              "saved partition in ldiffrec.partition") from None
+        faiss = require_faiss("config key 'ldiffrec.n_clusters': the k-means partition",
+                              alternative="give a saved partition in ldiffrec.partition")
         # on the GPUs when faiss has GPU support and sees one (faiss-gpu), else the CPU
         km = faiss.Kmeans(emb.shape[1], n_clusters, niter=int(niter), seed=int(seed),
                           verbose=False, min_points_per_centroid=1,
@@ -137,7 +133,7 @@ class Partition:
 
     # ---------------------------------------------------------------- artifact
     def save(self, path: str | Path) -> None:
-        """Write the artifact atomically (temporary sibling, then os.replace)."""
+        """Write the artifact atomically (``files.atomic_write``)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
         path = Path(path)
@@ -147,14 +143,7 @@ class Partition:
         table = pa.table({"item": pa.array(np.arange(self.n_items, dtype=np.int64)),
                           "cluster": pa.array(self.cluster_of.astype(np.int32))})
         table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            pq.write_table(table, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
     @staticmethod
     def load(path: str | Path, n_items: int | None = None) -> "Partition":

@@ -122,6 +122,7 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False) -> dict:
     set_matmul_precision(cfg["precision"])
     partition = prepare_partition(cfg, data, run_dir)
     model = build_model(cfg, data.n_items, partition)    # refuses a bad model config
+    state = runs.load_checkpoint(run_dir, "last") if resume else None      # and the checkpoint
     run_dir.mkdir(parents=True, exist_ok=True)
     runs.write_config(run_dir, cfg)
     log.info("device %s (device: %s), precision %s", describe(device), cfg["device"],
@@ -133,8 +134,7 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False) -> dict:
     progress = Progress()
     record = {"history": [], "best": -1.0, "best_epoch": 0, "valid": {}}
     if resume:
-        state = runs.load_checkpoint(run_dir, "last")
-        model.load_state_dict(state["model"])
+        runs.load_model_state(model, state["model"], runs.checkpoint_path(run_dir, "last"))
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
         progress = Progress(epoch=state["epoch"], step=state["step"])

@@ -165,7 +165,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
     monkeypatch.setattr(pq, "write_table", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(DataError, match=r"partition.parquet: cannot write: disk full$"):
         Partition.single(p.n_items).save(path)
     assert path.read_bytes() == before
     assert [f.name for f in tmp_path.iterdir()] == ["partition.parquet"]

@@ -13,7 +13,7 @@ from scale_diffrec.cli import main
 from scale_diffrec.config import load_config
 from scale_diffrec.data.errors import DataError
 from scale_diffrec.evaluate import evaluate, evaluate_topk
-from scale_diffrec.retrieval import Retriever, export
+from scale_diffrec.retrieval import Retriever, export, resolve
 from scale_diffrec.runs import load_run
 from scale_diffrec.train import train
 
@@ -144,25 +144,25 @@ def test_original_ids_of_parquet_data_come_back(tmp_path):
 
 def test_corrupted_or_mismatched_bundles_are_refused(tmp_path):
     run = trained(tmp_path, "diffrec")
-    folder = export(run, tmp_path / "index")
+    folder = resolve(export(run, tmp_path / "index"))
     tower = folder / "query_tower.pt"
     good = tower.read_bytes()
     tower.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
     with pytest.raises(DataError, match="query_tower.pt: checksum mismatch"):
-        Retriever.load(folder)
+        Retriever.load(folder.parent)
     tower.write_bytes(good)
     manifest_path = folder / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest_path.write_text(json.dumps({**manifest, "version": 99}))
     with pytest.raises(DataError, match="manifest.json.*version"):
-        Retriever.load(folder)
+        Retriever.load(folder.parent)
     manifest_path.write_text(json.dumps({**manifest, "n_items": manifest["n_items"] + 1}))
     with pytest.raises(DataError, match="item ids but the manifest says"):
-        Retriever.load(folder)
+        Retriever.load(folder.parent)
     manifest["heads"][0]["units"][0]["dim"] += 1
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="dimension"):
-        Retriever.load(folder)
+        Retriever.load(folder.parent)
 
 
 def test_failed_export_keeps_the_earlier_bundle(tmp_path, monkeypatch):
@@ -177,7 +177,7 @@ def test_failed_export_keeps_the_earlier_bundle(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         export(run, folder)
     assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".index")] == []
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []
 
 
 def test_cli_export_and_recommend(tmp_path, capsys):
@@ -199,7 +199,7 @@ def test_cli_export_and_recommend(tmp_path, capsys):
     assert table["user"] == [5] * 5 + [9] * 5 and table["rank"] == [1, 2, 3, 4, 5] * 2
     assert table["item"][:5] == one["items"]
     capsys.readouterr()
-    (index / "manifest.json").write_text("{}")
+    (resolve(index) / "manifest.json").write_text("{}")
     assert main(["recommend", "--index", str(index), "--items", "1", "-k", "5"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "manifest.json" in err and "Traceback" not in err

@@ -18,3 +18,11 @@ class DataError(ValueError):
 
 class ConfigError(ValueError):
     """A config key that is unknown, missing or of the wrong kind; names the dotted key."""
+
+
+class NoSpaceError(DataError):
+    """A write that ran out of disk space; ``str(err)`` reads 'no space left on PATH'."""
+
+    def __init__(self, path):
+        self.path, self.field, self.row = str(path), None, None
+        ValueError.__init__(self, f"no space left on {path}")

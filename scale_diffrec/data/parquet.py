@@ -333,6 +333,14 @@ class _StringMapper:
         self.pending, self.rows = [], 0
 
 
+def check_columns(path: Path, schema) -> None:
+    """DataError naming the first of user_id, item_id that ``schema`` lacks."""
+    for field in (USER, ITEM):
+        if field not in schema.names:
+            raise DataError(path, f"missing column (the file has {schema.names})",
+                            field=field)
+
+
 def read_interactions(source, n_items: int | None = None, batch_rows: int = BATCH_ROWS,
                       ratings: bool = False, index_dtype=np.int64) -> dict:
     """Validate and index every row of ``source`` (a parquet path, a ``ParquetLog`` or a
@@ -347,10 +355,7 @@ def read_interactions(source, n_items: int | None = None, batch_rows: int = BATC
     """
     log = source if hasattr(source, "batches") else ParquetLog(source)
     path, schema = log.path, log.schema
-    for field in (USER, ITEM):
-        if field not in schema.names:
-            raise DataError(path, f"missing column (the file has {schema.names})",
-                            field=field)
+    check_columns(path, schema)
     if log.num_rows == 0:
         raise DataError(path, "no interactions (the file has no rows)")
     kinds = {f: id_kind(path, schema, f) for f in (USER, ITEM)}
@@ -461,14 +466,17 @@ def load_parquet(path: str | Path, split: dict | None = None, n_items: int | Non
 
 # ---------------------------------------------------------------------------- id maps
 
-def default_mode(path) -> None:
-    """Give a mkstemp file (0600) the mode a plain open() would (0666 minus the umask)."""
+def default_mode(path, directory: bool = False) -> None:
+    """Give a mkstemp file (0600) or mkdtemp folder (0700) the mode a plain open() or
+    mkdir() would: 0666 (folders 0777) minus the umask."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
 
 
-def _id_table(ids, n: int, field: str, path: Path):
+def id_table(ids, n: int, field: str, path: Path):
+    """The id map ``index`` -> ``field`` (int64 or large_string column, no pickles) of
+    ``ids`` [n] (None: the identity); DataError naming ``path`` for other id types."""
     pa, _, _ = _pa()
     if ids is None:
         ids = np.arange(n, dtype=np.int64)
@@ -503,7 +511,7 @@ def write_id_maps(folder: str | Path, user_ids, n_users: int, item_ids, n_items:
     folder = Path(folder)
     targets = [(folder / USER_MAP, user_ids, n_users, USER),
                (folder / ITEM_MAP, item_ids, n_items, ITEM)]
-    tables = [(path, _id_table(ids, n, field, path)) for path, ids, n, field in targets]
+    tables = [(path, id_table(ids, n, field, path)) for path, ids, n, field in targets]
     folder.mkdir(parents=True, exist_ok=True)
     temps: list[str] = []
     try:
@@ -527,7 +535,9 @@ def _py(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _read_id_map(path: Path, field: str) -> np.ndarray:
+def read_id_map(path: Path, field: str) -> np.ndarray:
+    """``ids[index]`` of an id map written from ``id_table``: int64, or object array of
+    str; DataError naming the file, column and row for a malformed map."""
     pa, _, pq = _pa()
     pf = open_parquet(path)
     for col in ("index", field):
@@ -567,4 +577,4 @@ def load_id_maps(folder: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """(user_ids, item_ids) as written by ``save_id_maps``: ``ids[index]`` is the original
     id (int64 array, or object array of str)."""
     folder = Path(folder)
-    return _read_id_map(folder / USER_MAP, USER), _read_id_map(folder / ITEM_MAP, ITEM)
+    return read_id_map(folder / USER_MAP, USER), read_id_map(folder / ITEM_MAP, ITEM)

@@ -9,11 +9,12 @@ Retrieval identity (DESIGN.md, "Retrieval"): each model's output layer is linear
 scores split into *heads*. Head h covers the items ``items_h`` [I_h] with a weight
 [I_h, d_h] and a bias [I_h]; for a batch the model gives a query [B, d_h] per head, and
 
-    score(batch)[:, items_h] == query(batch)[h] @ weight_h.T + bias_h
+    score(batch)[:, items_h] == query(batch)[h] @ weight_h.T + bias_h + seen_scale * batch
 
-exactly (same float ops up to summation order). One head for DiffRec's last layer,
-Mult-VAE's decoder, or L-DiffRec's global linear decoder; one head per cluster for
-L-DiffRec with per-cluster decoders.
+(up to float rounding; ``seen_scale`` is 0 except for DiffRec with mean_type "eps", whose
+score adds the input itself). One head for DiffRec's last layer, Mult-VAE's decoder, or
+L-DiffRec's global linear decoder; one head per cluster for L-DiffRec with per-cluster
+decoders. A model setting whose scores are not of this form says why in ``export_error``.
 """
 from __future__ import annotations
 
@@ -62,6 +63,14 @@ class Recommender(nn.Module):
         """The linear heads of the scores; a model without them does not define this
         (``evaluate.has_linear_heads``) and cannot be exported to a FAISS bundle."""
         raise NotImplementedError
+
+    #: the score of an item the row holds minus its head's inner product, per unit of input
+    seen_scale: float = 0.0
+
+    def export_error(self) -> str | None:
+        """None when the scores are the heads' inner products (module docstring), else one
+        line saying why this model setting cannot be exported as an index."""
+        return None
 
     @torch.no_grad()
     def score_chunks(self, batch: SparseRows, chunk: int):

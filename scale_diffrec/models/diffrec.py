@@ -1,8 +1,14 @@
 """DiffRec: diffusion directly on the interaction vector x_0 in R^I (Wang et al. 2023).
 
 Training: t, weights ~ step sampler; loss = mean_b weights_b * w_t * ||x_0 - f(x_t, t)||^2 / I.
-Scoring: the reverse process from x_0 (noised to ``sampling_steps``), whose final step
-returns f(x_1', 0) = last_layer(hidden): one retrieval head over all items.
+Scoring: the reverse process from x_0 (noised to ``sampling_steps``). Its result is a fixed
+linear combination m x_T + sum_i a_i f_i of its start and the denoiser's outputs
+(``GaussianDiffusion.reverse_coefficients``; "x0": the last output f_0 itself). Each f_i is
+last_layer(h_i) = h_i W.T + b, so for every item the row does not hold (x_T = 0 there, when
+the start is the history itself: sampling_steps 0, no sampling noise) the score is
+(sum_i a_i h_i) W.T + (sum_i a_i) b: one retrieval head over all items, whose query is
+sum_i a_i h_i and whose bias is (sum_i a_i) b. Held items add ``seen_scale`` m times their
+input value.
 """
 from __future__ import annotations
 
@@ -39,19 +45,17 @@ class DiffRec(Recommender):
         self.sampler.update_with_local_losses(t, terms["raw"])
         return {"loss": terms["loss"].mean()}
 
-    def _final_hidden(self, batch: SparseRows) -> torch.Tensor:
-        """[B, d]: hidden of the last reverse step, whose last layer gives the scores."""
-        last_input = {}
-
-        def remember(module, args):
-            last_input["h"] = args[0]
-        hook = self.denoiser.last_layer.register_forward_pre_hook(remember)
+    def _hiddens(self, batch: SparseRows) -> list[torch.Tensor]:
+        """[B, d] inputs of the last layer at every reverse step, in step order T-1 .. 0."""
+        hiddens = []
+        hook = self.denoiser.last_layer.register_forward_pre_hook(
+            lambda module, args: hiddens.append(args[0]))
         try:
             self.diffusion.p_sample(self.denoiser, batch.dense(), self.sampling_steps,
                                     self.sampling_noise)
         finally:
             hook.remove()
-        return last_input["h"]
+        return hiddens
 
     @torch.no_grad()
     def score(self, batch: SparseRows) -> torch.Tensor:
@@ -60,9 +64,30 @@ class DiffRec(Recommender):
 
     @torch.no_grad()
     def query(self, batch: SparseRows) -> dict[str, torch.Tensor]:
-        return {"items": self._final_hidden(batch)}
+        """sum_i a[i] h_i over the reverse steps (``GaussianDiffusion.reverse_coefficients``):
+        the score of every item the row does not hold is linear in the last layer."""
+        _, a = self.diffusion.reverse_coefficients()
+        hiddens = self._hiddens(batch)[::-1]                 # step order 0 .. T-1
+        used = [i for i in range(len(hiddens)) if a[i] != 0]
+        return {"items": sum(float(a[i]) * hiddens[i] for i in used)}
+
+    @property
+    def seen_scale(self) -> float:
+        return self.diffusion.reverse_coefficients()[0]
+
+    def export_error(self) -> str | None:
+        m = self.seen_scale
+        if m != 0 and (self.sampling_steps > 0 or self.sampling_noise):
+            return (f"DiffRec with diffusion.mean_type={self.diffusion.mean_type} and "
+                    f"diffusion.sampling_steps={self.sampling_steps}, sampling_noise="
+                    f"{str(self.sampling_noise).lower()} scores items by the noised input "
+                    f"plus the last layer, which is not a linear head of item vectors; "
+                    f"export needs diffusion.sampling_steps=0 and sampling_noise=false")
+        return None
 
     def item_heads(self) -> list[ItemHead]:
+        """The last layer (W, b) as one head; for "eps" the bias is scaled by sum_i a[i]."""
         last = self.denoiser.last_layer
+        scale = float(self.diffusion.reverse_coefficients()[1].sum())
         return [ItemHead("items", torch.arange(self.n_items, device=last.weight.device),
-                         last.weight.detach(), last.bias.detach())]
+                         last.weight.detach(), last.bias.detach() * scale)]

@@ -2,8 +2,19 @@
 
 DESIGN.md, "Retrieval": every model's output layer is linear, so its top-K over the
 catalogue is a maximum-inner-product search of [query, 1] against item vectors [W_i, b_i].
+The names below are imported on first use, so that ``scale_diffrec`` runs without faiss
+(``optional``) until a bundle is exported or served.
 """
-from .bundle import export, read_manifest
-from .retriever import Retriever
+from __future__ import annotations
 
-__all__ = ["Retriever", "export", "read_manifest"]
+import importlib
+
+_WHERE = {"Retriever": ".retriever", "export": ".bundle", "read_manifest": ".bundle",
+          "resolve": ".bundle"}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_WHERE[name], __name__), name)

@@ -6,16 +6,20 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.errors import ConfigError, DataError
+from ..data.csr import CSR
+from ..data.errors import ConfigError
 from ..progress import log
 
 
 def cmd_export(args) -> int:
     from ..runs import load_run
-    from .bundle import export
-    from .index import DEFAULTS
-    params = {key: getattr(args, key) for key in DEFAULTS[args.index]
-              if getattr(args, key, None) is not None}
+    from .params import DEFAULTS, check_params, check_setting
+    given = {key for params in DEFAULTS.values() for key in params}
+    params = check_params(args.index, {key: getattr(args, key) for key in given
+                                       if getattr(args, key, None) is not None})
+    check_setting("shards", args.shards)
+    from .bundle import check_target, export      # needs faiss: says so in one line
+    check_target(Path(args.out))
     run = load_run(args.run, checkpoint=args.checkpoint, device=args.device)
     out = export(run, args.out, kind=args.index, params=params, shards=args.shards,
                  use_gpu=args.use_gpu)
@@ -25,66 +29,78 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _read_histories(path: Path) -> tuple[np.ndarray, list[np.ndarray]]:
-    """(user ids, histories) from a parquet of user_id, item_id rows (file order = time)."""
-    import pyarrow.parquet as pq
-    try:
-        table = pq.read_table(path, columns=["user_id", "item_id"])
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such histories file") from None
-    except Exception as err:     # pyarrow raises several types for bad files
-        raise DataError(path, f"not a readable parquet file with columns user_id, item_id "
-                              f"({err})") from None
-    users = table.column("user_id").to_numpy()
-    items = table.column("item_id").to_numpy()
-    order = np.argsort(users, kind="stable")
-    unique, starts = np.unique(users[order], return_index=True)
-    return unique, np.split(items[order], starts[1:])
+def read_histories(path: Path, retriever) -> tuple[np.ndarray, CSR]:
+    """(user ids [U], histories CSR [U, I]) from a parquet of user_id, item_id (+ timestamp)
+    rows, validated by the training reader's rules (``data.parquet``); an item
+    the bundle does not know names the file, field and row. No rows: no users."""
+    from ..data.parquet import ITEM, check_columns, open_parquet, read_interactions
+    pf = open_parquet(path)
+    check_columns(path, pf.schema_arrow)
+    if pf.metadata.num_rows == 0:
+        return np.zeros(0, np.int64), retriever.rows_csr(np.zeros(0, np.int64), [])
+    got = read_interactions(path)
+    # users in id order; each user's rows by timestamp when the file has one, else in file
+    # order (as training orders them)
+    order = (np.argsort(got["users"], kind="stable") if got["times"] is None
+             else np.lexsort((got["times"], got["users"])))
+    indexes = retriever.lookup(got["item_ids"][got["items"][order]], path, rows=order,
+                               field=ITEM)
+    return got["user_ids"], retriever.rows_csr(indexes, np.bincount(got["users"]))
 
 
 def _write_recommendations(path: Path, users, items: np.ndarray, scores: np.ndarray) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from ..runs import atomic_write
+    from ..files import atomic_write
     k = items.shape[1]
-    keep = (items >= 0).ravel() if items.size else np.zeros(0, bool)
-    table = pa.table({"user": np.repeat(np.asarray(users), k)[keep],
-                      "rank": np.tile(np.arange(1, k + 1), len(users))[keep],
-                      "item": items.ravel()[keep], "score": scores.ravel()[keep]})
+    keep = np.isfinite(scores).ravel()
+    user_type = pa.large_string() if np.asarray(users).dtype == object else pa.int64()
+    item_type = pa.large_string() if items.dtype == object else pa.int64()
+    table = pa.table({"user": pa.array(np.repeat(np.asarray(users), k)[keep], user_type),
+                      "rank": pa.array(np.tile(np.arange(1, k + 1), len(users))[keep],
+                                       pa.int64()),
+                      "item": pa.array(items.ravel()[keep], item_type),
+                      "score": pa.array(scores.ravel()[keep], pa.float32())})
     atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def cmd_recommend(args) -> int:
-    from .retriever import Retriever
+    from .params import check_setting
     if (args.items is None) == (args.histories is None):
         raise ConfigError("give either --items ID,ID,... or --histories FILE.parquet")
+    if args.histories is not None and args.out is None:
+        raise ConfigError("--histories needs --out RECS.parquet")
+    if args.out is not None and Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out}: is a folder; give the parquet file to write")
+    for key in ("k", "batch_size", "nprobe", "ef_search"):
+        check_setting(key, getattr(args, key))
+    from .retriever import Retriever              # needs faiss: says so in one line
     retriever = Retriever.load(args.index, device=args.device)
     if args.nprobe is not None or args.ef_search is not None:
         retriever.set_search(args.nprobe, args.ef_search)
+    exclude = not args.include_seen
     if args.items is not None:
-        history = [int(x) for x in args.items.split(",") if x.strip()]
-        items, scores = retriever.recommend([history], args.k, not args.include_seen,
-                                            args.brute_force)
-        print(json.dumps({"items": items[0][items[0] >= 0].tolist(),
-                          "scores": [round(float(s), 6) for s in scores[0][items[0] >= 0]]}))
+        rows = retriever.histories_csr([retriever.parse_ids(args.items)], source="--items")
+        idx, scores = retriever.recommend_indexes(rows, args.k, exclude, args.brute_force)
+        keep = idx[0] >= 0
+        print(json.dumps({"items": retriever.item_ids[idx[0][keep]].tolist(),
+                          "scores": [round(float(s), 6) for s in scores[0][keep]]}))
         return 0
-    if args.out is None:
-        raise ConfigError("--histories needs --out RECS.parquet")
-    users, histories = _read_histories(Path(args.histories))
+    users, rows = read_histories(Path(args.histories), retriever)
     items, scores = [], []
-    for start in range(0, len(histories), args.batch_size):
-        i, s = retriever.recommend(histories[start:start + args.batch_size], args.k,
-                                   not args.include_seen, args.brute_force)
+    for start in range(0, rows.n_rows, args.batch_size):
+        part = rows.take_rows(np.arange(start, min(start + args.batch_size, rows.n_rows)))
+        i, s = retriever.recommend_indexes(part, args.k, exclude, args.brute_force)
         items.append(i), scores.append(s)
-    _write_recommendations(Path(args.out), users, np.concatenate(items) if items else
-                           np.zeros((0, args.k), np.int64),
+    idx = np.concatenate(items) if items else np.zeros((0, args.k), np.int64)
+    _write_recommendations(Path(args.out), users, retriever.item_ids[np.maximum(idx, 0)],
                            np.concatenate(scores) if scores else np.zeros((0, args.k)))
     print(json.dumps({"users": len(users), "out": args.out}))
     return 0
 
 
 def register(sub) -> None:
-    from .index import INDEX_TYPES
+    from .params import INDEX_TYPES
     p = sub.add_parser("export", help="write a FAISS index bundle of a trained run")
     p.add_argument("--run", required=True, help="run directory (scale-diffrec train --out)")
     p.add_argument("--out", required=True, help="bundle directory to write")

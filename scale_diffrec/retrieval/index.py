@@ -32,7 +32,8 @@ Index types (``kind``) and their parameters (``params``, defaults in ``DEFAULTS`
     hnsw   IndexHNSWFlat(IP): M, ef_construction, ef_search (CPU only: FAISS has no GPU HNSW)
     ivfpq  IndexIVFPQ(IP): nlist, nprobe, pq_m, pq_nbits
 A unit too small for its kind (IVF-PQ with fewer than 2**pq_nbits items) falls back to
-flat; ``resolve_params`` records what each unit really is.
+flat; ``resolve_params`` records what each unit really is. Every setting is range-checked
+first (``params``).
 """
 from __future__ import annotations
 
@@ -40,19 +41,14 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import faiss
 import numpy as np
 
 from ..data.csr import CSR
+from ..optional import require_faiss
+from .params import DEFAULTS, INDEX_TYPES, SEARCH_PARAMS, check_params, check_setting
 
-INDEX_TYPES = ("flat", "ivf", "hnsw", "ivfpq")
-DEFAULTS = {
-    "flat": {},
-    "ivf": {"nlist": None, "nprobe": 16},
-    "hnsw": {"M": 32, "ef_construction": 80, "ef_search": 128},
-    "ivfpq": {"nlist": None, "nprobe": 16, "pq_m": 16, "pq_nbits": 8},
-}
-SEARCH_PARAMS = {"ivf": ("nprobe",), "ivfpq": ("nprobe",), "hnsw": ("ef_search",), "flat": ()}
+faiss = require_faiss("exporting or serving an index bundle")
+
 GPU_KINDS = ("flat", "ivf", "ivfpq")
 L2_KINDS = ("ivf", "ivfpq")   # searched by L2 over norm-augmented vectors
 GPU_MAX_K = 2048            # FAISS GPU k-selection limit; larger searches use the CPU copy
@@ -143,13 +139,7 @@ def resolve_params(kind: str, n: int, params: dict | None) -> tuple[str, dict]:
     """(kind, full parameters) for a unit of ``n`` items: defaults filled in, nlist
     chosen and capped so every list gets >= 39 training points, IVF-PQ on fewer than
     2**pq_nbits items replaced by flat."""
-    if kind not in INDEX_TYPES:
-        raise ValueError(f"unknown index type '{kind}' (expected one of {INDEX_TYPES})")
-    params = dict(params or {})
-    unknown = set(params) - set(DEFAULTS[kind])
-    if unknown:
-        raise ValueError(f"index '{kind}' has no parameter(s) {sorted(unknown)} "
-                         f"(it takes {sorted(DEFAULTS[kind])})")
+    params = check_params(kind, params)
     full = {**DEFAULTS[kind], **{k: v for k, v in params.items() if v is not None}}
     if kind == "ivfpq" and n < 2 ** int(full["pq_nbits"]):
         return "flat", {}
@@ -184,7 +174,7 @@ def build_index(vectors: np.ndarray, kind: str, params: dict, use_gpu: bool = Fa
     """A CPU index of ``kind`` holding ``vectors`` [n, dim] (row i gets label i).
 
     With ``use_gpu`` the index is trained and filled on the GPU, then copied back to CPU
-    (``index_gpu_to_cpu``), ready for ``faiss.write_index``. ``params`` must be resolved
+    (``index_gpu_to_cpu``), ready to be serialised. ``params`` must be resolved
     (``resolve_params``).
     """
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -241,7 +231,8 @@ class SearchUnit:
 
     def set_search(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
         """Override nprobe / ef_search (None keeps the current value)."""
-        override = {"nprobe": nprobe, "ef_search": ef_search}
+        override = {"nprobe": check_setting("nprobe", nprobe),
+                    "ef_search": check_setting("ef_search", ef_search)}
         for key in SEARCH_PARAMS[self.kind]:
             if override[key] is not None:
                 self.params[key] = int(override[key])

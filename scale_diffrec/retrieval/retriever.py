@@ -9,14 +9,20 @@ tower (the model rebuilt from the bundle's config and weights) turns the histori
 query per head; FAISS searches each unit for ``k`` plus the most seen items any user of the
 batch has in that unit, so after dropping seen items at least ``k`` candidates remain per
 unit, and the merged top-``k`` is exact for flat indexes (``index.search_units``).
-``brute_force=True`` ranks the model's full output instead, for checking.
+``brute_force=True`` ranks the model's full output instead, for checking. With seen items
+kept (``exclude_seen=False``) a model whose held items score off its heads (``seen_scale``:
+DiffRec predicting the noise) has them scored exactly here and merged.
+
+Ids are the bundle's kind, integers or strings (``item_ids.parquet``); an id of the other
+kind or not in the catalogue is a DataError naming where it came from (a histories file
+and its row, ``--items`` and its position). ``load`` resolves the bundle's current version
+once and reads only its files (``bundle``), so it never mixes two exports.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
 
-import faiss
 import numpy as np
 import torch
 
@@ -26,8 +32,14 @@ from ..data.errors import DataError
 from ..data.time_weights import time_weights
 from ..device import model_device, resolve_device
 from ..models import build_model
-from .bundle import CONFIG, ITEM_IDS, PARTITION, TOWER, read_manifest
-from .index import SearchUnit, gpu_available, query_vectors, search_units, to_gpu
+from ..runs import first_line, load_model_state
+from .bundle import (CONFIG, ITEM_IDS, MANIFEST, PARTITION, TOWER, read_item_ids, read_manifest,
+                     resolve)
+from .index import (SearchUnit, faiss, gpu_available, merge_topk, query_vectors,
+                    search_units, to_gpu)
+from .params import check_setting
+
+RETRIES = 3      # re-resolutions when exports remove the version a load had resolved
 
 
 class Retriever:
@@ -36,6 +48,7 @@ class Retriever:
         self.folder, self.manifest, self.cfg, self.model = folder, manifest, cfg, model
         self.item_ids, self.units = item_ids, units
         self.n_items = len(item_ids)
+        self.id_kind = "str" if item_ids.dtype == object else "int"
         self.head_dims = {h["name"]: h["units"][0]["dim"] for h in manifest["heads"]}
         self.unit_of = np.empty(self.n_items, np.int64)
         for u, unit in enumerate(units):
@@ -46,14 +59,27 @@ class Retriever:
     @classmethod
     def load(cls, folder: str | Path, use_gpu="auto", verify: bool = True,
              device: str = "auto") -> "Retriever":
-        """Open a bundle: manifest and checksums, query tower (on ``device``: auto = CUDA
-        when torch sees a GPU, see ``device.resolve_device``), FAISS units (on the GPU when
-        faiss has one and ``use_gpu`` allows)."""
+        """Open the bundle's current version (``bundle.resolve``, read once): manifest and
+        checksums, query tower (on ``device``: auto = CUDA when torch sees a GPU, see
+        ``device.resolve_device``), FAISS units (on the GPU when faiss has one and
+        ``use_gpu`` allows). Every file comes from that one version; if newer exports
+        remove it while it is being read, the load starts again from the then current one."""
         folder = Path(folder)
+        for attempt in range(RETRIES + 1):
+            version = resolve(folder)
+            try:
+                return cls._load_version(version, use_gpu, verify, device)
+            except (DataError, FileNotFoundError):
+                if version.is_dir() or attempt == RETRIES:
+                    raise
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _load_version(cls, folder: Path, use_gpu, verify: bool, device: str) -> "Retriever":
         manifest = read_manifest(folder, verify)
         n_items = int(manifest["n_items"])
         cfg = load_config(folder / CONFIG)
-        item_ids = np.load(folder / ITEM_IDS)
+        item_ids = read_item_ids(folder)
         if len(item_ids) != n_items:
             raise DataError(folder / ITEM_IDS, f"{len(item_ids)} item ids but the manifest "
                                                f"says {n_items} items")
@@ -62,21 +88,25 @@ class Retriever:
             from ..partition import Partition
             partition = Partition.load(folder / PARTITION, n_items=n_items)
         model = build_model(cfg, n_items, partition)
-        model.load_state_dict(torch.load(folder / TOWER, map_location="cpu", weights_only=True))
+        load_model_state(model, torch.load(folder / TOWER, map_location="cpu",
+                                           weights_only=True), folder / TOWER)
         model.to(resolve_device(device)).eval()
         gpu = gpu_available() if use_gpu == "auto" else bool(use_gpu)
         units = [cls._load_unit(folder, head, unit, gpu)
                  for head in manifest["heads"] for unit in head["units"]]
         covered = sum(len(u.items) for u in units)
         if covered != n_items:
-            raise DataError(folder / "manifest.json", f"the units hold {covered} items but "
-                                                      f"the bundle has {n_items}")
+            raise DataError(folder / MANIFEST, f"the units hold {covered} items but the "
+                                               f"bundle has {n_items}")
         return cls(folder, manifest, cfg, model, item_ids, units)
 
     @staticmethod
     def _load_unit(folder: Path, head: dict, unit: dict, gpu: bool) -> SearchUnit:
         path = folder / "units" / f"{unit['name']}.faiss"
-        index = faiss.read_index(str(path))
+        try:
+            index = faiss.deserialize_index(np.fromfile(path, dtype=np.uint8))
+        except RuntimeError as err:         # unverified (verify=False) and damaged
+            raise DataError(path, f"not a readable FAISS index ({first_line(err)})") from None
         items = np.load(folder / "units" / f"{unit['name']}.items.npy")
         if index.d != unit["dim"] or index.ntotal != unit["n_items"] or len(items) != index.ntotal:
             raise DataError(path, f"index holds {index.ntotal} vectors of dimension {index.d}, "
@@ -85,31 +115,73 @@ class Retriever:
                           to_gpu(index, unit["kind"]) if gpu else None)
 
     # ------------------------------------------------------------------ ids
-    def to_indexes(self, ids: Sequence) -> np.ndarray:
-        """Original item ids -> item indexes; an unknown id is a DataError naming it."""
-        ids = np.asarray(ids, dtype=self.item_ids.dtype)
-        pos = np.searchsorted(self.item_ids, ids, sorter=self._index_of)
-        pos = np.minimum(pos, self.n_items - 1)
-        found = self._index_of[pos]
-        bad = self.item_ids[found] != ids
-        if bad.any():
-            raise DataError(self.folder / ITEM_IDS, f"unknown item id {ids[bad][0].item()} "
-                                                    f"(not in the exported catalogue)")
-        return found
+    def parse_ids(self, text: str) -> list:
+        """'12,40,7' -> ids of this bundle's kind (int or str); DataError for a
+        non-integer where the bundle's ids are integers."""
+        parts = [x.strip() for x in text.split(",") if x.strip()]
+        if self.id_kind == "str":
+            return parts
+        for pos, part in enumerate(parts):
+            try:
+                int(part)
+            except ValueError:
+                raise DataError("--items", f"item id {part!r} is not an integer (the "
+                                           f"bundle's item ids are integers)",
+                                row=pos) from None
+        return [int(x) for x in parts]
 
-    def histories_csr(self, histories: Sequence[Sequence]) -> CSR:
-        """[B, I] rows of the histories (original ids, oldest first); values 1, or the
-        T-DiffRec recency weights when the model was trained with them."""
-        rows = np.repeat(np.arange(len(histories)), [len(h) for h in histories])
-        cols = (self.to_indexes(np.concatenate([np.asarray(h) for h in histories]))
-                if len(rows) else np.zeros(0, np.int64))
-        values = np.ones(len(rows), np.float32)
+    def lookup(self, ids: Sequence, source, rows: np.ndarray | None = None,
+               field: str | None = None) -> np.ndarray:
+        """Original item ids [n] -> item indexes [n]. An id of the wrong kind or not in the
+        catalogue is a DataError naming ``source`` (a file, '--items', 'histories'),
+        ``field`` and the row (``rows[j]`` for id j; j by default)."""
+        where = lambda j: int(rows[j]) if rows is not None else j        # noqa: E731
+        if isinstance(ids, np.ndarray) and ids.dtype.kind in "iu" and self.id_kind == "int":
+            values = ids.astype(np.int64)
+        else:
+            values = np.empty(len(ids), dtype=object)
+            values[:] = list(ids)
+            want = str if self.id_kind == "str" else (int, np.integer)
+            for j, v in enumerate(values):
+                if not isinstance(v, want) or isinstance(v, (bool, np.bool_)):
+                    kind = "strings" if self.id_kind == "str" else "integers"
+                    raise DataError(source, f"item id {v!r} is a {type(v).__name__}; the "
+                                            f"bundle's item ids are {kind}", field=field,
+                                    row=where(j))
+            if self.id_kind == "int":
+                values = values.astype(np.int64)
+        if not len(values):
+            return np.zeros(0, np.int64)
+        pos = np.minimum(np.searchsorted(self.item_ids, values, sorter=self._index_of),
+                         self.n_items - 1)
+        found = self._index_of[pos]
+        bad = np.flatnonzero(self.item_ids[found] != values)
+        if len(bad):
+            v = values[bad[0]]
+            raise DataError(source, f"unknown item id {v.item() if isinstance(v, np.generic) else v!r} "
+                                    f"(not in the catalogue of the bundle {self.folder.parent})",
+                            field=field, row=where(bad[0]))
+        return found.astype(np.int64)
+
+    def histories_csr(self, histories: Sequence[Sequence], source="histories") -> CSR:
+        """[B, I] rows of the histories (original ids, oldest first; ``rows_csr``). An
+        unknown id names ``source`` and its position in the concatenated histories."""
+        cols = self.lookup([x for h in histories for x in h], source)
+        return self.rows_csr(cols, [len(h) for h in histories])
+
+    def rows_csr(self, items: np.ndarray, lengths: Sequence[int]) -> CSR:
+        """[B, I] rows of item indexes ``items`` (rows concatenated, oldest first) with
+        ``lengths`` [B]; values 1, or the T-DiffRec recency weights when the model was
+        trained with them."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        r = np.repeat(np.arange(len(lengths)), lengths)
+        values = np.ones(len(r), np.float32)
         tw = self.cfg["data"]["time_weights"]
-        if tw:
-            indptr = np.concatenate([[0], np.cumsum([len(h) for h in histories])])
-            order = np.concatenate([np.arange(len(h)) for h in histories]) if len(rows) else rows
+        if tw and len(r):
+            indptr = np.concatenate([[0], np.cumsum(lengths)])
+            order = np.arange(len(r)) - np.repeat(indptr[:-1], lengths)
             values = time_weights(indptr, order, float(tw["w_min"]), float(tw["w_max"]))
-        return CSR.from_pairs(rows, cols, len(histories), self.n_items, values)
+        return CSR.from_pairs(r, items, len(lengths), self.n_items, values)
 
     # ------------------------------------------------------------------ serving
     def set_search(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
@@ -125,6 +197,7 @@ class Retriever:
         Excluded: the rows' own items (``exclude_seen``), or the items of ``exclude`` [B, I]
         when given (e.g. train + valid items when ranking for the test split).
         """
+        k = check_setting("k", k)
         batch = rows.to_torch(model_device(self.model))
         seen = exclude if exclude is not None else (rows if exclude_seen else None)
         if brute_force:
@@ -137,13 +210,44 @@ class Retriever:
             return items.numpy(), top.numpy()
         queries = {name: query_vectors(q.cpu().float().numpy(), self.head_dims[name])
                    for name, q in self.model.query(batch).items()}
+        if seen is None and self.model.seen_scale != 0 and rows.nnz:
+            # held items score seen_scale * value above their inner product (models.base):
+            # the index ranks the other items, the held ones are scored here and merged
+            items, scores = search_units(self.units, queries, k, rows, self.unit_of)
+            held_items, held_scores = self._held_candidates(rows, queries)
+            return merge_topk(np.concatenate([items, held_items], 1),
+                              np.concatenate([scores, held_scores], 1), k)
         return search_units(self.units, queries, k, seen, self.unit_of)
+
+    def _held_candidates(self, rows: CSR, queries: dict) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's own items [B, L] (-1 padding) with their exact scores [B, L]."""
+        lengths = rows.row_lengths()
+        r = np.repeat(np.arange(rows.n_rows), lengths)
+        cols = rows.indices.astype(np.int64)
+        scores = np.zeros(len(cols), np.float32)
+        for head in self.model.item_heads():
+            row_of = np.full(self.n_items, -1, np.int64)
+            row_of[head.items.cpu().numpy()] = np.arange(len(head.items))
+            sel = row_of[cols] >= 0
+            vectors = torch.cat([head.weight, head.bias[:, None]], 1).cpu().float().numpy()
+            vectors = vectors[row_of[cols[sel]]]
+            scores[sel] = np.einsum("ij,ij->i", queries[head.name][r[sel], :vectors.shape[1]],
+                                    vectors)
+        scores += np.float32(self.model.seen_scale) * rows.values.astype(np.float32)
+        width = int(lengths.max(initial=0))
+        items = np.full((rows.n_rows, width), -1, np.int64)
+        padded = np.full((rows.n_rows, width), -np.inf, np.float32)
+        col = np.arange(len(cols)) - np.repeat(rows.indptr[:-1], lengths)
+        items[r, col], padded[r, col] = cols, scores
+        return items, padded
 
     def recommend(self, histories: Sequence[Sequence], k: int = 20, exclude_seen: bool = True,
                   brute_force: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k original item ids [B, k] and scores [B, k] for histories of original ids;
-        slots beyond the catalogue's unseen items hold id -1 and score -inf."""
+        """Top-k original item ids [B, k] and scores [B, k] for histories of original ids
+        (ints or strs, as the bundle's); slots beyond the catalogue's unseen items hold
+        score -inf and id -1 (None for string ids)."""
         idx, scores = self.recommend_indexes(self.histories_csr(histories), k, exclude_seen,
                                              brute_force)
-        ids = np.where(idx >= 0, self.item_ids[np.maximum(idx, 0)], -1)
+        ids = self.item_ids[np.maximum(idx, 0)]
+        ids[idx < 0] = None if self.id_kind == "str" else -1
         return ids, scores
