@@ -80,8 +80,11 @@ def topk_excluding(scores: torch.Tensor, exclude: CSR | Sequence[CSR] | None, k:
 
 
 def has_linear_heads(model: Recommender) -> bool:
-    """Whether the model's scores are linear heads (``Recommender.item_heads``)."""
-    return type(model).item_heads is not Recommender.item_heads
+    """Whether the model's scores are its linear heads (``Recommender.item_heads``) for
+    every item it ranks: it defines heads and its setting is exportable
+    (``Recommender.export_error``; e.g. not DiffRec eps from a noised start)."""
+    return (type(model).item_heads is not Recommender.item_heads
+            and model.export_error() is None)
 
 
 def score_chunks(model: Recommender, batch, heads: list | None, chunk: int):

@@ -84,14 +84,14 @@ def export(run, out: str | Path, kind: str = "flat", params: dict | None = None,
     bundle, NoSpaceError.
     """
     from ..evaluate import has_linear_heads
-    if not has_linear_heads(run.model):
-        raise ConfigError(f"model '{run.cfg['model']}' is not MIPS-servable: its scores are a "
-                          f"history times an item x item matrix, not inner products of a query "
-                          f"and item vectors; rank it with `scale-diffrec evaluate`")
     out = Path(out)
     reason = run.model.export_error()
     if reason is not None:
         raise ConfigError(f"cannot export {run.run_dir}: {reason}")
+    if not has_linear_heads(run.model):
+        raise ConfigError(f"model '{run.cfg['model']}' is not MIPS-servable: its scores are a "
+                          f"history times an item x item matrix, not inner products of a query "
+                          f"and item vectors; rank it with `scale-diffrec evaluate`")
     bad = next((name for name, p in run.model.state_dict().items()
                 if p.is_floating_point() and not torch.isfinite(p).all()), None)
     if bad is not None:
