@@ -235,3 +235,72 @@ def test_zero_hybrid_model_equals_single_process(zero_results, stage):
 def test_deepspeed_initialize_takes_seconds(zero_results):
     for r, res in enumerate(zero_results):
         assert res["init_s"][STAGES[0]] < 30, res["init_s"]  # seconds, no op compilation
+
+
+# ----------------------------------------------------------------------------- resharding
+def _mlp_steps(engine, world, rank, steps):
+    from scale_diffrec.parallel.plan import split_rows
+    from scale_diffrec.parallel.zero import hybrid_backward
+    splits = split_rows(B, world)
+    rows = slice(sum(splits[:rank]), sum(splits[:rank + 1]))
+    for step in steps:
+        x, y = _mlp_data(step)
+        hybrid_backward(engine, ((engine(x[rows]) - y[rows]) ** 2).sum() / B)
+        engine.step()
+
+
+def _zero_saved_then_loaded(rank, world, stage, saved):
+    """``saved`` None: STEPS steps from the start; else load ``saved`` (written by another
+    world size) into a fresh engine and take 2 more steps. Returns (parameters, the whole
+    AdamW state per parameter name), both from ``gathered_state_dict`` /
+    ``full_optimizer_state``."""
+    from scale_diffrec.parallel.zero import (full_optimizer_state, gathered_state_dict,
+                                             init_denoiser_engine, load_denoiser_state)
+    # the resumed engine starts from other values than the saved ones
+    engine = init_denoiser_engine(_mlp(seed=0 if saved is None else 1), OPT, stage)
+    if saved is None:
+        _mlp_steps(engine, world, rank, range(STEPS))
+    else:
+        load_denoiser_state(engine, *saved)
+        _mlp_steps(engine, world, rank, range(STEPS, STEPS + 2))
+    return gathered_state_dict(engine), full_optimizer_state(engine)
+
+
+def _adamw_reference(steps):
+    from scale_diffrec.checkpoint import optimizer_state
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters(), **OPT)
+    for step in range(steps):
+        x, y = _mlp_data(step)
+        opt.zero_grad()
+        ((model(x) - y) ** 2).sum(1).mean().backward()
+        opt.step()
+    return ({k: v.detach() for k, v in model.state_dict().items()},
+            optimizer_state(opt, list(model.named_parameters())))
+
+
+def _assert_state(got, want):
+    assert set(got) == set(want)
+    for k, v in want.items():
+        if isinstance(v, dict):
+            _assert_state(got[k], v)
+        else:
+            torch.testing.assert_close(got[k], v, rtol=RTOL, atol=ATOL, msg=k)
+
+
+@pytest.mark.parametrize("stage, before, after", [(1, 2, 3), (2, 3, 2), (3, 2, 1), (0, 1, 2)])
+def test_zero_state_written_by_w_workers_resumes_on_w_prime(stage, before, after):
+    """The consolidated state equals one process's AdamW state, and loading it on another
+    number of ranks continues exactly as one process does."""
+    ref_saved, ref_after = _adamw_reference(STEPS), _adamw_reference(STEPS + 2)
+    saved = run_distributed(_zero_saved_then_loaded, before, args=(stage, None),
+                            env={"DS_ACCELERATOR": "cpu"}, timeout=240)
+    for params, optimizer in saved:
+        _assert_state(params, ref_saved[0])
+        _assert_state(optimizer, ref_saved[1])
+    assert ref_saved[1]["0.weight"]["step"] == STEPS
+    resumed = run_distributed(_zero_saved_then_loaded, after, args=(stage, saved[0]),
+                              env={"DS_ACCELERATOR": "cpu"}, timeout=240)
+    for params, optimizer in resumed:
+        _assert_state(params, ref_after[0])
+        _assert_state(optimizer, ref_after[1])

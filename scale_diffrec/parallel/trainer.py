@@ -5,24 +5,30 @@ placement plan (clusters -> workers, DESIGN.md "Hybrid parallelism"), writes the
 directory, joins or starts a Ray cluster and runs a ``TorchTrainer`` with W workers. Each
 worker runs ``train_loop``: a ``ShardedRun`` (parallel/worker.py) with its clusters, the
 epoch loop of the single-process trainer (validation every ``eval_every`` epochs, early
-stopping on ``select_metric``, test metrics of the best epoch) and one Ray checkpoint per
-epoch in which EVERY rank stores its own shard. Rank 0 logs the progress and finally writes
-the run directory exactly as the single-process trainer does, so ``scale-diffrec evaluate``
+stopping on ``select_metric``, test metrics of the best epoch) and one checkpoint per
+epoch, sharded by cluster (``scale_diffrec.checkpoint``): every rank writes its clusters'
+part, rank 0 the rest and, once every part is on disk, the manifest that makes it
+complete; only then is the epoch reported to Ray. Rank 0 logs the progress and finally
+writes the run directory as the single-process trainer does, so ``scale-diffrec evaluate``
 and ``runs.load_run`` work on distributed runs:
 
     RUN_DIR/config.yaml, partition.parquet       as for one process
     RUN_DIR/plan.json                            the placement plan (Plan.to_dict)
-    RUN_DIR/checkpoints/ray/epoch_NNNN/shard_R.pt   rank R's shard_state after epoch NNNN,
-                                                 with the run record (Ray keeps the latest
-                                                 and the best epoch)
+    RUN_DIR/checkpoints/sharded/epoch_NNNN/      the sharded checkpoint of epoch NNNN (the
+                                                 latest complete one and the best are kept)
+    RUN_DIR/checkpoints/ray/                     Ray Train's own run state
     RUN_DIR/checkpoints/last.pt, best.pt         {"model": the single-process LDiffRec
                                                  state_dict, ...}, written at the end
     RUN_DIR/metrics.json                         as for one process, plus plan, workers and
                                                  per-worker peak memory
 
-Failures: a worker that dies makes Ray restart the whole group (``distributed.max_failures``
-times) from the latest checkpoint (``ray.train.get_checkpoint()``); ``resume=True`` starts a
-new fit on the same storage, which Ray restores from the latest checkpoint it recorded.
+The checkpoint content does not depend on the number of workers: a run resumes with any W'
+(1 included: ``scale_diffrec.train`` reads it too), and a W'-worker run resumes from a
+single-process ``last.pt``. Failures: a worker that dies makes Ray restart the whole group
+(``distributed.max_failures`` times), and every restart, like ``resume=True``, continues
+from the newest complete checkpoint in RUN_DIR. Not from ``ray.train.get_checkpoint()``:
+Ray registers a reported checkpoint asynchronously, so a worker killed right after a report
+would be restarted from an older one; nor does Ray hold the checkpoints, for the same reason.
 For several machines RUN_DIR must be shared storage (NFS): workers read the partition from it
 and rank 0 writes the run files into it.
 """
@@ -31,15 +37,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from .. import runs
+from .. import checkpoint, runs
 from ..config import absolute_paths
 from ..data import load_data
 from ..data.errors import ConfigError
@@ -52,8 +56,7 @@ from .plan import Plan, plan_placement
 
 PLAN = "plan.json"
 RAY_NAME = "ray"                  # Ray Train's run name: RUN_DIR/checkpoints/ray
-FAULT_ENV = "SCALE_DIFFREC_TEST_FAULT"   # test hook, see _start_fault_hook
-NO_SCORE = -1.0                   # checkpoint score of epochs that set no new best
+FAULT_ENV = "SCALE_DIFFREC_TEST_FAULT"   # test hook, see _fault_after_report
 
 
 # ============================================================================ the driver
@@ -128,8 +131,9 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
     return env
 
 
-def _prepare_run_dir(cfg: dict, run_dir: Path, n_workers: int, resume: bool):
-    """config.yaml, partition.parquet and plan.json; on resume, the plan must be unchanged."""
+def _prepare_run_dir(cfg: dict, run_dir: Path, n_workers: int):
+    """config.yaml, partition.parquet and plan.json (on resume with another number of
+    workers or placement, the new plan: checkpoints are not tied to one)."""
     data = load_data(cfg)          # validates the input before anything is written
     run_dir.mkdir(parents=True, exist_ok=True)
     runs.write_config(run_dir, cfg)
@@ -138,11 +142,7 @@ def _prepare_run_dir(cfg: dict, run_dir: Path, n_workers: int, resume: bool):
     if not saved.is_file() or Partition.load(saved, n_items=data.n_items) != partition:
         partition.save(saved)
     plan = build_plan(cfg, partition, n_workers)
-    plan_file = run_dir / PLAN
-    if resume and plan_file.is_file() and Plan.from_json(plan_file.read_text()) != plan:
-        raise ConfigError(f"{plan_file}: the run was trained with another placement; resume "
-                          f"it with the same distributed.workers and distributed.placement")
-    runs.write_json(plan_file, plan.to_dict())
+    runs.write_json(run_dir / PLAN, plan.to_dict())
     log.info("data %s: %d users x %d items, %d train interactions",
              data.name, data.n_users, data.n_items, data.train.nnz)
     log.info("%s", plan.describe())
@@ -153,24 +153,24 @@ def _storage(run_dir: Path) -> Path:
     return run_dir / runs.CHECKPOINTS
 
 
-def _check_storage(run_dir: Path, resume: bool) -> None:
-    """A fresh run starts from empty Ray storage; a resumed one needs an epoch checkpoint."""
-    ray_dir = _storage(run_dir) / RAY_NAME
-    if not resume:
-        shutil.rmtree(ray_dir, ignore_errors=True)
-    elif not any(ray_dir.glob("epoch_*")):
-        raise FileNotFoundError(f"{ray_dir}: no distributed checkpoint to resume from")
+def _clear_storage(run_dir: Path) -> None:
+    """A fresh run starts without the checkpoints and Ray state of an earlier one."""
+    shutil.rmtree(_storage(run_dir) / RAY_NAME, ignore_errors=True)
+    checkpoint.clear(run_dir)
 
 
 def train_distributed(cfg: dict, run_dir: str | Path, resume: bool = False) -> dict:
     """Train L-DiffRec on ``distributed.workers`` Ray Train workers; returns metrics.json."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     run_dir = Path(run_dir).resolve()
     n_workers = check_workers(cfg)       # before any data, file or Ray process
     cfg = absolute_paths(cfg)            # the workers run in other directories
-    plan = _prepare_run_dir(cfg, run_dir, n_workers, resume)
-    _check_storage(run_dir, resume)
+    if resume and checkpoint.latest(run_dir) is None:
+        raise FileNotFoundError(f"{_storage(run_dir)}: no checkpoint to resume from")
+    plan = _prepare_run_dir(cfg, run_dir, n_workers)
+    if not resume:
+        _clear_storage(run_dir)
     started = connect(cfg)
     try:
         use_gpu = resolve_use_gpu(cfg["distributed"]["use_gpu"], n_workers)
@@ -185,10 +185,6 @@ def train_distributed(cfg: dict, run_dir: str | Path, resume: bool = False) -> d
             run_config=RunConfig(
                 name=RAY_NAME, storage_path=str(_storage(run_dir)),
                 failure_config=FailureConfig(max_failures=int(cfg["distributed"]["max_failures"])),
-                # keep the best-scoring epoch (the run's best) besides the latest one
-                checkpoint_config=CheckpointConfig(num_to_keep=1,
-                                                   checkpoint_score_attribute="best_score",
-                                                   checkpoint_score_order="max"),
                 worker_runtime_env={"env_vars": worker_env(use_gpu)}))
         trainer.fit()
     finally:
@@ -199,42 +195,45 @@ def train_distributed(cfg: dict, run_dir: str | Path, resume: bool = False) -> d
 
 
 # ============================================================================ each worker
-def _shard_file(rank: int) -> str:
-    return f"shard_{rank:03d}.pt"
-
-
-def _epoch_dir(epoch: int) -> str:
-    return f"epoch_{epoch:04d}"
-
-
 def _new_record() -> dict:
     """The single-process trainer's record, plus the epochs training resumed at."""
     return {"history": [], "best": -1.0, "best_epoch": 0, "valid": {}, "resumed_at": []}
 
 
-def _restore(run, checkpoint, rank: int) -> dict:
-    """Load this rank's shard from a Ray checkpoint (restart or resume); returns the record."""
-    if checkpoint is None:
+def _restore(run, source, rank: int) -> dict:
+    """Continue from ``source`` (the newest complete checkpoint; None: start); returns the
+    record."""
+    if source is None:
         return _new_record()
-    with checkpoint.as_directory() as path:
-        state = torch.load(Path(path) / _shard_file(rank), map_location="cpu",
-                           weights_only=False)
-    run.load_shard_state(state["shard"])
+    record = run.load_state(source)["record"]
     if rank == 0:
-        log.info("resumed from %s at epoch %d", checkpoint.path, run.progress.epoch)
-    record = state["record"]
-    record["resumed_at"].append(run.progress.epoch)
+        log.info("resumed from %s at epoch %d", source.path, run.progress.epoch)
+    record.setdefault("resumed_at", []).append(run.progress.epoch)
     return record
 
 
-def _report(run, record: dict, rank: int, entry: dict, best_score: float) -> None:
-    """One Ray checkpoint per epoch; every rank writes its own shard into it."""
+def _save(run, record: dict, rank: int, run_dir: Path) -> None:
+    """This epoch's sharded checkpoint, complete (its manifest written) on return on every
+    rank."""
+    epoch = run.progress.epoch
+    name = checkpoint.part_file(rank)
+    checkpoint.save_part(run_dir, epoch, name, run.catalogue_state())
+    common = run.common_state()
+    if rank == 0:
+        checkpoint.save_part(run_dir, epoch, checkpoint.COMMON, {**common, "record": record})
+    parts = [None] * run.world
+    dist.all_gather_object(parts, (name, run.clusters))     # every part is on disk
+    if rank == 0:
+        checkpoint.mark_complete(run_dir, epoch, dict(parts), keep=(record["best_epoch"],))
+    dist.barrier()                                           # and the manifest
+
+
+def _report(run, record: dict, rank: int, entry: dict, run_dir: Path) -> None:
+    """The epoch's checkpoint, then its metrics to Ray."""
     import ray.train
-    with tempfile.TemporaryDirectory(prefix="sdr-ckpt-") as tmp:
-        torch.save({"shard": run.shard_state(), "record": record}, Path(tmp) / _shard_file(rank))
-        metrics = {"epoch": entry["epoch"], "loss": entry["loss"], "best_score": best_score}
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=_epoch_dir(entry["epoch"]))
+    _save(run, record, rank, run_dir)
+    ray.train.report({"epoch": entry["epoch"], "loss": entry["loss"]})
+    _fault_after_report(rank, entry["epoch"])
 
 
 def _stopped(record: dict, epochs_done: int, cfg: dict) -> bool:
@@ -242,30 +241,20 @@ def _stopped(record: dict, epochs_done: int, cfg: dict) -> bool:
     return record["best_epoch"] > 0 and epochs_done - record["best_epoch"] >= cfg["patience"]
 
 
-def _start_fault_hook(run, rank: int) -> None:
-    """Test hook: with ``SCALE_DIFFREC_TEST_FAULT=RANK:STEP:MARKER`` rank RANK creates the file
-    MARKER and exits (os._exit(1)) as soon as its global step reaches STEP and Ray has
-    registered the checkpoints reported so far, unless MARKER already exists: the run fails
-    once, mid-epoch, and Ray restarts it from the last checkpoint."""
+def _fault_after_report(rank: int, epoch: int) -> None:
+    """Test hook: with ``SCALE_DIFFREC_TEST_FAULT=RANK:EPOCH:MARKER`` rank RANK creates the
+    file MARKER and exits (os._exit(1)) right after reporting epoch EPOCH, unless MARKER
+    already exists: the run fails once, and Ray restarts it."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
-    fault_rank, step, marker = spec.split(":", 2)
-    if int(fault_rank) != rank or os.path.exists(marker):
-        return
-
-    def watch():
-        import ray.train
-        while run.progress.step < int(step):
-            time.sleep(0.001)
-        ray.train.get_all_reported_checkpoints()
+    fault_rank, fault_epoch, marker = spec.split(":", 2)
+    if (int(fault_rank), int(fault_epoch)) == (rank, epoch) and not os.path.exists(marker):
         Path(marker).touch()
         os._exit(1)
 
-    threading.Thread(target=watch, name="fault-hook", daemon=True).start()
 
-
-def _epoch_loop(run, cfg: dict, record: dict, rank: int) -> None:
+def _epoch_loop(run, cfg: dict, record: dict, rank: int, run_dir: Path) -> None:
     """The single-process trainer's epochs (train.train), sharded; updates ``record``."""
     say = log.info if rank == 0 else (lambda *a: None)
     metric = cfg["select_metric"]
@@ -282,18 +271,16 @@ def _epoch_loop(run, cfg: dict, record: dict, rank: int) -> None:
         eta = (time.perf_counter() - started) / (epoch + 1 - first_epoch) * (
             cfg["epochs"] - epoch - 1)
         line = f"epoch {epoch + 1}/{cfg['epochs']} | loss {loss:.4f} | {seconds:.1f} s"
-        best_score = NO_SCORE
         if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == cfg["epochs"]:
             valid = run.evaluate("valid")
             entry["valid"] = {k: valid[k] for k in ("recall@20", "ndcg@20") if k in valid}
             line += f" | valid recall@20 {valid['recall@20']:.4f} ndcg@20 {valid['ndcg@20']:.4f}"
             if valid[metric] > record["best"]:
                 record.update(best=valid[metric], best_epoch=epoch + 1, valid=valid)
-                best_score = float(valid[metric])
                 line += " *"
         record["history"].append(entry)
         say("%s | ETA %s | peak RSS %.0f MiB", line, format_seconds(eta), peak_rss_mib())
-        _report(run, record, rank, entry, best_score)
+        _report(run, record, rank, entry, run_dir)
         if _stopped(record, epoch + 1, cfg):
             say("early stop: no better valid %s for %d epochs (best epoch %d)",
                 metric, cfg["patience"], record["best_epoch"])
@@ -326,9 +313,7 @@ def _finish(run, cfg: dict, record: dict, config: dict, rank: int, device,
         runs.save_checkpoint(run_dir, "last", {"model": last, "epoch": run.progress.epoch,
                                                "step": run.progress.step, "record": record})
     del last
-    best_dir = _storage(run_dir) / RAY_NAME / _epoch_dir(record["best_epoch"])
-    run.load_shard_state(torch.load(best_dir / _shard_file(rank), map_location="cpu",
-                                    weights_only=False)["shard"])
+    run.load_state(checkpoint.at_epoch(run_dir, record["best_epoch"]))
     valid, test = run.evaluate("valid"), run.evaluate("test")
     best = run.full_model_state()
     memory = [None] * run.world
@@ -369,7 +354,7 @@ def train_loop(config: dict) -> None:
     partition = Partition.load(run_dir / runs.PARTITION, n_items=data.n_items)
     seed_everything(cfg["seed"])          # the single-process trainer's state at build_model
     run = ShardedRun(cfg, data, partition, Plan.from_dict(config["plan"]), device)
-    record = _restore(run, ray.train.get_checkpoint(), rank)
-    _start_fault_hook(run, rank)
-    _epoch_loop(run, cfg, record, rank)
+    # a fresh run's storage was cleared: a checkpoint here is this run's (Ray restarted it)
+    record = _restore(run, checkpoint.latest(run_dir), rank)
+    _epoch_loop(run, cfg, record, rank, run_dir)
     _finish(run, cfg, record, config, rank, device, data.name)

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..checkpoint import FORMAT, load_optimizer_state, merge_catalogue, optimizer_state
 from ..data.dataset import InteractionData
 from ..device import autocast, chunk_items
 from ..evaluate import excluded_matrices, truth_matrix
@@ -46,7 +47,8 @@ from ..ranking import RunningTopK, keep_best, linear_chunks, seen_positions
 from ..train import batches, epoch_order
 from .collectives import all_reduce_sum, gather_rows, parallel_logsumexp, rows_to_owners, world
 from .plan import Plan
-from .zero import gathered_state_dict, hybrid_backward, init_denoiser_engine
+from .zero import (full_optimizer_state, gathered_state_dict, hybrid_backward,
+                   init_denoiser_engine, load_denoiser_state)
 
 
 class ShardedRun:
@@ -235,28 +237,39 @@ class ShardedRun:
         return acc.result(self.cfg["convention"])
 
     # ------------------------------------------------------------------ state
-    def shard_state(self) -> dict:
-        """This rank's parameters and optimizer states, the denoiser (full), the sampler,
-        the progress. The denoiser's ZeRO optimizer partition is this rank's."""
-        return {"rank": self.rank, "world": self.world, "clusters": self.clusters,
-                "local": self.local.state_dict(),
-                "local_optimizer": self.local_optimizer.state_dict(),
-                "denoiser": gathered_state_dict(self.engine),
-                "denoiser_optimizer": self.engine.optimizer.state_dict(),
-                "sampler": self.model.sampler.state_dict(),
-                "progress": {"epoch": self.progress.epoch, "step": self.progress.step}}
+    def catalogue_state(self) -> dict:
+        """This rank's part of the checkpoint content (``checkpoint``): its clusters'
+        parameters and AdamW state, under cluster names."""
+        return {"model": {k: v.detach().cpu().clone() for k, v in self.local.state_dict().items()},
+                "optimizer": optimizer_state(self.local_optimizer,
+                                             list(self.local.named_parameters()))}
 
-    def load_shard_state(self, state: dict) -> None:
-        if state["world"] != self.world or state["clusters"] != self.clusters:
-            raise ValueError(f"checkpoint shard of rank {state['rank']} of {state['world']} "
-                             f"(clusters {state['clusters']}) does not fit rank {self.rank} of "
-                             f"{self.world} (clusters {self.clusters}); resume with the same "
-                             f"workers and plan")
-        self.local.load_state_dict(state["local"])
-        self.local_optimizer.load_state_dict(state["local_optimizer"])
-        _load_denoiser(self.engine, state["denoiser"], state["denoiser_optimizer"])
-        self.model.sampler.load_state_dict(state["sampler"])
-        self.progress = Progress(**state["progress"])
+    def common_state(self) -> dict:
+        """The rest of the content, the same on every rank: the denoiser (its ZeRO-partitioned
+        AdamW state consolidated per parameter), the sampler, the progress. Collective."""
+        model = {f"denoiser.{k}": v.cpu() for k, v in gathered_state_dict(self.engine).items()}
+        model.update({f"sampler.{k}": v.detach().cpu().clone()
+                      for k, v in self.model.sampler.state_dict().items()})
+        optimizer = {f"denoiser.{k}": {key: v.cpu() for key, v in state.items()}
+                     for k, state in full_optimizer_state(self.engine).items()}
+        return {"format": FORMAT, "model": model, "optimizer": optimizer,
+                "epoch": self.progress.epoch, "step": self.progress.step,
+                "torch_rng": torch.get_rng_state()}
+
+    def load_state(self, source) -> dict:
+        """Continue from a checkpoint ``source`` (``checkpoint.latest`` / ``at_epoch``)
+        written by any number of workers: this rank reads its clusters' parts and the common
+        content, which it returns. Collective."""
+        common = source.common()
+        part = source.catalogue(self.model, self.clusters)
+        self.local.load_state_dict(part["model"])
+        load_optimizer_state(self.local_optimizer, list(self.local.named_parameters()),
+                             part["optimizer"])
+        load_denoiser_state(self.engine, _under("denoiser", common["model"]),
+                            _under("denoiser", common["optimizer"]))
+        self.model.sampler.load_state_dict(_under("sampler", common["model"]))
+        self.progress = Progress(epoch=common["epoch"], step=common["step"])
+        return common
 
     def full_model_state(self) -> dict | None:
         """On rank 0 the single-process LDiffRec state_dict assembled from all ranks (for
@@ -270,46 +283,13 @@ class ShardedRun:
         denoiser = gathered_state_dict(self.engine)
         if self.rank != 0:
             return None
-        m = self.model
-        state = {f"sampler.{k}": v.cpu() for k, v in m.sampler.state_dict().items()}
-        weight = bias = None
-        for part in parts:
-            for key, value in part.items():
-                if key.startswith("decoder."):       # decoder.{c}.weight / .bias: rows of c
-                    _, c, name = key.split(".")
-                    if weight is None:
-                        weight = torch.empty(m.n_items, m.latent_size)
-                        bias = torch.empty(m.n_items)
-                    (weight if name == "weight" else bias)[m.items_of(int(c)).cpu()] = value
-                else:
-                    state[key] = value
-        if weight is not None:
-            state["decoder.weight"], state["decoder.bias"] = weight, bias
+        state = {f"sampler.{k}": v.cpu() for k, v in self.model.sampler.state_dict().items()}
+        state.update(merge_catalogue({k: v for part in parts for k, v in part.items()},
+                                     self.model))
         state.update({f"denoiser.{k}": v.cpu() for k, v in denoiser.items()})
         return state
 
 
-def _load_denoiser(engine, params: dict, optimizer_state) -> None:
-    """Denoiser parameters, then the engine's optimizer (its fp32 partitions re-read from
-    the parameters). ZeRO 1/2: every rank's optimizer partition is needed, so they are
-    all-gathered; ZeRO 3: params are partitioned and set inside GatheredParameters."""
-    named = dict(engine.module.named_parameters())
-    stage = engine.zero_optimization_stage()
-    if stage == 3:
-        from .zero import import_deepspeed
-        deepspeed = import_deepspeed()
-        with deepspeed.zero.GatheredParameters(list(named.values()), modifier_rank=0):
-            if dist.get_rank() == 0:
-                for k, p in named.items():
-                    p.data.copy_(params[k])
-    else:
-        for k, p in named.items():
-            p.data.copy_(params[k].to(p.device))
-    if stage == 0:
-        engine.optimizer.load_state_dict(optimizer_state)
-        return
-    states = [None] * dist.get_world_size() if dist.is_initialized() else [optimizer_state]
-    if dist.is_initialized():
-        dist.all_gather_object(states, optimizer_state)
-    engine.optimizer.load_state_dict(states, load_optimizer_states=True,
-                                     load_from_fp32_weights=False)
+def _under(prefix: str, named: dict) -> dict:
+    """The entries ``prefix.*`` of ``named``, without the prefix."""
+    return {k[len(prefix) + 1:]: v for k, v in named.items() if k.startswith(prefix + ".")}

@@ -48,7 +48,10 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["import_deepspeed", "ensure_process_group", "ds_config", "init_denoiser_engine",
-           "hybrid_backward", "gathered_state_dict", "gathered_grads"]
+           "hybrid_backward", "gathered_state_dict", "gathered_grads", "full_optimizer_state",
+           "load_denoiser_state"]
+
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")      # AdamW's per-element state (besides "step")
 
 
 def _on_gpu() -> bool:
@@ -203,3 +206,71 @@ def gathered_grads(engine) -> dict[str, torch.Tensor | None]:
         g = safe_get_full_grad(p)
         out[n] = None if g is None else g.detach().clone()
     return out
+
+
+def _flat_partitions(engine) -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
+    """(the torch AdamW inside ZeRO 1-3, the flat fp32 partitions of this rank it steps)."""
+    zero = engine.optimizer
+    flat = (zero.fp32_partitioned_groups_flat if engine.zero_optimization_stage() == 3
+            else zero.single_partition_of_fp32_groups)
+    return zero.optimizer, list(flat)
+
+
+def full_optimizer_state(engine) -> dict[str, dict[str, torch.Tensor]]:
+    """{name: {"step", "exp_avg", "exp_avg_sq"}}: AdamW's state of every whole denoiser
+    parameter, as one process's AdamW holds it, on every rank, for any ZeRO stage (the
+    partitions are assembled by DeepSpeed's ``safe_get_full_optimizer_state``); empty before
+    the first step. Collective."""
+    from ..checkpoint import optimizer_state
+    named = list(engine.module.named_parameters())
+    if engine.zero_optimization_stage() == 0:
+        return optimizer_state(engine.optimizer, named)
+    from deepspeed.utils import safe_get_full_optimizer_state
+    base, flat = _flat_partitions(engine)
+    states = [base.state[p] for p in flat if base.state.get(p)]
+    if not states:
+        return {}
+    step = states[0]["step"]
+    return {n: {"step": step.detach().clone(),
+                **{k: safe_get_full_optimizer_state(p, k).detach().cpu().clone()
+                   for k in ADAM_KEYS}}
+            for n, p in named}
+
+
+def load_denoiser_state(engine, params: dict[str, torch.Tensor], optimizer: dict) -> None:
+    """Set the denoiser's parameters (``gathered_state_dict``'s form) and AdamW state
+    (``full_optimizer_state``'s form), whatever the world size that wrote them: each rank
+    keeps its own partition of both. Collective."""
+    from ..checkpoint import load_optimizer_state
+    named = dict(engine.module.named_parameters())
+    stage = engine.zero_optimization_stage()
+    if stage == 3:
+        deepspeed = import_deepspeed()
+        with deepspeed.zero.GatheredParameters(list(named.values()), modifier_rank=0):
+            if dist.get_rank() == 0:
+                for k, p in named.items():
+                    p.data.copy_(params[k])
+    else:
+        for k, p in named.items():
+            p.data.copy_(params[k].to(p.device))
+    if stage == 0:
+        load_optimizer_state(engine.optimizer, list(named.items()), optimizer)
+        return
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    for k, p in named.items():                 # the fp32 master partitions
+        safe_set_full_fp32_param(p, params[k].to(p.device))
+    if not optimizer:
+        return
+    # AdamW creates its state at the first step and ZeRO 1/2 link each parameter's
+    # fragment of it then: create it (the step count, zero moments) and link it the same way
+    (base, flat), step = _flat_partitions(engine), next(iter(optimizer.values()))["step"]
+    for p in flat:
+        state = base.state[p]
+        for key in ADAM_KEYS:
+            state.setdefault(key, torch.zeros_like(p))
+        state["step"] = step.detach().clone()
+    if stage < 3:
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
+    for k, p in named.items():
+        for key in ADAM_KEYS:
+            safe_set_full_optimizer_state(p, optimizer[k][key].to(p.device), key)

@@ -1,0 +1,246 @@
+"""Checkpoint content that does not depend on the number of workers (resume with any W').
+
+One content, two layouts. The content of a training state is
+
+    {"format": 2, "model": the single-process model's state_dict,
+     "optimizer": {parameter name: {"step", "exp_avg", "exp_avg_sq"}} (AdamW's state of the
+                  whole, unpartitioned parameter; both L-DiffRec groups and the denoiser),
+     "epoch", "step", "record", "torch_rng"}
+
+All other randomness is keyed by (seed, step[, cluster]), so this is the whole state.
+The single-process trainer writes it as one file, ``RUN_DIR/checkpoints/last.pt``
+(``best.pt`` the same at the best epoch). A W-worker run writes it sharded by cluster, each
+rank its own part, under ``RUN_DIR/checkpoints/sharded/epoch_NNNN/``:
+
+    part_RRR.pt     rank R's clusters: {"model": ..., "optimizer": ...} under the cluster
+                    names (``split_catalogue``: encoders.{c}.*, decoders.{c}.*, and
+                    decoder.{c}.weight / .bias = cluster c's rows of the global decoder)
+    common.pt       the rest of the content (denoiser, sampler, progress, record, RNG)
+    manifest.json   {"epoch", "parts": {file: [clusters]}}: written last, after every part,
+                    so a directory with a manifest is complete
+
+``latest`` picks the newest complete checkpoint of either layout, ``at_epoch`` the one of
+a given epoch; both read as a ``Source`` that gives a process the content of the clusters
+it holds (a rank: its parts, under cluster names) or all of it (one process: the
+single-process names). The catalogue is cut by cluster, never by worker, so any W' reads
+what any W wrote.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from . import runs
+
+FORMAT = 2
+SHARDED = "sharded"
+COMMON = "common.pt"
+MANIFEST = "manifest.json"
+CATALOGUE = ("encoders", "decoders", "decoder")   # L-DiffRec's per-cluster parts
+
+
+# ============================================================================ optimizer
+def optimizer_state(optimizer: torch.optim.Optimizer, named_params) -> dict[str, dict]:
+    """{name: per-parameter state} of a torch optimizer (parameters never stepped are left
+    out); ``named_params``: (name, parameter) pairs."""
+    return {name: {k: v.detach().clone() for k, v in optimizer.state[p].items()}
+            for name, p in named_params if optimizer.state.get(p)}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, named_params, state: dict) -> None:
+    """The inverse of ``optimizer_state`` (on copies: torch would keep ``step`` as given);
+    hyperparameters stay those of ``optimizer``."""
+    index = {id(p): i for i, p in enumerate(
+        p for group in optimizer.param_groups for p in group["params"])}
+    sd = optimizer.state_dict()
+    sd["state"] = {index[id(p)]: {k: v.clone() for k, v in state[name].items()}
+                   for name, p in named_params if name in state}
+    optimizer.load_state_dict(sd)
+
+
+# ============================================================================ catalogue names
+def _is_catalogue(name: str) -> bool:
+    return name.split(".", 1)[0] in CATALOGUE
+
+
+def _take_rows(value, rows: torch.Tensor):
+    """Rows of a parameter or of its optimizer state (whose 0-dim ``step`` all rows share)."""
+    if isinstance(value, dict):
+        return {k: _take_rows(v, rows) for k, v in value.items()}
+    return value if value.dim() == 0 else value[rows]
+
+
+def _put_rows(into, value, rows: torch.Tensor, n_rows: int):
+    if isinstance(value, dict):
+        into = {} if into is None else into
+        return {k: _put_rows(into.get(k), v, rows, n_rows) for k, v in value.items()}
+    if value.dim() == 0:
+        return value
+    if into is None:
+        into = value.new_empty((n_rows, *value.shape[1:]))
+    into[rows] = value
+    return into
+
+
+def split_catalogue(named: dict, model, clusters) -> dict:
+    """The entries of ``clusters`` under cluster names, from the single-process names of
+    ``named`` (parameters or optimizer state); non-catalogue entries are left out."""
+    out, clusters = {}, [int(c) for c in clusters]
+    for name, value in named.items():
+        head, rest = name.split(".", 1)
+        if head == "decoder":                       # the global decoder: rows by cluster
+            for c in clusters:
+                out[f"decoder.{c}.{rest}"] = _take_rows(value, model.items_of(c).cpu())
+        elif head in CATALOGUE and int(rest.split(".", 1)[0]) in clusters:
+            out[name] = value
+    return out
+
+
+def merge_catalogue(named: dict, model) -> dict:
+    """The inverse of ``split_catalogue`` over all clusters: single-process names."""
+    out = {}
+    for name, value in named.items():
+        head, c, rest = name.split(".", 2)
+        if head == "decoder":
+            key = f"decoder.{rest}"
+            out[key] = _put_rows(out.get(key), value, model.items_of(int(c)).cpu(),
+                                 model.n_items)
+        else:
+            out[name] = value
+    return out
+
+
+# ============================================================================ sources
+class FileSource:
+    """A checkpoint in one file (single-process names)."""
+
+    def __init__(self, path: Path, content: dict):
+        self.path, self.content, self.epoch = path, content, int(content["epoch"])
+
+    def common(self) -> dict:
+        c = self.content
+        return {**c, "model": {k: v for k, v in c["model"].items() if not _is_catalogue(k)},
+                "optimizer": {k: v for k, v in c.get("optimizer", {}).items()
+                              if not _is_catalogue(k)}}
+
+    def catalogue(self, model, clusters) -> dict:
+        return {key: split_catalogue(self.content.get(key, {}), model, clusters)
+                for key in ("model", "optimizer")}
+
+    def full(self, model=None) -> dict:
+        return self.content
+
+
+class ShardedSource:
+    """A complete sharded checkpoint directory (see the module docstring)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.manifest = json.loads((path / MANIFEST).read_text())
+        self.epoch = int(self.manifest["epoch"])
+
+    def common(self) -> dict:
+        return _load(self.path / COMMON)
+
+    def catalogue(self, model, clusters) -> dict:
+        """{"model", "optimizer"} of ``clusters`` under cluster names: only the parts that
+        hold them are read."""
+        want = {int(c) for c in clusters}
+        out = {"model": {}, "optimizer": {}}
+        for name, held in self.manifest["parts"].items():
+            if want & set(held):
+                part = _load(self.path / name)
+                for key in out:
+                    out[key].update(_of_clusters(part[key], want))
+        return out
+
+    def full(self, model) -> dict:
+        parts = self.catalogue(model, range(model.n_clusters))
+        content = self.common()
+        for key in ("model", "optimizer"):
+            content[key] = {**content[key], **merge_catalogue(parts[key], model)}
+        return content
+
+
+def _of_clusters(named: dict, clusters: set[int]) -> dict:
+    return {k: v for k, v in named.items() if int(k.split(".", 2)[1]) in clusters}
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def sharded_root(run_dir: Path) -> Path:
+    return Path(run_dir) / runs.CHECKPOINTS / SHARDED
+
+
+def epoch_dir(run_dir: Path, epoch: int) -> Path:
+    return sharded_root(run_dir) / f"epoch_{epoch:04d}"
+
+
+def _complete(run_dir: Path) -> dict[int, Path]:
+    """{epoch: directory} of the complete sharded checkpoints."""
+    root = sharded_root(run_dir)
+    dirs = root.glob("epoch_*/" + MANIFEST) if root.is_dir() else []
+    return {int(m.parent.name.split("_")[1]): m.parent for m in dirs}
+
+
+def _file(run_dir: Path, name: str) -> FileSource | None:
+    path = Path(run_dir) / runs.CHECKPOINTS / f"{name}.pt"
+    if not path.is_file():
+        return None
+    return FileSource(path, torch.load(path, map_location="cpu", weights_only=False, mmap=True))
+
+
+def latest(run_dir: Path) -> FileSource | ShardedSource | None:
+    """The newest complete training state: ``last.pt`` (if it holds one: a W-worker run's
+    ``last.pt`` holds the model only) or the newest complete sharded directory."""
+    last = _file(run_dir, "last")
+    if last is not None and last.content.get("format") != FORMAT:
+        last = None
+    complete = _complete(run_dir)
+    if complete and (last is None or max(complete) > last.epoch):
+        return ShardedSource(complete[max(complete)])
+    return last
+
+
+def at_epoch(run_dir: Path, epoch: int) -> FileSource | ShardedSource:
+    """The checkpoint of ``epoch`` (the best one): its sharded directory or ``best.pt``."""
+    complete = _complete(run_dir)
+    if epoch in complete:
+        return ShardedSource(complete[epoch])
+    best = _file(run_dir, "best")
+    if best is None or best.epoch != epoch:
+        raise FileNotFoundError(f"{Path(run_dir) / runs.CHECKPOINTS}: no checkpoint of epoch "
+                                f"{epoch}")
+    return best
+
+
+# ============================================================================ writing
+def clear(run_dir: Path) -> None:
+    """A fresh run starts without the checkpoints of an earlier one."""
+    shutil.rmtree(sharded_root(run_dir), ignore_errors=True)
+    for name in ("last", "best"):
+        (Path(run_dir) / runs.CHECKPOINTS / f"{name}.pt").unlink(missing_ok=True)
+
+
+def part_file(rank: int) -> str:
+    return f"part_{rank:03d}.pt"
+
+
+def save_part(run_dir: Path, epoch: int, name: str, content: dict) -> None:
+    path = epoch_dir(run_dir, epoch) / name
+    runs.atomic_write(path, lambda tmp: torch.save(content, tmp))
+
+
+def mark_complete(run_dir: Path, epoch: int, parts: dict[str, list[int]],
+                  keep: tuple[int, ...] = ()) -> None:
+    """Write the manifest (every part is on disk), then remove the sharded checkpoints of
+    other epochs than this one and ``keep``."""
+    runs.write_json(epoch_dir(run_dir, epoch) / MANIFEST, {"epoch": epoch, "parts": parts})
+    for path in sharded_root(run_dir).glob("epoch_*"):
+        if int(path.name.split("_")[1]) not in (epoch, *keep):
+            shutil.rmtree(path, ignore_errors=True)
