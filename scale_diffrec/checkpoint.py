@@ -189,18 +189,18 @@ def _complete(run_dir: Path) -> dict[int, Path]:
 
 
 def _file(run_dir: Path, name: str) -> FileSource | None:
+    """``name``.pt if it holds a training state (a W-worker run's holds the model only)."""
     path = Path(run_dir) / runs.CHECKPOINTS / f"{name}.pt"
     if not path.is_file():
         return None
-    return FileSource(path, torch.load(path, map_location="cpu", weights_only=False, mmap=True))
+    content = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return FileSource(path, content) if content.get("format") == FORMAT else None
 
 
 def latest(run_dir: Path) -> FileSource | ShardedSource | None:
-    """The newest complete training state: ``last.pt`` (if it holds one: a W-worker run's
-    ``last.pt`` holds the model only) or the newest complete sharded directory."""
+    """The newest complete training state: ``last.pt`` or the newest complete sharded
+    directory."""
     last = _file(run_dir, "last")
-    if last is not None and last.content.get("format") != FORMAT:
-        last = None
     complete = _complete(run_dir)
     if complete and (last is None or max(complete) > last.epoch):
         return ShardedSource(complete[max(complete)])

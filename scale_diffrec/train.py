@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import runs
+from . import checkpoint, runs
 from .data import InteractionData, load_data
 from .device import (autocast, describe, peak_memory_mib, resolve_device,
                      set_matmul_precision)
@@ -106,8 +106,11 @@ def _metrics(model, data, split, cfg) -> dict:
 
 
 def _state(model, optimizer, progress, record) -> dict:
-    return {"model": model.state_dict(),
-            "optimizer": None if optimizer is None else optimizer.state_dict(),
+    """The checkpoint content (``checkpoint``: the same for W workers); a fitted model has
+    no optimizer."""
+    return {"format": checkpoint.FORMAT, "model": model.state_dict(),
+            "optimizer": None if optimizer is None else checkpoint.optimizer_state(
+                optimizer, list(model.named_parameters())),
             "epoch": progress.epoch, "step": progress.step, "record": record,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -122,8 +125,13 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False) -> dict:
     set_matmul_precision(cfg["precision"])
     partition = prepare_partition(cfg, data, run_dir)
     model = build_model(cfg, data.n_items, partition)    # refuses a bad model config
-    state = runs.load_checkpoint(run_dir, "last") if resume else None      # and the checkpoint
+    source = checkpoint.latest(run_dir) if resume else None   # last.pt or a W-worker run's
+    if resume and source is None:
+        raise FileNotFoundError(f"{run_dir / runs.CHECKPOINTS}: no checkpoint to resume from")
+    state = source.full(model) if resume else None              # read before anything is written
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        checkpoint.clear(run_dir)
     runs.write_config(run_dir, cfg)
     log.info("device %s (device: %s), precision %s", describe(device), cfg["device"],
              cfg["precision"])
@@ -133,17 +141,17 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False) -> dict:
     n_epochs = 1 if fitted else cfg["epochs"]
     progress = Progress()
     record = {"history": [], "best": -1.0, "best_epoch": 0, "valid": {}}
-    if resume:
-        runs.load_model_state(model, state["model"], runs.checkpoint_path(run_dir, "last"))
+    if resume:                     # last.pt, or a W-worker run's newest checkpoint
+        runs.load_model_state(model, state["model"], source.path)
         if optimizer is not None:
-            optimizer.load_state_dict(state["optimizer"])
+            checkpoint.load_optimizer_state(optimizer, list(model.named_parameters()),
+                                            state["optimizer"])
         progress = Progress(epoch=state["epoch"], step=state["step"])
         record = state["record"]
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        log.info("resumed from %s at epoch %d", run_dir / runs.CHECKPOINTS / "last.pt",
-                 progress.epoch)
+        log.info("resumed from %s at epoch %d", source.path, progress.epoch)
     log.info("data %s: %d users x %d items, %d train interactions",
              data.name, data.n_users, data.n_items, data.train.nnz)
     log.info("model %s: %s", cfg["model"], describe_model(model))
@@ -177,8 +185,7 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False) -> dict:
                      metric, cfg["patience"], record["best_epoch"])
             break
 
-    best = runs.load_checkpoint(run_dir, "best")
-    model.load_state_dict(best["model"])
+    model.load_state_dict(checkpoint.at_epoch(run_dir, record["best_epoch"]).full(model)["model"])
     metrics = {
         "model": cfg["model"], "data": data.name, "convention": cfg["convention"],
         "best_epoch": record["best_epoch"],

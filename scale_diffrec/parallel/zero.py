@@ -256,9 +256,8 @@ def load_denoiser_state(engine, params: dict[str, torch.Tensor], optimizer: dict
     if stage == 0:
         load_optimizer_state(engine.optimizer, list(named.items()), optimizer)
         return
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
     for k, p in named.items():                 # the fp32 master partitions
-        safe_set_full_fp32_param(p, params[k].to(p.device))
+        _set_full(p, params[k].to(p.device))
     if not optimizer:
         return
     # AdamW creates its state at the first step and ZeRO 1/2 link each parameter's
@@ -273,4 +272,24 @@ def load_denoiser_state(engine, params: dict[str, torch.Tensor], optimizer: dict
         engine.optimizer._lazy_init_hp_params_optimizer_state()
     for k, p in named.items():
         for key in ADAM_KEYS:
-            safe_set_full_optimizer_state(p, optimizer[k][key].to(p.device), key)
+            _set_full(p, optimizer[k][key].to(p.device), key)
+
+
+def _set_full(param, value: torch.Tensor, key: str | None = None) -> None:
+    """This rank's partition of ``param``'s fp32 master copy (``key`` None) or AdamW state
+    ``key`` from the whole ``value``: DeepSpeed's ``safe_set_full_fp32_param`` /
+    ``safe_set_full_optimizer_state``, except under ZeRO 3, whose own (0.19) reads past the
+    end of ``value`` on a rank whose partition is padded."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    if not hasattr(param, "ds_id"):
+        if key is None:
+            safe_set_full_fp32_param(param, value)
+        else:
+            safe_set_full_optimizer_state(param, value, key)
+        return
+    zero = param._z3_optimizer
+    part, _ = zero._get_fp32_opt_state_partition(param, release_swap_buffers=False,
+                                                 optim_state_key=key)
+    start = part.numel() * zero._get_param_partition_rank(param)
+    n = max(0, min(part.numel(), value.numel() - start))
+    part.data.narrow(0, 0, n).copy_(value.flatten().narrow(0, start, n))
