@@ -165,9 +165,12 @@ def test_resampler_identical_on_every_rank_after_50_steps():
         assert torch.equal(probs, results[0][2])
 
 
-def _resumed(rank, world, zero_stage):
-    """Two epochs straight vs one epoch, shard_state -> a new ShardedRun -> one more epoch:
-    (parameters after both, on rank 0)."""
+def _resumed(rank, world, zero_stage, run_dir):
+    """Two epochs straight vs one epoch, its checkpoint (``trainer._save``) -> a new
+    ShardedRun -> one more epoch: (parameters after both, on rank 0)."""
+    from pathlib import Path
+    from scale_diffrec import checkpoint
+    from scale_diffrec.parallel import trainer
     cfg, data, partition, build_plan = _setup([f"distributed.zero_stage={zero_stage}"])
     straight = _sharded(cfg, data, partition, build_plan, world)
     for epoch in range(2):
@@ -176,16 +179,16 @@ def _resumed(rank, world, zero_stage):
     first = _sharded(cfg, data, partition, build_plan, world)
     first.train_epoch(0)
     first.progress.epoch = 1
-    state = first.shard_state()
+    trainer._save(first, trainer._new_record(), rank, Path(run_dir))
     second = _sharded(cfg, data, partition, build_plan, world)
-    second.load_shard_state(state)
+    second.load_state(checkpoint.latest(run_dir))
     second.train_epoch(1)
     return straight.full_model_state(), second.full_model_state()
 
 
 @pytest.mark.parametrize("zero_stage", [1, 3])
-def test_shard_state_round_trip_resumes_exactly(zero_stage):
-    (straight, resumed), _ = run_distributed(_resumed, 2, args=(zero_stage,),
+def test_checkpoint_round_trip_resumes_exactly(zero_stage, tmp_path):
+    (straight, resumed), _ = run_distributed(_resumed, 2, args=(zero_stage, str(tmp_path)),
                                              env={"DS_ACCELERATOR": "cpu"}, timeout=240)
     for name, value in straight.items():
         torch.testing.assert_close(resumed[name], value, rtol=1e-6, atol=1e-7, msg=name)
