@@ -37,7 +37,7 @@ from . import runs
 
 FORMAT = 2
 SHARDED = "sharded"
-COMMON = "common.pt"
+COMMON = "common"
 MANIFEST = "manifest.json"
 CATALOGUE = ("encoders", "decoders", "decoder")   # L-DiffRec's per-cluster parts
 
@@ -137,13 +137,15 @@ class FileSource:
 class ShardedSource:
     """A complete sharded checkpoint directory (see the module docstring)."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.manifest = json.loads((path / MANIFEST).read_text())
-        self.epoch = int(self.manifest["epoch"])
+    def __init__(self, run_dir: Path, epoch: int):
+        self.run_dir, self.epoch, self.path = run_dir, epoch, epoch_dir(run_dir, epoch)
+        self.manifest = json.loads((self.path / MANIFEST).read_text())
+
+    def _load(self, part: str) -> dict:
+        return runs.load_checkpoint(self.run_dir, _part_name(self.epoch, part))
 
     def common(self) -> dict:
-        return _load(self.path / COMMON)
+        return self._load(COMMON)
 
     def catalogue(self, model, clusters) -> dict:
         """{"model", "optimizer"} of ``clusters`` under cluster names: only the parts that
@@ -152,7 +154,7 @@ class ShardedSource:
         out = {"model": {}, "optimizer": {}}
         for name, held in self.manifest["parts"].items():
             if want & set(held):
-                part = _load(self.path / name)
+                part = self._load(name)
                 for key in out:
                     out[key].update(_of_clusters(part[key], want))
         return out
@@ -169,23 +171,28 @@ def _of_clusters(named: dict, clusters: set[int]) -> dict:
     return {k: v for k, v in named.items() if int(k.split(".", 2)[1]) in clusters}
 
 
-def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
 def sharded_root(run_dir: Path) -> Path:
     return Path(run_dir) / runs.CHECKPOINTS / SHARDED
 
 
+def _epoch_name(epoch: int) -> str:
+    return f"epoch_{epoch:04d}"
+
+
+def _part_name(epoch: int, part: str) -> str:
+    """The part's name for ``runs.save_checkpoint`` / ``load_checkpoint``."""
+    return f"{SHARDED}/{_epoch_name(epoch)}/{part}"
+
+
 def epoch_dir(run_dir: Path, epoch: int) -> Path:
-    return sharded_root(run_dir) / f"epoch_{epoch:04d}"
+    return sharded_root(run_dir) / _epoch_name(epoch)
 
 
-def _complete(run_dir: Path) -> dict[int, Path]:
-    """{epoch: directory} of the complete sharded checkpoints."""
+def _complete(run_dir: Path) -> list[int]:
+    """The epochs of the complete sharded checkpoints."""
     root = sharded_root(run_dir)
-    dirs = root.glob("epoch_*/" + MANIFEST) if root.is_dir() else []
-    return {int(m.parent.name.split("_")[1]): m.parent for m in dirs}
+    return [int(m.parent.name.split("_")[1])
+            for m in (root.glob("epoch_*/" + MANIFEST) if root.is_dir() else [])]
 
 
 def _file(run_dir: Path, name: str) -> FileSource | None:
@@ -193,7 +200,7 @@ def _file(run_dir: Path, name: str) -> FileSource | None:
     path = Path(run_dir) / runs.CHECKPOINTS / f"{name}.pt"
     if not path.is_file():
         return None
-    content = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    content = runs.load_checkpoint(run_dir, name)
     return FileSource(path, content) if content.get("format") == FORMAT else None
 
 
@@ -203,15 +210,14 @@ def latest(run_dir: Path) -> FileSource | ShardedSource | None:
     last = _file(run_dir, "last")
     complete = _complete(run_dir)
     if complete and (last is None or max(complete) > last.epoch):
-        return ShardedSource(complete[max(complete)])
+        return ShardedSource(run_dir, max(complete))
     return last
 
 
 def at_epoch(run_dir: Path, epoch: int) -> FileSource | ShardedSource:
     """The checkpoint of ``epoch`` (the best one): its sharded directory or ``best.pt``."""
-    complete = _complete(run_dir)
-    if epoch in complete:
-        return ShardedSource(complete[epoch])
+    if epoch in _complete(run_dir):
+        return ShardedSource(run_dir, epoch)
     best = _file(run_dir, "best")
     if best is None or best.epoch != epoch:
         raise FileNotFoundError(f"{Path(run_dir) / runs.CHECKPOINTS}: no checkpoint of epoch "
@@ -227,13 +233,13 @@ def clear(run_dir: Path) -> None:
         (Path(run_dir) / runs.CHECKPOINTS / f"{name}.pt").unlink(missing_ok=True)
 
 
-def part_file(rank: int) -> str:
-    return f"part_{rank:03d}.pt"
+def part_name(rank: int) -> str:
+    return f"part_{rank:03d}"
 
 
-def save_part(run_dir: Path, epoch: int, name: str, content: dict) -> None:
-    path = epoch_dir(run_dir, epoch) / name
-    runs.atomic_write(path, lambda tmp: torch.save(content, tmp))
+def save_part(run_dir: Path, epoch: int, part: str, content: dict) -> None:
+    """``part`` (``part_name(rank)`` or ``COMMON``) of the checkpoint of ``epoch``."""
+    runs.save_checkpoint(run_dir, _part_name(epoch, part), content)
 
 
 def mark_complete(run_dir: Path, epoch: int, parts: dict[str, list[int]],

@@ -216,7 +216,7 @@ def _save(run, record: dict, rank: int, run_dir: Path) -> None:
     """This epoch's sharded checkpoint, complete (its manifest written) on return on every
     rank."""
     epoch = run.progress.epoch
-    name = checkpoint.part_file(rank)
+    name = checkpoint.part_name(rank)
     checkpoint.save_part(run_dir, epoch, name, run.catalogue_state())
     common = run.common_state()
     if rank == 0:
