@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from scale_diffrec import checkpoint
+from scale_diffrec import checkpoint, runs
 from scale_diffrec.parallel.testing import run_distributed
 
 SIZES = [44, 30, 16, 6]
@@ -130,5 +130,5 @@ def test_latest_is_the_newest_complete_checkpoint(tmp_path):
     assert _train(2, cfg, run, 3, resume=True) == 2            # workers again: epoch_0003
     assert isinstance(checkpoint.latest(run), checkpoint.ShardedSource)
     assert checkpoint.latest(run).epoch == 3
-    torch.save({"model": {}, "epoch": 5}, run / "checkpoints" / "last.pt")
+    runs.save_checkpoint(run, "last", {"model": {}, "epoch": 5})
     assert checkpoint.latest(run).epoch == 3
