@@ -1,191 +1,479 @@
-"""Run configuration: YAML files over built-in defaults, plus dotted ``--set`` overrides.
+"""Run configuration: ONE typed schema (pydantic v2) over YAML files and ``--set`` overrides.
 
-A config is a plain nested dict. Every key a file or override names must exist in
-``DEFAULTS`` (so typos fail loudly, naming the dotted key), except below the free-form
-sections in ``FREE_FORM`` (e.g. ``distributed.deepspeed``, passed through to DeepSpeed).
+``Config`` below lists every key with its type, range and default; choices are the named
+types of ``choices.py``; cross-key rules are the model validators. A config is validated
+completely when it is loaded (``load_config``), before anything is written: unknown keys
+(``extra="forbid"``; only ``distributed.deepspeed`` is free-form, passed to DeepSpeed),
+wrong types, out-of-range values and inconsistent combinations all raise one
+``ConfigError`` line naming the dotted key (``config key 'diffusion.noise_min': ...``), with
+the file name in front when the value came from the file.
+
+``load_config`` returns the validated config as the plain nested dict the code uses
+(choices as their string values, which compare equal to the ``choices`` members), and
+``save_config`` writes it as YAML. ``DEFAULTS`` is that dict for an empty config.
 """
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
+from typing import Annotated, Any, Optional
 
 import yaml
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator,
+                      ValidationError, field_validator, model_validator)
+from pydantic_core import PydanticCustomError
 
+from .choices import (Activation, Choice, Convention, DataSource, EmbeddingSource, MeanType,
+                      Model, Placement, Precision, ReconTarget, Schedule, SplitRule,
+                      StepSampler)
 from .data.errors import ConfigError
 
-DEFAULTS: dict = {
-    "model": "diffrec",          # diffrec | ldiffrec | multvae  (T-/LT- = data.time_weights)
-                                 # | baselines: mostpop | itemknn | ease | als
-    "seed": 0,
-    "epochs": 100,
-    "batch_size": 400,
-    "lr": 1.0e-3,
-    "weight_decay": 0.0,
-    "eval_every": 5,             # epochs between validation passes
-    "patience": 20,              # stop after this many epochs without a better valid metric
-    "select_metric": "recall@20",
-    "topk": [10, 20, 50, 100],
-    "convention": "reference",   # reference | users_with_truth (see metrics.py)
-    "eval_batch_size": 1000,
-    "device": "auto",            # auto (CUDA when torch sees a GPU) | cpu | cuda | cuda:N
-    "precision": "fp32",         # fp32 | tf32 | bf16 (autocast for the matmuls)
-    "chunk_mib": None,           # MiB of one [B, chunk] block of logits/scores; None: 8 on
-                                 # the CPU, 1024 on a GPU (scale_diffrec/device.py)
-    "data": {
-        "source": "synthetic",   # diffrec_npy | parquet | synthetic | dataset (prepared dir)
-        "path": None,
-        "name": None,
-        "item_emb": None,        # optional path to item embeddings (.npy or parquet)
-        "split": {"rule": "random", "valid": 0.1, "test": 0.2, "seed": 0},  # random | time
-        "time_weights": None,    # {w_min: .., w_max: ..} -> T-DiffRec / LT-DiffRec
-        "synthetic": {
-            "n_users": 2000, "n_items": 1000, "n_clusters": 8, "mean_items_per_user": 30,
-            "popularity_exponent": 1.0, "cluster_affinity": 0.8, "seed": 0,
-        },
-        "n_items": None,         # declared catalogue size (ids past it are an error)
-    },
-    "diffusion": {
-        "mean_type": "x0",
-        "steps": 40,
-        "schedule": "linear-var",  # linear-var | linear | cosine | sqrt | trunc_lin
-        "noise_scale": 0.005,
-        "noise_min": 0.005,
-        "noise_max": 0.01,
-        "sampling_steps": 0,
-        "sampling_noise": False,
-        "reweight": True,
-        "sampler": "importance",   # importance (LossSecondMomentResampler) | uniform
-        "history_per_step": 10,
-        "uniform_prob": 0.001,
-    },
-    "denoiser": {"dims": [200, 600], "emb_size": 10, "norm": False, "dropout": 0.5},
-    "multvae": {"dims": [200, 600], "dropout": 0.5, "anneal_cap": 0.2,
-                "total_anneal_steps": 200000},
-    "ldiffrec": {                # semantics and sources: scale_diffrec/models/ldiffrec.py
-        "n_clusters": 2,
-        "in_dims": [300],        # reference flag order: latent size first (reversed to build)
-        "out_dims": [],          # [] = one Linear(latent -> I); non-empty = per-cluster decoders
-        "mlp_dims": [300],
-        "lamda": 0.03,           # diffusion-loss weight: max((1 - epochs/anneal_steps) * lamda,
-        "anneal_cap": 0.005,     #   anneal_cap), epochs = epochs done (reference defaults 500,
-        "anneal_steps": 500,     #   0.005: L-DiffRec/main.py, not passed by run.sh)
-        "vae_anneal_cap": 0.3,   # KL weight: min(vae_anneal_cap, batches done / vae_anneal_steps)
-        "vae_anneal_steps": 200,
-        "lr_vae": None,          # autoencoder learning rate (reference lr1); None = lr (lr2)
-        "weight_decay_vae": None,  # autoencoder weight decay (reference wd1); None = weight_decay
-        "act": "tanh",
-        "dropout": 0.1,
-        "recon_target": "dropped",  # dropped (reference: x after input dropout) | clean (x)
-        "embeddings": "auto",    # file (data.item_emb / item_emb.npy) | svd | auto (file if any)
-        "emb_dim": 64,           # svd embedding dimensions
-        "kmeans_niter": 50,
-        "logit_chunk": None,     # items per chunk of the training logsumexp; None: chunk_mib
-        "cluster_capacity": None,  # max items per cluster as a multiple of I / C (None: k-means)
-        "partition": None,       # path of a saved partition artifact to reuse
-    },
-    "itemknn": {"k": 100, "shrink": 10.0},      # neighbours per item; cosine shrinkage
-    "ease": {"lamda": 500.0, "max_items": 20000},  # L2 weight; refused above max_items
-    "als": {"factors": 64, "regularization": 0.01, "iterations": 15, "alpha": 1.0,
-            "use_gpu": "auto"},          # implicit's AlternatingLeastSquares (auto: its CUDA)
-    "distributed": {
-        "workers": 1,
-        "use_gpu": "auto",
-        "address": None,
-        "zero_stage": 1,
-        "max_failures": 0,
-        "placement": "items",    # items | params
-        "deepspeed": {},
-    },
-}
 
-FREE_FORM = {("distributed", "deepspeed"), ("data", "synthetic")}
-
-
-def _merge(base: dict, update: dict, prefix: str = "") -> dict:
-    out = copy.deepcopy(base)
-    for key, value in (update or {}).items():
-        dotted = f"{prefix}{key}"
-        if key not in base:
-            raise ConfigError(f"unknown config key '{dotted}'")
-        path = tuple(dotted.split("."))
-        if isinstance(base[key], dict) and path not in FREE_FORM:
-            if not isinstance(value, dict):
-                raise ConfigError(f"config key '{dotted}' must be a mapping, got {value!r}")
-            out[key] = _merge(base[key], value, dotted + ".")
-        elif isinstance(base[key], dict):
-            out[key] = {**base[key], **(value or {})}
-        else:
-            out[key] = _typed(dotted, base[key], value)
-    return out
-
-
-def _typed(dotted: str, default, value):
-    """``value`` in the default's type: YAML reads '1e-3' as a string, so numbers written
-    without a dot are converted here; anything else of the wrong kind is an error."""
-    if isinstance(default, bool) or value is None or default is None:
-        if isinstance(value, str):
-            try:
-                return float(value) if any(c in value.lower() for c in ".e") else value
-            except ValueError:
-                return value
-        return value
-    if isinstance(default, (int, float)):
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise ConfigError(f"config key '{dotted}' must be a number, got '{value}'") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{dotted}' must be a number, got {value!r}")
-        if isinstance(default, int) and float(value) != int(value):
-            raise ConfigError(f"config key '{dotted}' must be an integer, got {value!r}")
-        return int(value) if isinstance(default, int) else float(value)
+# ------------------------------------------------------------------------- value types
+def _number(value):
+    """YAML 1.1 reads '1e-3' as a string: numeric strings become numbers; bools are not
+    numbers; numpy scalars become Python ones."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, got {value}")
+    if hasattr(value, "item") and not isinstance(value, (list, dict, str)):
+        value = value.item()
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
     return value
 
 
+_Num = BeforeValidator(_number)
+Int = Annotated[int, _Num]
+PositiveInt = Annotated[int, _Num, Field(ge=1)]
+NonNegativeInt = Annotated[int, _Num, Field(ge=0)]
+PositiveFloat = Annotated[float, _Num, Field(gt=0)]
+NonNegativeFloat = Annotated[float, _Num, Field(ge=0)]
+Fraction = Annotated[float, _Num, Field(gt=0, lt=1)]          # open (0, 1)
+Probability = Annotated[float, _Num, Field(ge=0, le=1)]       # closed [0, 1]
+DropoutRate = Annotated[float, _Num, Field(ge=0, lt=1)]       # [0, 1)
+Widths = Annotated[list[PositiveInt], Field(min_length=1)]   # layer widths, non-empty
+
+
+def _use_gpu(value):
+    if isinstance(value, bool) or value == "auto":
+        return value
+    raise ValueError(f"must be true, false or 'auto', got {value!r}")
+
+
+UseGpu = Annotated[Any, PlainValidator(_use_gpu)]
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+SELECT_METRIC = re.compile(r"(recall|ndcg|precision|mrr)@(\d+)")
+
+
+def key_error(key: str, text: str) -> PydanticCustomError:
+    """A cross-key rule's failure, reported at ``key`` (relative to the model raising it);
+    ``{s}`` in ``text`` becomes the model's dotted path (to name sibling keys)."""
+    return PydanticCustomError("config_key", "{text}", {"key": key, "text": text})
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=False)
+
+
+# ----------------------------------------------------------------------------- data
+class SplitConfig(_Section):
+    """``data.split``: per-user train/valid/test split of parquet and synthetic data."""
+    rule: SplitRule = SplitRule.random
+    valid: Fraction = 0.1
+    test: Fraction = 0.2
+    seed: NonNegativeInt = 0
+
+    @model_validator(mode="after")
+    def _room_for_train(self):
+        if self.valid + self.test >= 1.0:
+            raise key_error("valid", f"+ '{{s}}.test' must be < 1, got {self.valid} + "
+                                     f"{self.test}")
+        return self
+
+
+class TimeWeights(_Section):
+    """``data.time_weights``: T-DiffRec's linear weights, oldest w_min .. newest w_max."""
+    w_min: NonNegativeFloat
+    w_max: NonNegativeFloat
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.w_min > self.w_max:
+            raise key_error("w_min", f"({self.w_min}) must not exceed '{{s}}.w_max' "
+                                     f"({self.w_max})")
+        return self
+
+
+class SyntheticConfig(_Section):
+    """``data.synthetic``: the seeded generator's parameters (data/synthetic.py)."""
+    n_users: PositiveInt = 2000
+    n_items: PositiveInt = 1000
+    n_clusters: PositiveInt = 8
+    mean_items_per_user: Annotated[float, _Num, Field(ge=1)] = 30.0
+    popularity_exponent: NonNegativeFloat = 1.0
+    cluster_affinity: Probability = 0.8
+    seed: NonNegativeInt = 0
+    clusters_per_user: PositiveInt = 2
+    min_items_per_user: PositiveInt = 3
+    activity_sigma: NonNegativeFloat = 0.6
+
+    @model_validator(mode="after")
+    def _clusters_fit(self):
+        if self.n_clusters > self.n_items:
+            raise key_error("n_clusters", f"must be at most n_items ({self.n_items}), got "
+                                          f"{self.n_clusters}")
+        return self
+
+
+class DataConfig(_Section):
+    source: DataSource = DataSource.synthetic
+    path: Optional[str] = None            # required for diffrec_npy, parquet and dataset
+    name: Optional[str] = None
+    item_emb: Optional[str] = None        # item embeddings (.npy or parquet)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    time_weights: Optional[TimeWeights] = None   # -> T-DiffRec / LT-DiffRec
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    n_items: Optional[PositiveInt] = None  # declared catalogue size (ids past it: error)
+
+    @model_validator(mode="after")
+    def _path_given(self):
+        if self.source != DataSource.synthetic and not self.path:
+            raise key_error("path", f"is required for data.source '{self.source}'")
+        return self
+
+
+# ------------------------------------------------------------------------ the models
+class DiffusionConfig(_Section):
+    mean_type: MeanType = MeanType.x0
+    steps: Annotated[int, _Num, Field(ge=2)] = 40
+    schedule: Schedule = Schedule.linear_var
+    noise_scale: PositiveFloat = 0.005
+    noise_min: PositiveFloat = 0.005
+    noise_max: PositiveFloat = 0.01
+    sampling_steps: NonNegativeInt = 0    # inference noises x0 to this step (<= steps)
+    sampling_noise: bool = False
+    reweight: bool = True
+    sampler: StepSampler = StepSampler.importance
+    history_per_step: PositiveInt = 10
+    uniform_prob: Probability = 0.001
+
+    @model_validator(mode="after")
+    def _schedule_is_a_diffusion(self):
+        """noise_min < noise_max (linear schedules), every beta in (0, 1) as
+        ``diffusion.make_betas`` computes them, sampling_steps <= steps."""
+        from .diffusion import make_betas
+        linear = self.schedule in (Schedule.linear, Schedule.linear_var)
+        if linear and self.noise_min >= self.noise_max:
+            raise key_error("noise_min", f"({self.noise_min}) must be < '{{s}}.noise_max' "
+                                         f"({self.noise_max}) for the {self.schedule} schedule")
+        if self.schedule == Schedule.linear_var and self.noise_scale * self.noise_max >= 1:
+            raise key_error("noise_scale", f"x noise_max = {self.noise_scale * self.noise_max:g}"
+                                           f" must be < 1 (it is the variance 1 - alpha_bar "
+                                           f"of the last step)")
+        betas = make_betas(self.schedule, self.steps, self.noise_scale, self.noise_min,
+                           self.noise_max)
+        bad = [t for t, b in enumerate(betas) if not 0.0 < b < 1.0]
+        if bad:
+            key = "noise_scale" if linear else "schedule"
+            raise key_error(key, f"gives beta_{bad[0]} = {betas[bad[0]]:g} for the "
+                                 f"{self.schedule} schedule with {self.steps} steps: every "
+                                 f"beta must lie in (0, 1)")
+        if self.sampling_steps > self.steps:
+            raise key_error("sampling_steps", f"({self.sampling_steps}) must not exceed "
+                                              f"'{{s}}.steps' ({self.steps})")
+        return self
+
+
+class DenoiserConfig(_Section):
+    dims: Widths = [200, 600]
+    emb_size: PositiveInt = 10
+    norm: bool = False
+    dropout: DropoutRate = 0.5
+
+
+class MultVAEConfig(_Section):
+    dims: Widths = [200, 600]
+    dropout: DropoutRate = 0.5
+    anneal_cap: NonNegativeFloat = 0.2
+    total_anneal_steps: NonNegativeInt = 200000   # 0: the KL weight is anneal_cap at once
+
+
+class LDiffRecConfig(_Section):
+    """Semantics and sources: scale_diffrec/models/ldiffrec.py."""
+    n_clusters: PositiveInt = 2
+    in_dims: Widths = [300]               # reference flag order: latent size first
+    out_dims: list[PositiveInt] = []      # [] = one Linear(latent -> I); else per cluster
+    mlp_dims: Widths = [300]
+    lamda: NonNegativeFloat = 0.03        # diffusion-loss weight: max((1 - epochs /
+    anneal_cap: NonNegativeFloat = 0.005  #   anneal_steps) * lamda, anneal_cap)
+    anneal_steps: NonNegativeInt = 500
+    vae_anneal_cap: NonNegativeFloat = 0.3   # KL weight: min(cap, batches / steps)
+    vae_anneal_steps: NonNegativeInt = 200
+    lr_vae: Optional[PositiveFloat] = None           # autoencoder lr; None = lr
+    weight_decay_vae: Optional[NonNegativeFloat] = None  # None = weight_decay
+    act: Activation = Activation.tanh
+    dropout: DropoutRate = 0.1
+    recon_target: ReconTarget = ReconTarget.dropped
+    embeddings: EmbeddingSource = EmbeddingSource.auto
+    emb_dim: PositiveInt = 64             # svd embedding dimensions
+    kmeans_niter: PositiveInt = 50
+    logit_chunk: Optional[PositiveInt] = None   # items per chunk of the training
+                                                # logsumexp; None: from chunk_mib
+    cluster_capacity: Optional[Annotated[float, _Num, Field(ge=1)]] = None  # x I / C
+    partition: Optional[str] = None       # a saved partition artifact to reuse
+
+    @model_validator(mode="after")
+    def _every_cluster_gets_a_width(self):
+        if min(self.in_dims) < self.n_clusters:
+            raise key_error("in_dims", f"{self.in_dims} has a width below n_clusters "
+                                       f"({self.n_clusters}): every cluster needs at least "
+                                       f"1 of each width")
+        return self
+
+
+class ItemKNNConfig(_Section):
+    k: PositiveInt = 100                  # neighbours per item
+    shrink: NonNegativeFloat = 10.0       # cosine shrinkage
+
+
+class EASEConfig(_Section):
+    lamda: PositiveFloat = 500.0          # L2 weight
+    max_items: PositiveInt = 20000        # refused above (an I x I dense inverse)
+
+
+class ALSConfig(_Section):
+    """implicit's AlternatingLeastSquares."""
+    factors: PositiveInt = 64
+    regularization: NonNegativeFloat = 0.01
+    iterations: PositiveInt = 15
+    alpha: PositiveFloat = 1.0
+    use_gpu: UseGpu = "auto"              # true | false | auto (implicit's CUDA when built)
+
+
+class DistributedConfig(_Section):
+    workers: PositiveInt = 1              # <= ldiffrec.n_clusters
+    use_gpu: UseGpu = "auto"              # true | false | auto (a GPU per worker)
+    address: Optional[str] = None         # Ray cluster address (None: RAY_ADDRESS / local)
+    zero_stage: Annotated[int, _Num, Field(ge=0, le=3)] = 1
+    max_failures: Annotated[int, _Num, Field(ge=-1)] = 0   # -1: restart without limit
+    placement: Placement = Placement.items
+    deepspeed: dict[str, Any] = {}        # free-form, merged into DeepSpeed's config
+
+
+class Config(_Section):
+    """The whole run configuration (``load_config`` validates against it)."""
+    model: Model = Model.diffrec
+    seed: NonNegativeInt = 0
+    epochs: PositiveInt = 100
+    batch_size: PositiveInt = 400
+    lr: PositiveFloat = 1.0e-3
+    weight_decay: NonNegativeFloat = 0.0
+    eval_every: PositiveInt = 5           # epochs between validation passes
+    patience: PositiveInt = 20            # stop after this many epochs without a better one
+    select_metric: str = "recall@20"      # METRIC@K, K in topk
+    topk: Annotated[list[PositiveInt], Field(min_length=1)] = [10, 20, 50, 100]
+    convention: Convention = Convention.reference
+    eval_batch_size: PositiveInt = 1000
+    device: str = "auto"                  # auto (CUDA when torch sees a GPU) | cpu | cuda[:N]
+    precision: Precision = Precision.fp32
+    chunk_mib: Optional[PositiveFloat] = None   # MiB of one [B, chunk] block of logits /
+                                                # scores; None: 8 on the CPU, 1024 on a GPU
+    data: DataConfig = Field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    denoiser: DenoiserConfig = Field(default_factory=DenoiserConfig)
+    multvae: MultVAEConfig = Field(default_factory=MultVAEConfig)
+    ldiffrec: LDiffRecConfig = Field(default_factory=LDiffRecConfig)
+    itemknn: ItemKNNConfig = Field(default_factory=ItemKNNConfig)
+    ease: EASEConfig = Field(default_factory=EASEConfig)
+    als: ALSConfig = Field(default_factory=ALSConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not DEVICE.fullmatch(value):
+            raise ValueError(f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+        return value
+
+    @field_validator("select_metric")
+    @classmethod
+    def _metric(cls, value: str) -> str:
+        if not SELECT_METRIC.fullmatch(value):
+            raise ValueError(f"must be METRIC@K with METRIC one of recall, ndcg, precision, "
+                             f"mrr, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        k = int(SELECT_METRIC.fullmatch(self.select_metric).group(2))
+        if k not in self.topk:
+            raise key_error("select_metric", f"({self.select_metric}) needs K = {k} in 'topk' "
+                                             f"(got {self.topk})")
+        workers, clusters = self.distributed.workers, self.ldiffrec.n_clusters
+        if (workers > 1 or self.distributed.address) and self.model != Model.ldiffrec:
+            raise key_error("model", f"('{self.model}') cannot train distributed: distributed "
+                                     f"training shards L-DiffRec's catalogue; model "
+                                     f"'{self.model}' trains in one process (set "
+                                     f"distributed.workers=1 and no distributed.address)")
+        if self.model == Model.ldiffrec and workers > clusters:
+            raise key_error("distributed.workers",
+                            f"is {workers} but ldiffrec.n_clusters is {clusters}: every "
+                            f"worker holds at least one item cluster (use --workers <= "
+                            f"{clusters} or more clusters)")
+        return self
+
+
+DEFAULTS: dict = Config().model_dump(mode="json")
+PATH_KEYS = (("data", "path"), ("data", "item_emb"), ("ldiffrec", "partition"))
+
+
+# ------------------------------------------------------------------------- messages
+def _dotted(prefix: str, loc: tuple) -> str:
+    out = prefix
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+_LIMITS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<",
+           "less_than_equal": "<="}
+
+
+def _describe(err: dict, prefix: str) -> tuple[str, str]:
+    """(dotted key, one-line message) for one of pydantic's error dicts."""
+    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+    key = _dotted(prefix, err["loc"])
+    if kind == "config_key":
+        section = key
+        key = _dotted(section, tuple(ctx["key"].split(".")))
+        return key, f"config key '{key}' {ctx['text'].replace('{s}', section)}"
+    start = f"config key '{key}'"
+    if kind == "extra_forbidden":
+        return key, f"unknown config key '{key}'"
+    if kind == "missing":
+        return key, f"{start} is missing"
+    if kind == "enum":
+        return key, f"{start} must be one of {ctx['expected']}, got {value!r}"
+    if kind == "int_from_float":
+        return key, f"{start} must be an integer, got {value!r}"
+    if kind in ("int_parsing", "int_type"):
+        return key, f"{start} must be a number (an integer), got {value!r}"
+    if kind in ("float_parsing", "float_type"):
+        return key, f"{start} must be a number, got {value!r}"
+    if kind == "finite_number":
+        return key, f"{start} must be a finite number, got {value!r}"
+    if kind in ("bool_parsing", "bool_type"):
+        return key, f"{start} must be true or false, got {value!r}"
+    if kind in ("string_type",):
+        return key, f"{start} must be a string, got {value!r}"
+    if kind in ("list_type",):
+        return key, f"{start} must be a list, got {value!r}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return key, f"{start} must be a mapping, got {value!r}"
+    if kind == "too_short":
+        return key, f"{start} must not be empty, got {value!r}"
+    if kind in _LIMITS:
+        limit = next(iter(ctx.values()))
+        if kind == "greater_than_equal" and limit == 1 and isinstance(value, int):
+            return key, f"{start} must be a positive integer, got {value!r}"
+        return key, f"{start} must be {_LIMITS[kind]} {limit}, got {value!r}"
+    if kind == "value_error":
+        return key, f"{start} {ctx['error']}"
+    return key, f"{start}: {err['msg']}, got {value!r}"
+
+
+def _error(err: ValidationError, prefix: str = "", origin=None,
+           overridden: tuple[str, ...] = ()) -> ConfigError:
+    """The first of pydantic's errors as one ConfigError line; ``origin`` (the file) in
+    front unless an override set the key."""
+    key, line = _describe(err.errors()[0], prefix)
+    from_override = any(key == k or key.startswith(k + ".") or k.startswith(key + ".")
+                        for k in overridden)
+    if origin is not None and not from_override:
+        line = f"{origin}: {line}"
+    return ConfigError(line)
+
+
+def validate_section(model: type[BaseModel], values, prefix: str) -> dict:
+    """``values`` validated as ``model`` (the section at dotted ``prefix``) -> plain dict."""
+    try:
+        return model.model_validate(values).model_dump(mode="json")
+    except ValidationError as err:
+        raise _error(err, prefix) from None
+
+
+def validate_config(cfg: dict, origin=None, overridden: tuple[str, ...] = ()) -> dict:
+    """The complete config (defaults filled in) as a plain nested dict, or ConfigError."""
+    try:
+        return Config.model_validate(cfg).model_dump(mode="json")
+    except ValidationError as err:
+        raise _error(err, "", origin, overridden) from None
+
+
+# ---------------------------------------------------------------------- load and save
 def parse_override(text: str) -> tuple[list[str], object]:
     """'a.b=3' -> (['a', 'b'], 3); the value is parsed as YAML ('[1,2]', 'true', 'x.parquet')."""
     if "=" not in text:
         raise ConfigError(f"--set expects key=value, got '{text}'")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {key.strip()}: not valid YAML: "
+                          f"{str(err).splitlines()[0]}") from None
+    return key.strip().split("."), value
 
 
-def _nest(keys: list[str], value) -> dict:
-    out: dict = value
-    for key in reversed(keys):
-        out = {key: out}
+def _set(tree: dict, keys: list[str], value) -> dict:
+    """A copy of ``tree`` with ``value`` at ``keys``: mappings merge key by key."""
+    out = dict(tree)
+    if len(keys) > 1:
+        below = out.get(keys[0])
+        out[keys[0]] = _set(below if isinstance(below, dict) else {}, keys[1:], value)
+    elif isinstance(value, dict) and isinstance(out.get(keys[0]), dict):
+        out[keys[0]] = _merged(out[keys[0]], value)
+    else:
+        out[keys[0]] = value
+    return out
+
+
+def _merged(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out = _set(out, [key], value)
     return out
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> dict:
-    """DEFAULTS <- YAML file <- each ``--set key=value`` in order."""
-    cfg = copy.deepcopy(DEFAULTS)
+    """Schema defaults <- YAML file <- each ``--set key=value`` in order, validated."""
+    raw: dict = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
-        try:
-            cfg = _merge(cfg, loaded)
-        except ConfigError as err:
-            raise ConfigError(f"{path}: {err}") from None
+    overridden = []
     for text in overrides:
         keys, value = parse_override(text)
-        cfg = _merge(cfg, _nest(keys, value))
-    return cfg
+        raw = _set(raw, keys, value)
+        overridden.append(".".join(keys))
+    return validate_config(raw, origin=path, overridden=tuple(overridden))
 
 
 def save_config(cfg: dict, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg, sort_keys=False))
-
-
-PATH_KEYS = (("data", "path"), ("data", "item_emb"), ("ldiffrec", "partition"))
+    Path(path).write_text(yaml.safe_dump(validate_config(cfg), sort_keys=False))
 
 
 def absolute_paths(cfg: dict) -> dict:
@@ -196,3 +484,7 @@ def absolute_paths(cfg: dict) -> dict:
         if cfg[section][key]:
             cfg[section][key] = str(Path(cfg[section][key]).expanduser().resolve())
     return cfg
+
+
+__all__ = ["Config", "DEFAULTS", "Choice", "load_config", "save_config", "validate_config",
+           "validate_section", "parse_override", "absolute_paths"]

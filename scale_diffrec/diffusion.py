@@ -18,7 +18,8 @@ import math
 import numpy as np
 import torch
 
-SCHEDULES = ("linear-var", "linear", "cosine", "sqrt", "trunc_lin")
+from .choices import MeanType, Schedule
+
 MAX_BETA = 0.999
 
 
@@ -39,20 +40,19 @@ def betas_from_linear_variance(variance: np.ndarray, max_beta: float = MAX_BETA)
 def make_betas(schedule: str, steps: int, noise_scale: float, noise_min: float,
                noise_max: float) -> np.ndarray:
     """[T] float64 betas. linear / linear-var span noise_scale * [noise_min, noise_max];
-    cosine is Nichol & Dhariwal's; sqrt and trunc_lin are Diffusion-LM's."""
-    if schedule in ("linear", "linear-var"):
+    cosine is Nichol & Dhariwal's; sqrt and trunc_lin are Diffusion-LM's. The config
+    schema (``config.DiffusionConfig``) requires every beta in (0, 1)."""
+    schedule = Schedule(schedule)
+    if schedule in (Schedule.linear, Schedule.linear_var):
         ramp = np.linspace(noise_scale * noise_min, noise_scale * noise_max, steps,
                            dtype=np.float64)
-        return ramp if schedule == "linear" else betas_from_linear_variance(ramp)
-    if schedule == "cosine":
+        return ramp if schedule == Schedule.linear else betas_from_linear_variance(ramp)
+    if schedule == Schedule.cosine:
         return betas_for_alpha_bar(steps, lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2)
-    if schedule == "sqrt":
+    if schedule == Schedule.sqrt:
         return betas_for_alpha_bar(steps, lambda s: 1 - math.sqrt(s + 0.0001))
-    if schedule == "trunc_lin":
-        scale = 1000 / steps
-        return np.linspace(scale * 0.0001 + 0.01, scale * 0.02 + 0.01, steps, dtype=np.float64)
-    raise ValueError(f"config key 'diffusion.schedule': unknown schedule '{schedule}' "
-                     f"(expected one of {SCHEDULES})")
+    scale = 1000 / steps                                   # trunc_lin
+    return np.linspace(scale * 0.0001 + 0.01, scale * 0.02 + 0.01, steps, dtype=np.float64)
 
 
 def _gather(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -65,10 +65,8 @@ class GaussianDiffusion:
     def __init__(self, steps: int, schedule: str = "linear-var", noise_scale: float = 0.005,
                  noise_min: float = 0.005, noise_max: float = 0.01, mean_type: str = "x0",
                  reweight: bool = True):
-        if mean_type not in ("x0", "eps"):
-            raise ValueError(f"config key 'diffusion.mean_type': '{mean_type}' (x0 or eps)")
-        if noise_scale != 0 and noise_min >= noise_max and schedule in ("linear", "linear-var"):
-            raise ValueError("config keys 'diffusion.noise_min' < 'diffusion.noise_max' required")
+        """Arguments as the ``diffusion`` config section (ranges and cross-key rules:
+        ``config.DiffusionConfig``)."""
         self.steps, self.mean_type, self.reweight = steps, mean_type, reweight
         self.noise_scale = noise_scale
         betas = make_betas(schedule, steps, noise_scale, noise_min, noise_max)
@@ -106,7 +104,7 @@ class GaussianDiffusion:
 
     def step_weight(self, t: torch.Tensor) -> torch.Tensor:
         """[B] loss weight: SNR(t-1) - SNR(t) (1 at t = 0) for x0 with reweight, else 1."""
-        if not (self.reweight and self.mean_type == "x0"):
+        if not (self.reweight and self.mean_type == MeanType.x0):
             return torch.ones(t.shape, dtype=torch.float64, device=t.device)
         weight = self.snr(torch.clamp(t - 1, min=0)) - self.snr(t)
         return torch.where(t == 0, torch.ones_like(weight), weight)
@@ -121,10 +119,10 @@ class GaussianDiffusion:
         noise = torch.randn_like(x_start) if noise is None else noise
         x_t = self.q_sample(x_start, t, noise) if self.noise_scale != 0 else x_start
         output = model(x_t, t)
-        target = x_start if self.mean_type == "x0" else noise
+        target = x_start if self.mean_type == MeanType.x0 else noise
         mse = ((target - output) ** 2).mean(dim=tuple(range(1, x_start.dim())))
         raw = self.step_weight(t).to(mse.dtype) * mse
-        pred_xstart = output if self.mean_type == "x0" else self.predict_xstart(x_t, t, output)
+        pred_xstart = output if self.mean_type == MeanType.x0 else self.predict_xstart(x_t, t, output)
         return {"loss": raw * weights.to(raw.dtype), "raw": raw, "pred_xstart": pred_xstart}
 
     def predict_xstart(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -189,7 +187,7 @@ class GaussianDiffusion:
             if self.noise_scale == 0:
                 x_t = output
                 continue
-            pred = output if self.mean_type == "x0" else self.predict_xstart(x_t, t, output)
+            pred = output if self.mean_type == MeanType.x0 else self.predict_xstart(x_t, t, output)
             if i == 0:
                 return pred
             x_t = self.posterior_mean(pred, x_t, t)

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .choices import EmbeddingSource
 from .data.csr import CSR
 from .data.errors import ConfigError, DataError
 
-EMBEDDING_KINDS = ("file", "svd", "auto")
 
 
 def check_embeddings(emb: np.ndarray, n_items: int, source) -> np.ndarray:
@@ -192,17 +192,14 @@ def svd_item_embeddings(train: CSR, dim: int, seed: int = 0, n_power_iter: int =
 def item_embeddings(cfg: dict, data) -> tuple[np.ndarray, str]:
     """(embeddings [n_items, d] float32, a short description of where they came from)."""
     kind = cfg["ldiffrec"]["embeddings"]
-    if kind not in EMBEDDING_KINDS:
-        raise ConfigError(f"config key 'ldiffrec.embeddings': unknown kind '{kind}' "
-                          f"(expected one of {EMBEDDING_KINDS})")
     path = cfg["data"].get("item_emb")
-    if kind in ("file", "auto"):
+    if kind in (EmbeddingSource.file, EmbeddingSource.auto):
         if path:
             return load_item_embeddings(path, data.n_items, data.item_ids), str(path)
         if getattr(data, "item_emb", None) is not None:
             return check_embeddings(data.item_emb, data.n_items, f"{data.name} item_emb"), \
                 f"{data.name} item_emb"
-        if kind == "file":
+        if kind == EmbeddingSource.file:
             raise ConfigError("config key 'ldiffrec.embeddings' is 'file' but there are no "
                               "item embeddings: set 'data.item_emb' to a .npy or parquet "
                               "file, or use ldiffrec.embeddings=svd")

@@ -36,10 +36,11 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from .choices import Convention
 from .data.csr import CSR
 
 METRICS = ("recall", "ndcg", "precision", "mrr")
-CONVENTIONS = ("reference", "users_with_truth")
+CONVENTIONS = Convention.values()
 
 
 def _as_ks(ks: Iterable[int]) -> tuple[int, ...]:

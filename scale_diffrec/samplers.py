@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .choices import StepSampler
+
 
 class UniformSampler(nn.Module):
     def __init__(self, steps: int):
@@ -100,10 +102,7 @@ def _all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
 
 def build_sampler(dcfg: dict) -> UniformSampler:
     """'importance' (LossSecondMomentResampler, the reference's choice) or 'uniform'."""
-    if dcfg["sampler"] == "importance":
+    if dcfg["sampler"] == StepSampler.importance:
         return LossSecondMomentResampler(dcfg["steps"], dcfg["history_per_step"],
                                          dcfg["uniform_prob"])
-    if dcfg["sampler"] == "uniform":
-        return UniformSampler(dcfg["steps"])
-    raise ValueError(f"config key 'diffusion.sampler': unknown sampler '{dcfg['sampler']}' "
-                     f"(importance or uniform)")
+    return UniformSampler(dcfg["steps"])

@@ -99,6 +99,17 @@ def train_epoch(model, optimizer, data: InteractionData, cfg: dict, epoch: int,
     return total / max(len(order), 1)
 
 
+def headline(metrics: dict, select_metric: str) -> dict:
+    """The metrics an epoch line and the history show: the selection metric, and
+    recall@20 / ndcg@20 when ``topk`` has 20."""
+    keys = dict.fromkeys([select_metric, "recall@20", "ndcg@20"])
+    return {k: metrics[k] for k in keys if k in metrics}
+
+
+def describe_metrics(metrics: dict) -> str:
+    return " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
 def _metrics(model, data, split, cfg) -> dict:
     return evaluate(model, data, split=split, ks=cfg["topk"], convention=cfg["convention"],
                     batch_size=cfg["eval_batch_size"], precision=cfg["precision"],
@@ -171,8 +182,8 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False) -> dict:
                 + ("fit" if loss is None else f"loss {loss:.4f}") + f" | {seconds:.1f} s")
         if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == n_epochs:
             valid = _metrics(model, data, "valid", cfg)
-            entry["valid"] = {k: valid[k] for k in (f"recall@20", "ndcg@20") if k in valid}
-            line += f" | valid recall@20 {valid['recall@20']:.4f} ndcg@20 {valid['ndcg@20']:.4f}"
+            entry["valid"] = headline(valid, metric)
+            line += f" | valid {describe_metrics(entry['valid'])}"
             if valid[metric] > record["best"]:
                 record.update(best=valid[metric], best_epoch=epoch + 1, valid=valid)
                 runs.save_checkpoint(run_dir, "best", _state(model, optimizer, progress, record))
@@ -198,7 +209,6 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False) -> dict:
         "peak_gpu_mib": peak_memory_mib(device),
     }
     runs.write_json(run_dir / runs.METRICS, metrics)
-    log.info("best epoch %d | test recall@20 %.4f ndcg@20 %.4f | wrote %s",
-             record["best_epoch"], metrics["test"]["recall@20"], metrics["test"]["ndcg@20"],
-             run_dir / runs.METRICS)
+    log.info("best epoch %d | test %s | wrote %s", record["best_epoch"],
+             describe_metrics(headline(metrics["test"], metric)), run_dir / runs.METRICS)
     return metrics

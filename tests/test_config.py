@@ -46,3 +46,98 @@ def test_numbers_without_a_dot_are_numbers_and_wrong_kinds_are_named():
         load_config(None, ["epochs=2.5"])
     with pytest.raises(ConfigError, match="'batch_size' must be a number"):
         load_config(None, ["batch_size=lots"])
+
+
+# ------------------------------------------------------------------ the schema's rules
+@pytest.mark.parametrize("sets, pattern", [
+    (["lr=-1"], r"^config key 'lr' must be > 0, got -1$"),
+    (["lr=nan"], r"'lr' must be a finite number"),
+    (["batch_size=-5"], r"'batch_size' must be a positive integer, got -5"),
+    (["batch_size=0"], r"'batch_size' must be a positive integer"),
+    (["eval_every=0"], r"'eval_every' must be a positive integer"),
+    (["epochs=0"], r"'epochs' must be a positive integer"),
+    (["patience=0"], r"'patience' must be a positive integer"),
+    (["epochs=true"], r"'epochs' must be a number"),
+    (["weight_decay=-0.1"], r"'weight_decay' must be >= 0"),
+    (["seed=-1"], r"'seed' must be >= 0"),
+    (["diffusion.noise_min=0.02", "diffusion.noise_max=0.005"],
+     r"'diffusion.noise_min' \(0.02\) must be < 'diffusion.noise_max' \(0.005\)"),
+    (["diffusion.noise_min=0"], r"'diffusion.noise_min' must be > 0"),
+    (["diffusion.noise_scale=0"], r"'diffusion.noise_scale' must be > 0"),
+    (["diffusion.schedule=linear", "diffusion.noise_scale=100"],
+     r"'diffusion.noise_scale' gives beta_39 = 1 .* every beta must lie in \(0, 1\)"),
+    (["diffusion.noise_scale=100"], r"'diffusion.noise_scale' x noise_max = 1 must be < 1"),
+    (["diffusion.schedule=trunc_lin", "diffusion.steps=10"], r"'diffusion.schedule' gives beta_"),
+    (["diffusion.steps=1"], r"'diffusion.steps' must be >= 2"),
+    (["diffusion.sampling_steps=41"],
+     r"'diffusion.sampling_steps' \(41\) must not exceed 'diffusion.steps' \(40\)"),
+    (["diffusion.uniform_prob=2"], r"'diffusion.uniform_prob' must be <= 1"),
+    (["model=foo"], r"'model' must be one of 'diffrec', 'ldiffrec' or 'multvae', got 'foo'"),
+    (["diffusion.schedule=quadratic"], r"'diffusion.schedule' must be one of"),
+    (["ldiffrec.act=gelu"], r"'ldiffrec.act' must be one of"),
+    (["topk=[10, 50]"], r"'select_metric' \(recall@20\) needs K = 20 in 'topk'"),
+    (["select_metric=auc@20"], r"'select_metric' must be METRIC@K"),
+    (["topk=[]"], r"'topk' must not be empty"),
+    (["topk=[0, 20]"], r"'topk\[0\]' must be a positive integer"),
+    (["device=gpu"], r"'device' must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+    (["precision=fp16"], r"'precision' must be one of"),
+    (["diffusion.reweight=maybe"], r"'diffusion.reweight' must be true or false"),
+    (["distributed.use_gpu=maybe"], r"'distributed.use_gpu' must be true, false or 'auto'"),
+    (["model=ldiffrec", "distributed.workers=3"],
+     r"'distributed.workers' is 3 but ldiffrec.n_clusters is 2"),
+    (["distributed.workers=2"], r"'model' \('diffrec'\) cannot train distributed"),
+    (["distributed.zero_stage=4"], r"'distributed.zero_stage' must be <= 3"),
+    (["ldiffrec.n_clusters=4", "ldiffrec.in_dims=[3]"],
+     r"'ldiffrec.in_dims' \[3\] has a width below n_clusters \(4\)"),
+    (["ldiffrec.dropout=1"], r"'ldiffrec.dropout' must be < 1"),
+    (["ldiffrec.cluster_capacity=0.5"], r"'ldiffrec.cluster_capacity' must be >= 1"),
+    (["denoiser.dims=[]"], r"'denoiser.dims' must not be empty"),
+    (["data.source=parquet"], r"'data.path' is required for data.source 'parquet'"),
+    (["data.split.valid=0.6", "data.split.test=0.5"],
+     r"'data.split.valid' \+ 'data.split.test' must be < 1"),
+    (["data.time_weights={w_min: 1}"], r"'data.time_weights.w_max' is missing"),
+    (["distributed.deepspeed=3"], r"'distributed.deepspeed' must be a mapping"),
+])
+def test_every_rule_fails_at_load_naming_the_key(sets, pattern):
+    with pytest.raises(ConfigError, match=pattern) as err:
+        load_config(None, sets)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("text, expected", [('"0"', False), ('"false"', False), ("off", False),
+                                            ('"1"', True), ("true", True)])
+def test_booleans_given_as_strings_mean_what_they_say(tmp_path, text, expected):
+    # the reference's type=bool trap: bool("0") and bool("false") are True
+    path = tmp_path / "c.yaml"
+    path.write_text(f"diffusion:\n  reweight: {text}\n  sampling_noise: {text}\n")
+    cfg = load_config(path)
+    assert cfg["diffusion"]["reweight"] is expected
+    assert cfg["diffusion"]["sampling_noise"] is expected
+
+
+def test_file_errors_name_the_file_and_override_errors_do_not(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("diffusion:\n  noise_min: 0.02\n  noise_max: 0.005\n")
+    with pytest.raises(ConfigError, match=r"^.*c\.yaml: config key 'diffusion.noise_min'"):
+        load_config(path)
+    # an override may repair the file (the reference's run.sh swaps the two)
+    cfg = load_config(path, ["diffusion.noise_min=0.005", "diffusion.noise_max=0.02"])
+    assert cfg["diffusion"]["noise_min"] < cfg["diffusion"]["noise_max"]
+    with pytest.raises(ConfigError, match=r"^config key 'lr'"):
+        load_config(path, ["lr=0", "diffusion.noise_max=0.05"])
+
+
+def test_every_shipped_config_validates():
+    from pathlib import Path
+    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert len(configs) >= 9
+    for path in configs:
+        assert load_config(path)["model"] in ("diffrec", "ldiffrec", "multvae")
+
+
+def test_choices_are_named_types_equal_to_their_values():
+    from scale_diffrec.choices import Model, Schedule
+    cfg = load_config(None, ["model=ldiffrec", "diffusion.schedule=cosine"])
+    assert cfg["model"] == Model.ldiffrec and type(cfg["model"]) is str   # plain in the dict
+    assert {Schedule.linear_var: 1}["linear-var"] == 1 and f"{Schedule.linear_var}" == "linear-var"
+    assert DEFAULTS == load_config(None)

@@ -22,40 +22,21 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..choices import SplitRule
 from .csr import CSR
 from .errors import ConfigError
 
-RULES = ("random", "time")
+RULES = SplitRule.values()
 TRAIN, VALID, TEST = 0, 1, 2
 SPLIT_NAMES = ("train", "valid", "test")
 
 
 def check_split_config(split: dict) -> tuple[str, float, float, int]:
-    """(rule, valid, test, seed) from ``data.split``, or a ConfigError naming the key."""
-    known = {"rule", "valid", "test", "seed"}
-    for key in split:
-        if key not in known:
-            raise ConfigError(f"unknown config key 'data.split.{key}'")
-    rule = split.get("rule", "random")
-    if rule not in RULES:
-        raise ConfigError(f"config key 'data.split.rule' must be one of {list(RULES)}, "
-                          f"got {rule!r}")
-    fractions = {}
-    for key, default in (("valid", 0.1), ("test", 0.2)):
-        value = split.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not 0.0 < float(value) < 1.0:
-            raise ConfigError(f"config key 'data.split.{key}' must be a fraction in (0, 1) "
-                              f"(an empty valid or test split is an error), got {value!r}")
-        fractions[key] = float(value)
-    if fractions["valid"] + fractions["test"] >= 1.0:
-        raise ConfigError(f"config keys 'data.split.valid' + 'data.split.test' must be < 1, "
-                          f"got {fractions['valid']} + {fractions['test']}")
-    seed = split.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ConfigError(f"config key 'data.split.seed' must be a non-negative integer, "
-                          f"got {seed!r}")
-    return rule, fractions["valid"], fractions["test"], int(seed)
+    """(rule, valid, test, seed) from ``data.split`` (``config.SplitConfig``: defaults,
+    ranges, valid + test < 1), or a ConfigError naming the key."""
+    from ..config import SplitConfig, validate_section
+    s = validate_section(SplitConfig, split, "data.split")
+    return s["rule"], s["valid"], s["test"], s["seed"]
 
 
 def holdout_counts(counts: np.ndarray, valid: float, test: float

@@ -42,68 +42,17 @@ from .errors import ConfigError, DataError
 from .parquet import default_mode as _default_mode
 from .split import check_split_config, split_interactions
 
-PARAM_DEFAULTS = {
-    "n_users": 2000,
-    "n_items": 1000,
-    "n_clusters": 8,
-    "mean_items_per_user": 30,
-    "popularity_exponent": 1.0,
-    "cluster_affinity": 0.8,
-    "seed": 0,
-    "clusters_per_user": 2,
-    "min_items_per_user": 3,
-    "activity_sigma": 0.6,
-}
 USER_BLOCK = 8192
 T0 = 1_600_000_000                  # first possible timestamp (seconds)
 START_SPAN = 365 * 86400            # users start within a year
 MEAN_GAP = 86400.0                  # mean seconds between a user's interactions
 
-_INT_KEYS = ("n_users", "n_items", "n_clusters", "seed", "clusters_per_user",
-             "min_items_per_user")
-
 
 def check_synthetic_params(params: dict | None, prefix: str = "data.synthetic") -> dict:
-    """PARAM_DEFAULTS updated by ``params``, validated (ConfigError naming the key)."""
-    params = dict(params or {})
-    for key in params:
-        if key not in PARAM_DEFAULTS:
-            raise ConfigError(f"unknown config key '{prefix}.{key}' (known: "
-                              f"{', '.join(PARAM_DEFAULTS)})")
-    out = {**PARAM_DEFAULTS, **params}
-
-    def bad(key, what):
-        raise ConfigError(f"config key '{prefix}.{key}' must be {what}, got {out[key]!r}")
-
-    for key in _INT_KEYS:
-        v = out[key]
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            bad(key, "an integer")
-        out[key] = int(v)
-    for key in ("n_users", "n_items", "n_clusters", "clusters_per_user",
-                "min_items_per_user"):
-        if out[key] < 1:
-            bad(key, "at least 1")
-    if out["seed"] < 0:
-        bad("seed", "non-negative")
-    if out["n_clusters"] > out["n_items"]:
-        bad("n_clusters", f"at most n_items ({out['n_items']})")
-    for key in ("mean_items_per_user", "popularity_exponent", "cluster_affinity",
-                "activity_sigma"):
-        v = out[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) \
-                or not np.isfinite(v):
-            bad(key, "a number")
-        out[key] = float(v)
-    if out["mean_items_per_user"] < 1:
-        bad("mean_items_per_user", "at least 1")
-    if out["popularity_exponent"] < 0:
-        bad("popularity_exponent", ">= 0")
-    if not 0.0 <= out["cluster_affinity"] <= 1.0:
-        bad("cluster_affinity", "in [0, 1]")
-    if out["activity_sigma"] < 0:
-        bad("activity_sigma", ">= 0")
-    return out
+    """The generator's parameters (``config.SyntheticConfig``: defaults and ranges) with
+    ``params`` applied, or a ConfigError naming the key under ``prefix``."""
+    from ..config import SyntheticConfig, validate_section
+    return validate_section(SyntheticConfig, params or {}, prefix)
 
 
 @dataclass

@@ -22,27 +22,10 @@ from .errors import ConfigError
 
 
 def check_time_weights_config(tw) -> tuple[float, float]:
-    """(w_min, w_max) from ``data.time_weights`` ({w_min, w_max}), or a ConfigError."""
-    if not isinstance(tw, dict):
-        raise ConfigError(f"config key 'data.time_weights' must be a mapping "
-                          f"{{w_min: .., w_max: ..}} or null, got {tw!r}")
-    for key in tw:
-        if key not in ("w_min", "w_max"):
-            raise ConfigError(f"unknown config key 'data.time_weights.{key}'")
-    values = []
-    for key in ("w_min", "w_max"):
-        if key not in tw:
-            raise ConfigError(f"config key 'data.time_weights.{key}' is missing")
-        v = tw[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) \
-                or v < 0:
-            raise ConfigError(f"config key 'data.time_weights.{key}' must be a finite "
-                              f"number >= 0, got {v!r}")
-        values.append(float(v))
-    if values[0] > values[1]:
-        raise ConfigError(f"config key 'data.time_weights.w_min' ({values[0]}) must not "
-                          f"exceed 'data.time_weights.w_max' ({values[1]})")
-    return values[0], values[1]
+    """(w_min, w_max) from ``data.time_weights`` (``config.TimeWeights``), or a ConfigError."""
+    from ..config import TimeWeights, validate_section
+    w = validate_section(TimeWeights, tw, "data.time_weights")
+    return w["w_min"], w["w_max"]
 
 
 def time_weights(indptr: np.ndarray, times: np.ndarray, w_min: float, w_max: float

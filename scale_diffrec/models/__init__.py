@@ -6,31 +6,32 @@ T-DiffRec and LT-DiffRec are DiffRec and L-DiffRec trained on time-weighted inte
 """
 from __future__ import annotations
 
+from ..choices import Model
 from .base import FittedRecommender, ItemHead, Progress, Recommender
 
-MODELS = ("diffrec", "ldiffrec", "multvae", "mostpop", "itemknn", "ease", "als")
+MODELS = Model.values()
 
 
 def build_model(cfg: dict, n_items: int, partition=None) -> Recommender:
-    kind = cfg["model"]
-    if kind == "diffrec":
+    """The ``model`` of a validated config (``choices.Model``); L-DiffRec needs the item
+    partition."""
+    kind = Model(cfg["model"])
+    if kind == Model.diffrec:
         from .diffrec import DiffRec
         return DiffRec.from_config(cfg, n_items)
-    if kind == "multvae":
+    if kind == Model.multvae:
         from .multvae import MultVAE
         return MultVAE.from_config(cfg, n_items)
-    if kind in ("mostpop", "itemknn", "ease", "als"):
+    if kind in (Model.mostpop, Model.itemknn, Model.ease, Model.als):
         from . import baselines
-        if kind == "mostpop":
+        if kind == Model.mostpop:
             return baselines.MostPopular(n_items)
-        return {"itemknn": baselines.ItemKNN, "ease": baselines.EASE,
-                "als": baselines.ALS}[kind].from_config(cfg, n_items)
-    if kind == "ldiffrec":
-        from .ldiffrec import LDiffRec
-        if partition is None:
-            raise ValueError("model 'ldiffrec' needs an item partition")
-        return LDiffRec.from_config(cfg, n_items, partition)
-    raise ValueError(f"config key 'model': unknown model '{kind}' (expected one of {MODELS})")
+        return {Model.itemknn: baselines.ItemKNN, Model.ease: baselines.EASE,
+                Model.als: baselines.ALS}[kind].from_config(cfg, n_items)
+    from .ldiffrec import LDiffRec
+    if partition is None:
+        raise ValueError("model 'ldiffrec' needs an item partition")
+    return LDiffRec.from_config(cfg, n_items, partition)
 
 
 def parameter_groups(model: Recommender, cfg: dict) -> list[dict]:

@@ -103,15 +103,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..choices import Activation, ReconTarget
 from ..data.csr import SparseRows
 from ..data.errors import ConfigError
 from ..device import chunk_items
 from ..ranking import with_bias
 from .base import ItemHead, Progress, Recommender
 
-ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid,
-               "leaky_relu": nn.LeakyReLU}
-RECON_TARGETS = ("dropped", "clean")
+ACTIVATIONS = {Activation.tanh: nn.Tanh, Activation.relu: nn.ReLU,
+               Activation.sigmoid: nn.Sigmoid, Activation.leaky_relu: nn.LeakyReLU}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -122,9 +122,6 @@ def latent_dims(sizes: list[int] | np.ndarray, in_dims: list[int]) -> list[list[
     reversed. Cluster c < C-1: int(n_c / n * d) (0 -> 1); the last cluster: the remainder.
     """
     widths = [int(d) for d in list(in_dims)[::-1]]
-    if not widths or min(widths) < 1:
-        raise ConfigError(f"config key 'ldiffrec.in_dims' must be a non-empty list of "
-                          f"positive widths, got {in_dims}")
     sizes = [int(s) for s in sizes]
     n = sum(sizes)
     if len(sizes) == 1:
@@ -339,15 +336,6 @@ class LDiffRec(Recommender):
         if partition.n_items != n_items:
             raise ValueError(f"the partition covers {partition.n_items} items but the model "
                              f"has {n_items}")
-        if lcfg["act"] not in ACTIVATIONS:
-            raise ConfigError(f"config key 'ldiffrec.act': unknown activation "
-                              f"'{lcfg['act']}' (expected one of {tuple(ACTIVATIONS)})")
-        if lcfg["recon_target"] not in RECON_TARGETS:
-            raise ConfigError(f"config key 'ldiffrec.recon_target': unknown value "
-                              f"'{lcfg['recon_target']}' (expected one of {RECON_TARGETS})")
-        if not 0.0 <= float(lcfg["dropout"]) < 1.0:
-            raise ConfigError(f"config key 'ldiffrec.dropout' must be in [0, 1), got "
-                              f"{lcfg['dropout']}")
         self.lcfg = dict(lcfg)
         self.n_items = n_items
         self.partition = partition
@@ -360,9 +348,6 @@ class LDiffRec(Recommender):
         # items per chunk of the training logsumexp: fixed, or None = from the memory
         # budget (``device.chunk_items``) for each batch size and device
         self.logit_chunk = None if lcfg["logit_chunk"] is None else int(lcfg["logit_chunk"])
-        if self.logit_chunk is not None and self.logit_chunk < 1:
-            raise ConfigError(f"config key 'ldiffrec.logit_chunk' must be >= 1, got "
-                              f"{lcfg['logit_chunk']}")
         self.chunk_mib = chunk_mib
         self.diffusion = diffusion
         self.sampler = sampler
@@ -483,7 +468,7 @@ class LDiffRec(Recommender):
             keep = torch.rand(values.shape, generator=generator, device=values.device,
                               dtype=values.dtype) >= self.dropout
             values = values * keep / (1.0 - self.dropout)
-            if self.lcfg["recon_target"] == "dropped":
+            if self.lcfg["recon_target"] == ReconTarget.dropped:
                 target = values
         return ClusterInput(rows, local, values, target, offsets, batch_size)
 
