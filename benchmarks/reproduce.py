@@ -58,7 +58,7 @@ def run_row(name: str, overrides: list[str], runs_dir: Path) -> dict:
     if not Path(cfg["data"]["path"]).is_dir():
         return {"skipped": f"data folder {cfg['data']['path']} is absent"}
     started = time.perf_counter()
-    metrics = train(cfg, runs_dir / name)
+    metrics = train(cfg, runs_dir / name, overwrite=True)
     return make_row(name, overrides, metrics, time.perf_counter() - started)
 
 

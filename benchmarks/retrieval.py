@@ -71,7 +71,7 @@ def ml1m_head(run_dir: str | None):
             return None
         run_dir = ROOT / "runs" / "bench-retrieval-ml1m"
         if not (run_dir / "metrics.json").is_file():
-            train(cfg, run_dir)
+            train(cfg, run_dir, overwrite=True)
     run = load_run(run_dir)
     head = run.model.item_heads()[0]
     queries = run.model.query(run.data.train.to_torch())[head.name]

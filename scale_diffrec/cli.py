@@ -22,7 +22,6 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args) -> int:
     from .config import absolute_paths, load_config
-    from .runs import CHECKPOINTS
     overrides = list(args.overrides)
     if args.workers is not None:
         overrides.append(f"distributed.workers={args.workers}")
@@ -30,15 +29,11 @@ def cmd_train(args) -> int:
         overrides.append(f"distributed.address={args.address}")
     cfg = absolute_paths(load_config(args.config, overrides))
     out = Path(args.out)
-    if (out / CHECKPOINTS).exists() and not (args.resume or args.overwrite):
-        raise ConfigError(f"{out}: already holds a run; pass --resume to continue it or "
-                          f"--overwrite to start again")
     if cfg["distributed"]["workers"] > 1 or cfg["distributed"]["address"]:
-        from .parallel.trainer import train_distributed
-        metrics = train_distributed(cfg, out, resume=args.resume)
+        from .parallel.trainer import train_distributed as run
     else:
-        from .train import train
-        metrics = train(cfg, out, resume=args.resume)
+        from .train import train as run
+    metrics = run(cfg, out, resume=args.resume, overwrite=args.overwrite)
     print(json.dumps({"valid": _short(metrics["valid"]), "test": _short(metrics["test"])}))
     return 0
 

@@ -389,14 +389,24 @@ def _describe(err: dict, prefix: str) -> tuple[str, str]:
     return key, f"{start}: {err['msg']}, got {value!r}"
 
 
-def _error(err: ValidationError, prefix: str = "", origin=None,
+def _dotted_keys(tree: dict, prefix: str = "") -> set[str]:
+    """Every dotted key (and prefix of one) that ``tree`` sets."""
+    out = set()
+    for key, value in tree.items():
+        out.add(f"{prefix}{key}")
+        if isinstance(value, dict):
+            out |= _dotted_keys(value, f"{prefix}{key}.")
+    return out
+
+
+def _error(err: ValidationError, prefix: str = "", origin=None, from_file: set = frozenset(),
            overridden: tuple[str, ...] = ()) -> ConfigError:
     """The first of pydantic's errors as one ConfigError line; ``origin`` (the file) in
-    front unless an override set the key."""
+    front when the file set the key and no override did."""
     key, line = _describe(err.errors()[0], prefix)
-    from_override = any(key == k or key.startswith(k + ".") or k.startswith(key + ".")
-                        for k in overridden)
-    if origin is not None and not from_override:
+    by_override = any(key == k or key.startswith(k + ".") or k.startswith(key + ".")
+                      for k in overridden)
+    if origin is not None and key in from_file and not by_override:
         line = f"{origin}: {line}"
     return ConfigError(line)
 
@@ -409,12 +419,14 @@ def validate_section(model: type[BaseModel], values, prefix: str) -> dict:
         raise _error(err, prefix) from None
 
 
-def validate_config(cfg: dict, origin=None, overridden: tuple[str, ...] = ()) -> dict:
-    """The complete config (defaults filled in) as a plain nested dict, or ConfigError."""
+def validate_config(cfg: dict, origin=None, from_file: set = frozenset(),
+                    overridden: tuple[str, ...] = ()) -> dict:
+    """The complete config (defaults filled in) as a plain nested dict, or ConfigError
+    (naming ``origin`` when the key at fault is one of ``from_file`` and not overridden)."""
     try:
         return Config.model_validate(cfg).model_dump(mode="json")
     except ValidationError as err:
-        raise _error(err, "", origin, overridden) from None
+        raise _error(err, "", origin, from_file, overridden) from None
 
 
 # ---------------------------------------------------------------------- load and save
@@ -464,12 +476,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> di
             raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
-    overridden = []
+    from_file, overridden = _dotted_keys(raw), []
     for text in overrides:
         keys, value = parse_override(text)
         raw = _set(raw, keys, value)
         overridden.append(".".join(keys))
-    return validate_config(raw, origin=path, overridden=tuple(overridden))
+    return validate_config(raw, path, from_file, tuple(overridden))
 
 
 def save_config(cfg: dict, path: str | Path) -> None:

@@ -26,8 +26,11 @@ Lookup tables (numpy, int64):
 
 Artifact (``save`` / ``load``): a parquet file with columns ``item`` (int64) and ``cluster``
 (int32), one row per item, and the schema metadata key ``scale_diffrec.partition`` holding
-JSON ``{"version", "n_items", "n_clusters", "sizes"}``. Written to a temporary sibling and
-renamed into place; validated on load.
+JSON ``{"version", "n_items", "n_clusters", "sizes", "made_by"}``; ``made_by`` holds the
+config values that built it (``MADE_BY``: seed, data, n_clusters, embedding settings), so
+that a run reusing it can tell when its config asks for another partition
+(``check_made_by``). Written to a temporary sibling and renamed into place; validated on
+load.
 """
 from __future__ import annotations
 
@@ -42,6 +45,41 @@ from .optional import require_faiss
 
 META_KEY = b"scale_diffrec.partition"
 FORMAT_VERSION = 1
+# the config keys a built partition depends on (data.name only labels the data)
+MADE_BY = ("seed", "data.source", "data.path", "data.item_emb", "data.split",
+           "data.time_weights", "data.synthetic", "data.n_items", "ldiffrec.n_clusters",
+           "ldiffrec.embeddings", "ldiffrec.emb_dim", "ldiffrec.kmeans_niter",
+           "ldiffrec.cluster_capacity")
+
+
+def made_by(cfg: dict) -> dict:
+    """{dotted key: value} of ``MADE_BY`` in ``cfg`` (JSON values)."""
+    out = {}
+    for key in MADE_BY:
+        value = cfg
+        for part in key.split("."):
+            value = value[part]
+        out[key] = value
+    return json.loads(json.dumps(out))
+
+
+def check_made_by(partition: "Partition", cfg: dict, path) -> None:
+    """ConfigError unless ``partition`` (read from ``path``) is what ``cfg`` would build:
+    the same ldiffrec.n_clusters and, when the artifact records them, the same ``MADE_BY``
+    values."""
+    want = int(cfg["ldiffrec"]["n_clusters"])
+    if partition.n_clusters != want:
+        raise ConfigError(f"{path}: the partition has {partition.n_clusters} clusters but "
+                          f"config key 'ldiffrec.n_clusters' is {want} (pass --overwrite to "
+                          f"rebuild it)")
+    if partition.made_by is None:
+        return
+    now = made_by(cfg)
+    for key in MADE_BY:
+        if key in partition.made_by and partition.made_by[key] != now[key]:
+            raise ConfigError(f"{path}: the partition was built with config key '{key}' = "
+                              f"{partition.made_by[key]!r} but the config has {now[key]!r} "
+                              f"(pass --overwrite to rebuild it)")
 
 
 class Partition:
@@ -66,6 +104,7 @@ class Partition:
         self.local_of = np.empty(len(cluster_of), np.int64)
         self.local_of[self.order] = np.arange(len(cluster_of)) - np.repeat(self.offsets[:-1],
                                                                            self.sizes)
+        self.made_by: dict | None = None     # the config values that built it (MADE_BY)
 
     @property
     def n_items(self) -> int:
@@ -139,7 +178,8 @@ class Partition:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"version": FORMAT_VERSION, "n_items": self.n_items,
-                "n_clusters": self.n_clusters, "sizes": self.sizes.tolist()}
+                "n_clusters": self.n_clusters, "sizes": self.sizes.tolist(),
+                "made_by": self.made_by}
         table = pa.table({"item": pa.array(np.arange(self.n_items, dtype=np.int64)),
                           "cluster": pa.array(self.cluster_of.astype(np.int32))})
         table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
@@ -210,7 +250,9 @@ class Partition:
                                   f"{meta_sizes.tolist()}", field="cluster")
         cluster_of = np.empty(meta_items, np.int64)
         cluster_of[items] = clusters
-        return Partition(cluster_of, meta_c)
+        partition = Partition(cluster_of, meta_c)
+        partition.made_by = meta.get("made_by")
+        return partition
 
 
 def _assign_with_capacity(dist: np.ndarray, prefs: np.ndarray, cap: int
@@ -281,4 +323,5 @@ def build_partition(cfg: dict, data) -> Partition:
                                      capacity=lcfg["cluster_capacity"])
         log.info("partition: k-means of %s (%d-d) into %d clusters, sizes %s", source,
                  emb.shape[1], n_clusters, partition.sizes.tolist())
+    partition.made_by = made_by(cfg)
     return partition

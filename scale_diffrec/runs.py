@@ -4,16 +4,24 @@
     RUN_DIR/checkpoints/last.pt    after every epoch: model, optimizer, progress, RNG state
     RUN_DIR/checkpoints/best.pt    the model at the best validation score so far
     RUN_DIR/partition.parquet      item -> cluster (L-DiffRec), reused by eval and export
+    RUN_DIR/plan.json              clusters -> workers (distributed runs)
     RUN_DIR/metrics.json           {"valid": {...}, "test": {...}, "history": [...], ...}
 
 Every file is written to a temporary sibling and renamed into place, so an interrupted or
 failed run leaves the previous version of each file intact; files follow the user's umask
 and a full disk is one line, 'no space left on PATH' (``files``). Checkpoints are sealed
 with the sha256 of their contents and checked on every load.
+
+The guard: ``check_run_dir`` decides, before anything is written, whether a run may start
+in RUN_DIR (empty, or ``overwrite``) or continue there (``resume``: the saved config may
+differ from the new one only in ``SAFE_ON_RESUME``); the trainers then validate the data,
+the partition (against the config that made it) and the model, and only then
+``start_run`` writes: a fresh start first removes the previous run's artifacts.
 """
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +29,7 @@ import torch
 
 from .config import load_config, save_config
 from .data import DataError, InteractionData, load_data
+from .data.errors import ConfigError
 from .device import resolve_device
 from .files import atomic_write, check_sealed, write_sealed
 from .models import build_model
@@ -29,6 +38,15 @@ CONFIG = "config.yaml"
 METRICS = "metrics.json"
 PARTITION = "partition.parquet"
 CHECKPOINTS = "checkpoints"
+PLAN = "plan.json"
+ARTIFACTS = (CHECKPOINTS, METRICS, PARTITION, PLAN)   # what a fresh start replaces
+
+# Keys a resumed run may change: how long it trains and stops, how it evaluates, where it
+# runs. Everything else (model, data, optimisation, seed, partition) would make the
+# continued run another experiment than its checkpoints, and is refused naming the key.
+SAFE_ON_RESUME = ("epochs", "patience", "eval_every", "eval_batch_size", "topk",
+                  "device", "precision", "distributed.workers", "distributed.address",
+                  "distributed.use_gpu", "distributed.max_failures")
 
 
 def write_json(path: Path, obj) -> None:
@@ -37,6 +55,74 @@ def write_json(path: Path, obj) -> None:
 
 def write_config(run_dir: Path, cfg: dict) -> None:
     atomic_write(Path(run_dir) / CONFIG, lambda tmp: save_config(cfg, tmp))
+
+
+def _flat(cfg: dict, prefix: str = "") -> dict:
+    """{dotted key: value}; ``distributed.deepspeed`` (free-form) counts as one key."""
+    out = {}
+    for key, value in cfg.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and dotted != "distributed.deepspeed":
+            out.update(_flat(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def changed_keys(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ between two validated configs."""
+    a, b = _flat(old), _flat(new)
+    return [k for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
+
+
+def holds_run(run_dir: Path) -> bool:
+    return (Path(run_dir) / CONFIG).is_file() or (Path(run_dir) / CHECKPOINTS).exists()
+
+
+def check_run_dir(run_dir: str | Path, cfg: dict, resume: bool = False,
+                  overwrite: bool = False) -> None:
+    """The guard (writes nothing): may a run with ``cfg`` start (fresh or ``overwrite``) or
+    continue (``resume``) in ``run_dir``? ConfigError naming the reason otherwise; a resumed
+    run's saved config may differ from ``cfg`` only in ``SAFE_ON_RESUME`` keys."""
+    run_dir = Path(run_dir)
+    if resume and overwrite:
+        raise ConfigError("--resume continues a run and --overwrite starts it again: pass one")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: not a directory")
+    if not resume:
+        if holds_run(run_dir) and not overwrite:
+            raise ConfigError(f"{run_dir}: already holds a run; pass --resume to continue it "
+                              f"or --overwrite to start again")
+        return
+    saved_file = run_dir / CONFIG
+    if not saved_file.is_file():
+        return                      # the trainer names the missing checkpoint
+    saved = load_config(saved_file)
+    unsafe = [k for k in changed_keys(saved, cfg) if k not in SAFE_ON_RESUME]
+    if unsafe:
+        flat_old, flat_new = _flat(saved), _flat(cfg)
+        what = ", ".join(f"'{k}' ({flat_old.get(k)!r} -> {flat_new.get(k)!r})" for k in unsafe)
+        raise ConfigError(f"{saved_file}: --resume cannot change config key {what}; a resumed "
+                          f"run may change only {', '.join(SAFE_ON_RESUME)} (use --overwrite "
+                          f"or another --out to train with the new config)")
+
+
+def start_run(run_dir: str | Path, cfg: dict, partition=None, resume: bool = False) -> None:
+    """The first write of a run, after every input has been validated: a fresh start
+    removes the previous run's artifacts (``ARTIFACTS``), then config.yaml and the
+    partition (when there is one and the run does not have it yet) are written."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        for name in ARTIFACTS:
+            path = run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    write_config(run_dir, cfg)
+    if partition is not None and not (run_dir / PARTITION).is_file():
+        partition.save(run_dir / PARTITION)
 
 
 def save_checkpoint(run_dir: Path, name: str, state: dict) -> None:

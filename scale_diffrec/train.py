@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, runs
+from .choices import Model
 from .data import InteractionData, load_data
 from .device import (autocast, describe, peak_memory_mib, resolve_device,
                      set_matmul_precision)
@@ -40,19 +41,24 @@ def batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def prepare_partition(cfg: dict, data: InteractionData, run_dir: Path | None):
-    """L-DiffRec's item partition: reused from the run (or ``ldiffrec.partition``), else built."""
-    if cfg["model"] != "ldiffrec":
+def prepare_partition(cfg: dict, data: InteractionData, run_dir: Path | None,
+                      rebuild: bool = False):
+    """L-DiffRec's item partition (None for other models), validated and not yet written:
+    ``ldiffrec.partition`` when given, else the run's own artifact when it matches the
+    config that would build it (``partition.check_made_by``; ``rebuild``: ignored), else
+    built from the data."""
+    if cfg["model"] != Model.ldiffrec:
         return None
-    from .partition import Partition, build_partition
-    saved = cfg["ldiffrec"]["partition"] or (
-        run_dir / runs.PARTITION if run_dir is not None else None)
-    if saved is not None and Path(saved).is_file():
-        return Partition.load(saved, n_items=data.n_items)
-    partition = build_partition(cfg, data)
-    if run_dir is not None:
-        partition.save(run_dir / runs.PARTITION)
-    return partition
+    from .partition import Partition, build_partition, check_made_by
+    given = cfg["ldiffrec"]["partition"]
+    saved = Path(given) if given else (run_dir / runs.PARTITION if run_dir else None)
+    if saved is not None and (given or (saved.is_file() and not rebuild)):
+        partition = Partition.load(saved, n_items=data.n_items)
+        if given:
+            partition.made_by = None            # the user's artifact: only its shape counts
+        check_made_by(partition, cfg, saved)
+        return partition
+    return build_partition(cfg, data)
 
 
 def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
@@ -127,23 +133,40 @@ def _state(model, optimizer, progress, record) -> dict:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def train(cfg: dict, run_dir: str | Path, resume: bool = False) -> dict:
-    """Train per ``cfg``, writing checkpoints and metrics.json to ``run_dir``; returns metrics."""
+def stopped(record: dict, epochs_done: int, patience: int) -> bool:
+    """Early stopping: ``patience`` epochs since the best validation epoch."""
+    return record["best_epoch"] > 0 and epochs_done - record["best_epoch"] >= patience
+
+
+def _say_if_finished(record: dict, epochs_done: int, n_epochs: int, cfg: dict) -> None:
+    """A resumed run with nothing left to train says why (and then only evaluates)."""
+    if stopped(record, epochs_done, cfg["patience"]):
+        log.info("the run stopped early after epoch %d (no better valid %s for %d epochs "
+                 "since epoch %d): nothing to train; raise patience to continue it",
+                 epochs_done, cfg["select_metric"], cfg["patience"], record["best_epoch"])
+    elif epochs_done >= n_epochs and epochs_done > 0:
+        log.info("the run has trained all %d epochs: nothing to train; raise epochs to "
+                 "continue it", epochs_done)
+
+
+def train(cfg: dict, run_dir: str | Path, resume: bool = False, overwrite: bool = False
+          ) -> dict:
+    """Train per ``cfg``, writing checkpoints and metrics.json to ``run_dir``; returns metrics.
+
+    Nothing is written until the run directory (``runs.check_run_dir``), the data, the
+    partition, the model and (``resume``) the last checkpoint have been validated."""
     run_dir = Path(run_dir)
+    runs.check_run_dir(run_dir, cfg, resume=resume, overwrite=overwrite)
     seed_everything(cfg["seed"])
-    data = load_data(cfg)          # validates the input before anything is written
+    data = load_data(cfg)
     device = resolve_device(cfg["device"])
     set_matmul_precision(cfg["precision"])
-    partition = prepare_partition(cfg, data, run_dir)
+    partition = prepare_partition(cfg, data, run_dir, rebuild=overwrite)
     model = build_model(cfg, data.n_items, partition)    # refuses a bad model config
     source = checkpoint.latest(run_dir) if resume else None   # last.pt or a W-worker run's
     if resume and source is None:
         raise FileNotFoundError(f"{run_dir / runs.CHECKPOINTS}: no checkpoint to resume from")
     state = source.full(model) if resume else None              # read before anything is written
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        checkpoint.clear(run_dir)
-    runs.write_config(run_dir, cfg)
     log.info("device %s (device: %s), precision %s", describe(device), cfg["device"],
              cfg["precision"])
     model = model.to(device)
@@ -163,6 +186,7 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False) -> dict:
         if state.get("cuda_rng") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         log.info("resumed from %s at epoch %d", source.path, progress.epoch)
+    runs.start_run(run_dir, cfg, partition, resume=resume)
     log.info("data %s: %d users x %d items, %d train interactions",
              data.name, data.n_users, data.n_items, data.train.nnz)
     log.info("model %s: %s", cfg["model"], describe_model(model))
@@ -170,7 +194,10 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False) -> dict:
     metric = cfg["select_metric"]
     started = time.perf_counter()
     first_epoch = progress.epoch
-    for epoch in range(first_epoch, n_epochs):
+    _say_if_finished(record, first_epoch, n_epochs, cfg)
+    epochs = [] if stopped(record, first_epoch, cfg["patience"]) else \
+        range(first_epoch, n_epochs)
+    for epoch in epochs:
         t0 = time.perf_counter()
         loss = train_epoch(model, optimizer, data, cfg, epoch, progress, device)
         seconds = time.perf_counter() - t0
@@ -189,9 +216,12 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False) -> dict:
                 runs.save_checkpoint(run_dir, "best", _state(model, optimizer, progress, record))
                 line += " *"
         record["history"].append(entry)
+        stop = stopped(record, epoch + 1, cfg["patience"])
+        if stop:                # recorded, so that a resumed run knows it has finished
+            record["early_stop"] = {"epoch": epoch + 1, "patience": cfg["patience"]}
         log.info("%s | ETA %s | peak RSS %.0f MiB", line, format_seconds(eta), peak_rss_mib())
         runs.save_checkpoint(run_dir, "last", _state(model, optimizer, progress, record))
-        if epoch + 1 - record["best_epoch"] >= cfg["patience"] and record["best_epoch"] > 0:
+        if stop:
             log.info("early stop: no better valid %s for %d epochs (best epoch %d)",
                      metric, cfg["patience"], record["best_epoch"])
             break

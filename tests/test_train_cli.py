@@ -28,6 +28,15 @@ def _empty_config(tmp_path):
     (tmp_path / "none.yaml").write_text("{}\n")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_log_handler():
+    """main() logs to the sys.stdout of the first call; each test gets its own (capsys)."""
+    from scale_diffrec.progress import log
+    log.handlers.clear()
+    yield
+    log.handlers.clear()
+
+
 @pytest.mark.parametrize("model, sets", [
     ("diffrec", []), ("multvae", []), ("ldiffrec", []), ("ldiffrec", ["ldiffrec.out_dims=[6]"]),
     ("diffrec", [TIME_WEIGHTS]), ("ldiffrec", [TIME_WEIGHTS])],
@@ -74,3 +83,106 @@ def test_existing_run_is_refused_and_bad_data_overwrites_nothing(tmp_path, capsy
     assert err.startswith("error:") and "bad.parquet" in err and "Traceback" not in err
     after = {p.name: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
     assert after == before
+
+
+# ------------------------------------------------------- bad config, guarded run directory
+def _files(run_dir):
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in run_dir.rglob("*")
+            if p.is_file()}
+
+
+def _one_error_line(capsys, *words):
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("sets, key", [
+    (["lr=-1"], "'lr'"), (["batch_size=-5"], "'batch_size'"), (["batch_size=0"], "'batch_size'"),
+    (["eval_every=0"], "'eval_every'"), (["epochs=0"], "'epochs'"),
+    (["diffusion.noise_min=0.02", "diffusion.noise_max=0.005"], "'diffusion.noise_min'"),
+    (["diffusion.noise_min=0"], "'diffusion.noise_min'"),
+    (["diffusion.noise_scale=0"], "'diffusion.noise_scale'"),
+    (["diffusion.schedule=linear", "diffusion.noise_scale=100"], "'diffusion.noise_scale'"),
+    (["diffusion.steps=1"], "'diffusion.steps'"),
+    (["diffusion.sampling_steps=6"], "'diffusion.sampling_steps'"),
+    (["model=foo"], "'model'"), (["topk=[10,50]"], "'select_metric'"),
+    (["ldiffrec.in_dims=[2]"], "'ldiffrec.in_dims'")])
+def test_bad_config_exits_2_before_anything_is_written(tmp_path, capsys, sets, key):
+    assert _train(tmp_path, "fresh", *sets) == 2
+    _one_error_line(capsys, "error: config key", key)
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_a_failed_overwrite_or_resume_changes_nothing(tmp_path, capsys):
+    assert _train(tmp_path, "run", "epochs=1", model="ldiffrec") == 0
+    before = _files(tmp_path / "run")
+    for sets, flags, words in [
+            (["model=foo"], ["--resume"], ["'model'"]),
+            (["model=foo"], ["--overwrite"], ["'model'"]),
+            (["lr=-1"], ["--overwrite"], ["'lr'"]),
+            (["lr=0.5"], ["--resume"], ["config.yaml", "--resume cannot change", "'lr'"]),
+            (["ldiffrec.n_clusters=2"], ["--resume"], ["'ldiffrec.n_clusters'"]),
+            (["seed=5"], ["--resume"], ["'seed'"]),
+            ([], ["--resume", "--overwrite"], ["pass one"]),
+            ([], [], ["already holds a run"])]:
+        assert _train(tmp_path, "run", "epochs=1", *sets, flags=flags, model="ldiffrec") == 2
+        _one_error_line(capsys, *words)
+        assert _files(tmp_path / "run") == before, (sets, flags)
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(tmp_path / "run")]) == 0      # still a good run
+
+
+def test_resume_without_a_run_writes_nothing(tmp_path, capsys):
+    assert _train(tmp_path, "none", flags=["--resume"]) == 2
+    _one_error_line(capsys, "no checkpoint")
+    assert not (tmp_path / "none").exists()
+
+
+def test_overwrite_rebuilds_the_partition_and_a_stale_one_is_refused(tmp_path, capsys):
+    from scale_diffrec.partition import Partition
+    run = tmp_path / "run"
+    assert _train(tmp_path, "run", "epochs=1", model="ldiffrec") == 0
+    assert Partition.load(run / "partition.parquet").n_clusters == 3
+    assert _train(tmp_path, "run", "epochs=1", "ldiffrec.n_clusters=2", "ldiffrec.in_dims=[12]",
+                  flags=["--overwrite"], model="ldiffrec") == 0
+    rebuilt = Partition.load(run / "partition.parquet")
+    assert rebuilt.n_clusters == 2 and rebuilt.made_by["ldiffrec.n_clusters"] == 2
+    # a partition left in a run directory is reused only by the config that built it
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "partition.parquet").write_bytes((run / "partition.parquet").read_bytes())
+    before = _files(tmp_path / "other")
+    assert _train(tmp_path, "other", "epochs=1", model="ldiffrec") == 2
+    _one_error_line(capsys, "partition.parquet", "'ldiffrec.n_clusters' is 3")
+    assert _train(tmp_path, "other", "epochs=1", "ldiffrec.n_clusters=2",
+                  "ldiffrec.emb_dim=3", model="ldiffrec") == 2
+    _one_error_line(capsys, "partition.parquet", "'ldiffrec.emb_dim'")
+    assert _files(tmp_path / "other") == before
+    assert _train(tmp_path, "other", "epochs=1", "ldiffrec.n_clusters=2",
+                  model="ldiffrec") == 0
+    assert Partition.load(tmp_path / "other" / "partition.parquet") == rebuilt
+
+
+def test_resumed_finished_runs_do_not_train_again(tmp_path, caplog):
+    assert _train(tmp_path, "stop", "epochs=40", "patience=1", "lr=0.05") == 0
+    last = torch.load(tmp_path / "stop" / "checkpoints" / "last.pt", weights_only=False)
+    assert last["record"]["early_stop"]["epoch"] == last["epoch"] < 40
+    metrics = json.loads((tmp_path / "stop" / "metrics.json").read_text())
+    for _ in range(2):
+        caplog.clear()
+        assert _train(tmp_path, "stop", "epochs=40", "patience=1", "lr=0.05",
+                      flags=["--resume"]) == 0
+        assert "stopped early" in caplog.text and "nothing to train" in caplog.text
+        again = torch.load(tmp_path / "stop" / "checkpoints" / "last.pt", weights_only=False)
+        assert again["epoch"] == last["epoch"]
+        assert json.loads((tmp_path / "stop" / "metrics.json").read_text())["history"] == \
+            metrics["history"]
+    # a run that trained all its epochs: the same
+    assert _train(tmp_path, "all", "epochs=1") == 0
+    caplog.clear()
+    assert _train(tmp_path, "all", "epochs=1", flags=["--resume"]) == 0
+    assert "trained all 1 epochs" in caplog.text
+    assert torch.load(tmp_path / "all" / "checkpoints" / "last.pt", weights_only=False)["epoch"] == 1

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -54,7 +53,7 @@ from ..train import describe_metrics, headline, prepare_partition, seed_everythi
 from .memory import cluster_parameters
 from .plan import Plan, plan_placement
 
-PLAN = "plan.json"
+PLAN = runs.PLAN
 RAY_NAME = "ray"                  # Ray Train's run name: RUN_DIR/checkpoints/ray
 FAULT_ENV = "SCALE_DIFFREC_TEST_FAULT"   # test hook, see _fault_after_report
 
@@ -117,17 +116,18 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
     return env
 
 
-def _prepare_run_dir(cfg: dict, run_dir: Path, n_workers: int):
-    """config.yaml, partition.parquet and plan.json (on resume with another number of
+def _prepare_run_dir(cfg: dict, run_dir: Path, n_workers: int, resume: bool,
+                     overwrite: bool):
+    """Validates the data, the partition and the plan, then writes config.yaml,
+    partition.parquet and plan.json (``runs.start_run``; on resume with another number of
     workers or placement, the new plan: checkpoints are not tied to one)."""
-    data = load_data(cfg)          # validates the input before anything is written
-    run_dir.mkdir(parents=True, exist_ok=True)
-    runs.write_config(run_dir, cfg)
-    partition = prepare_partition(cfg, data, run_dir)
+    data = load_data(cfg)
+    partition = prepare_partition(cfg, data, run_dir, rebuild=overwrite)
+    plan = build_plan(cfg, partition, n_workers)
+    runs.start_run(run_dir, cfg, partition, resume=resume)
     saved = run_dir / runs.PARTITION           # the workers' copy (also for ldiffrec.partition)
     if not saved.is_file() or Partition.load(saved, n_items=data.n_items) != partition:
         partition.save(saved)
-    plan = build_plan(cfg, partition, n_workers)
     runs.write_json(run_dir / PLAN, plan.to_dict())
     log.info("data %s: %d users x %d items, %d train interactions",
              data.name, data.n_users, data.n_items, data.train.nnz)
@@ -139,24 +139,19 @@ def _storage(run_dir: Path) -> Path:
     return run_dir / runs.CHECKPOINTS
 
 
-def _clear_storage(run_dir: Path) -> None:
-    """A fresh run starts without the checkpoints and Ray state of an earlier one."""
-    shutil.rmtree(_storage(run_dir) / RAY_NAME, ignore_errors=True)
-    checkpoint.clear(run_dir)
-
-
-def train_distributed(cfg: dict, run_dir: str | Path, resume: bool = False) -> dict:
-    """Train L-DiffRec on ``distributed.workers`` Ray Train workers; returns metrics.json."""
+def train_distributed(cfg: dict, run_dir: str | Path, resume: bool = False,
+                      overwrite: bool = False) -> dict:
+    """Train L-DiffRec on ``distributed.workers`` Ray Train workers; returns metrics.json.
+    Nothing is written before the run directory, data, partition and plan are validated."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     run_dir = Path(run_dir).resolve()
     n_workers = check_workers(cfg)       # before any data, file or Ray process
     cfg = absolute_paths(cfg)            # the workers run in other directories
+    runs.check_run_dir(run_dir, cfg, resume=resume, overwrite=overwrite)
     if resume and checkpoint.latest(run_dir) is None:
         raise FileNotFoundError(f"{_storage(run_dir)}: no checkpoint to resume from")
-    plan = _prepare_run_dir(cfg, run_dir, n_workers)
-    if not resume:
-        _clear_storage(run_dir)
+    plan = _prepare_run_dir(cfg, run_dir, n_workers, resume, overwrite)
     started = connect(cfg)
     try:
         use_gpu = resolve_use_gpu(cfg["distributed"]["use_gpu"], n_workers)
