@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from .data.errors import ConfigError, DataError
+from .finite import NonFiniteError
 from .progress import log, setup_logging
 
 
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DataError, ConfigError, FileNotFoundError) as err:
+    except (DataError, ConfigError, NonFiniteError, FileNotFoundError) as err:
         log.debug("failed", exc_info=True)
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .data.csr import CSR
+from .finite import check_finite
 from .data.dataset import InteractionData
 from .device import autocast, chunk_items, model_device
 from .metrics import CONVENTIONS, MetricAccumulator, _as_ks, _as_numpy_items
@@ -137,6 +138,8 @@ def accumulate(model: Recommender, data: InteractionData, split: str = "valid",
                 chunk = chunk_items(len(rows), device, chunk_mib)
                 with autocast(device, precision):
                     for scores, items in score_chunks(model, batch, heads, chunk):
+                        check_finite(scores, f"the model's {split} scores of users "
+                                             f"{rows[0]}..{rows[-1]} (NaN would rank first)")
                         top.add(scores.float(), items)
                 acc.add(top.result()[0].cpu().numpy(), truth.take_rows(rows))
     finally:

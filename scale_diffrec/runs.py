@@ -30,6 +30,7 @@ import torch
 from .config import load_config, save_config
 from .data import DataError, InteractionData, load_data
 from .data.errors import ConfigError
+from .finite import check_finite
 from .device import resolve_device
 from .files import atomic_write, check_sealed, write_sealed
 from .models import build_model
@@ -196,6 +197,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best",
     partition = load_partition_of(run_dir, cfg, data)
     model = build_model(cfg, data.n_items, partition)
     state = load_checkpoint(run_dir, checkpoint)
+    check_finite(state["model"], str(checkpoint_path(run_dir, checkpoint)))
     load_model_state(model, state["model"], checkpoint_path(run_dir, checkpoint))
     model.to(resolve_device(cfg["device"] if device is None else device))
     model.eval()

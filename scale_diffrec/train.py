@@ -22,6 +22,7 @@ from .data import InteractionData, load_data
 from .device import (autocast, describe, peak_memory_mib, resolve_device,
                      set_matmul_precision)
 from .evaluate import evaluate
+from .finite import check_finite
 from .models import FittedRecommender, Progress, build_model, parameter_groups
 from .progress import StepProgress, format_seconds, log, peak_rss_mib
 
@@ -97,10 +98,13 @@ def train_epoch(model, optimizer, data: InteractionData, cfg: dict, epoch: int,
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, cfg["precision"]):
             loss = model.training_loss(rows, progress)["loss"]
+        value = loss.item()
+        check_finite(value, f"training loss at epoch {epoch + 1}, step {i}",
+                     "training stopped; checkpoints/last.pt is the last good epoch")
         loss.backward()
         optimizer.step()
         progress.step += 1
-        total += loss.item()
+        total += value
         meter.step(i, total / i)
     return total / max(len(order), 1)
 
@@ -176,6 +180,7 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False, overwrite: bool 
     progress = Progress()
     record = {"history": [], "best": -1.0, "best_epoch": 0, "valid": {}}
     if resume:                     # last.pt, or a W-worker run's newest checkpoint
+        check_finite(state["model"], str(source.path))
         runs.load_model_state(model, state["model"], source.path)
         if optimizer is not None:
             checkpoint.load_optimizer_state(optimizer, list(model.named_parameters()),

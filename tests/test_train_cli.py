@@ -186,3 +186,63 @@ def test_resumed_finished_runs_do_not_train_again(tmp_path, caplog):
     assert _train(tmp_path, "all", "epochs=1", flags=["--resume"]) == 0
     assert "trained all 1 epochs" in caplog.text
     assert torch.load(tmp_path / "all" / "checkpoints" / "last.pt", weights_only=False)["epoch"] == 1
+
+
+# ------------------------------------------------------------------ non-finite numbers
+def test_a_diverging_run_stops_naming_epoch_and_step_and_keeps_the_last_good_epoch(
+        tmp_path, capsys, monkeypatch):
+    # Mult-VAE at lr 1e6 reaches loss nan in its first epoch: exit 2, no model kept
+    assert _train(tmp_path, "lr", "epochs=5", "lr=1e6", model="multvae") == 2
+    _one_error_line(capsys, "training loss at epoch 1, step", "is not finite (nan)")
+    assert not (tmp_path / "lr" / "checkpoints").exists()
+    # a run that diverges at epoch 2, step 3 keeps epoch 1's checkpoints as they were
+    assert _train(tmp_path, "run", "epochs=1", model="multvae") == 0
+    before = _files(tmp_path / "run" / "checkpoints")
+    from scale_diffrec.models.multvae import MultVAE
+    real, calls = MultVAE.training_loss, []
+
+    def diverging(self, batch, progress):
+        calls.append(1)
+        terms = real(self, batch, progress)
+        return {**terms, "loss": terms["loss"] * float("inf")} if len(calls) == 3 else terms
+    monkeypatch.setattr(MultVAE, "training_loss", diverging)
+    assert _train(tmp_path, "run", "epochs=3", flags=["--resume"], model="multvae") == 2
+    _one_error_line(capsys, "training loss at epoch 2, step 3 is not finite",
+                    "last.pt is the last good epoch")
+    assert _files(tmp_path / "run" / "checkpoints") == before
+
+
+def test_non_finite_parameters_are_refused_by_resume_evaluate_and_export(tmp_path, capsys):
+    assert _train(tmp_path, "run", "epochs=1") == 0
+    run = tmp_path / "run"
+    for name in ("last", "best"):
+        path = run / "checkpoints" / f"{name}.pt"
+        state = torch.load(path, weights_only=False)
+        key = next(iter(state["model"]))
+        state["model"][key].view(-1)[0] = float("inf")
+        torch.save(state, path)
+    before = _files(run)
+    assert _train(tmp_path, "run", "epochs=2", flags=["--resume"]) == 2
+    _one_error_line(capsys, "last.pt", "parameter", "not finite")
+    assert _files(run) == before
+    assert main(["evaluate", "--run", str(run)]) == 2
+    _one_error_line(capsys, "best.pt", "not finite")
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "index")]) == 2
+    _one_error_line(capsys, "best.pt", "not finite")
+    assert not (tmp_path / "index").exists()
+
+
+def test_evaluation_refuses_nan_scores():
+    from scale_diffrec.data import load_data
+    from scale_diffrec.evaluate import evaluate
+    from scale_diffrec.finite import NonFiniteError
+    from scale_diffrec.config import load_config
+    data = load_data(load_config(None, TINY))
+
+    class NaNModel(torch.nn.Module):
+        def score(self, batch):
+            out = torch.zeros(batch.batch_size, data.n_items)
+            out[:, 3] = float("nan")          # would rank first in torch.topk
+            return out
+    with pytest.raises(NonFiniteError, match="valid scores of users 0..119 .*not finite"):
+        evaluate(NaNModel(), data, "valid", ks=[10, 20])

@@ -39,6 +39,7 @@ from ..checkpoint import FORMAT, load_optimizer_state, merge_catalogue, optimize
 from ..data.dataset import InteractionData
 from ..device import autocast, chunk_items
 from ..evaluate import excluded_matrices, truth_matrix
+from ..finite import check_finite
 from ..metrics import MetricAccumulator
 from ..models import Progress
 from ..models.ldiffrec import LDiffRec, beta_at, combine_logsumexp, lamda_at
@@ -180,8 +181,10 @@ class ShardedRun:
         meter = StepProgress(epoch + 1, len(order)) if self.rank == 0 else None
         total = 0.0
         for i, users in enumerate(order, 1):
-            total += self.loss_and_backward(users)
+            loss = self.loss_and_backward(users)
+            check_finite(loss, f"training loss at epoch {epoch + 1}, step {i}")  # every rank
             self.optimizer_step()
+            total += loss
             if meter is not None:
                 meter.step(i, total / i)
         return total / max(len(order), 1)
