@@ -259,3 +259,27 @@ def test_ml1m_item_emb_partition():
     p = Partition.kmeans(emb, 2, seed=1)
     check_cover(p)
     assert min(p.sizes) > 100        # two real clusters, not a degenerate split
+
+
+def test_the_partition_records_what_built_it_and_is_checked_against_the_config(tmp_path):
+    from scale_diffrec.partition import check_made_by
+    train, _ = random_csr(n_users=80, n_items=50)
+    cfg = load_config(None, ["model=ldiffrec", "ldiffrec.n_clusters=3",
+                             "ldiffrec.embeddings=svd", "ldiffrec.emb_dim=4"])
+    p = build_partition(cfg, _data(train))
+    p.save(tmp_path / "p.parquet")
+    q = Partition.load(tmp_path / "p.parquet")
+    assert q.made_by == p.made_by and q.made_by["ldiffrec.emb_dim"] == 4
+    check_made_by(q, cfg, "p.parquet")                     # the config that built it
+    for sets, key in [(["ldiffrec.emb_dim=5"], "'ldiffrec.emb_dim' = 4"),
+                      (["seed=1"], "'seed' = 0"),
+                      (["data.synthetic.n_items=51"], "'data.synthetic'"),
+                      (["ldiffrec.n_clusters=2"], "has 3 clusters but config key "
+                                                  "'ldiffrec.n_clusters' is 2")]:
+        other = load_config(None, ["model=ldiffrec", "ldiffrec.n_clusters=3",
+                                   "ldiffrec.embeddings=svd", "ldiffrec.emb_dim=4", *sets])
+        with pytest.raises(ConfigError, match=f"p.parquet: .*{key}"):
+            check_made_by(q, other, "p.parquet")
+    # an artifact without a record (older, or made elsewhere): only its cluster count counts
+    q.made_by = None
+    check_made_by(q, load_config(None, ["ldiffrec.n_clusters=3", "seed=9"]), "p.parquet")

@@ -99,6 +99,45 @@ def test_resume_without_a_distributed_checkpoint_fails_before_ray(tmp_path, monk
         trainer.train_distributed(_cfg(partition_file), tmp_path, resume=True)
 
 
+def test_the_run_directory_guard_holds_before_ray(tmp_path, monkeypatch, partition_file):
+    _no_ray(monkeypatch)
+    run_dir = tmp_path / "run"
+    cfg = _cfg(partition_file)
+    partition = Partition.load(partition_file)
+    runs.start_run(run_dir, cfg, partition)          # a run's config, partition, plan, epoch
+    runs.write_json(run_dir / runs.PLAN, trainer.build_plan(cfg, partition, 2).to_dict())
+    (run_dir / runs.CHECKPOINTS / trainer.RAY_NAME / "epoch_0001").mkdir(parents=True)
+    files = lambda: {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}  # noqa
+    before = files()
+    with pytest.raises(ConfigError, match=r"--resume cannot change config key 'lr' \(0.001"):
+        trainer.train_distributed(_cfg(partition_file, "lr=0.5"), run_dir, resume=True)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        trainer.train_distributed(cfg, run_dir)
+    with pytest.raises(ConfigError, match="trained with another placement"):
+        trainer.train_distributed(_cfg(partition_file, "distributed.workers=1"), run_dir,
+                                  resume=True)
+    assert files() == before
+
+
+def test_a_workers_bad_input_reaches_the_cli_as_itself():
+    """A NonFiniteError (or ConfigError / DataError) raised in a worker is found through
+    Ray's wrappers (v2 WorkerGroupError, v1 TrainingFailedError from a RayTaskError)."""
+    from ray.exceptions import RayTaskError
+    from ray.train.base_trainer import TrainingFailedError
+    from ray.train.v2.api.exceptions import WorkerGroupError
+    from scale_diffrec.finite import NonFiniteError
+    bad = NonFiniteError("training loss at epoch 2, step 3 is not finite (nan)")
+    assert trainer.worker_error(WorkerGroupError("rank 1 failed", {1: bad})) is bad
+    try:
+        try:
+            raise RayTaskError("train_loop", "Traceback ...", bad)
+        except RayTaskError as task:
+            raise TrainingFailedError("restore with ...") from task
+    except TrainingFailedError as err:
+        assert trainer.worker_error(err) is bad
+    assert trainer.worker_error(WorkerGroupError("oom", {0: MemoryError()})) is None
+
+
 def test_only_ldiffrec_is_sharded(tmp_path, monkeypatch, partition_file):
     _no_ray(monkeypatch)
     with pytest.raises(ConfigError, match="model 'diffrec' trains in one process"):

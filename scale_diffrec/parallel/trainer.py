@@ -45,7 +45,8 @@ import torch.distributed as dist
 from .. import checkpoint, runs
 from ..config import absolute_paths
 from ..data import load_data
-from ..data.errors import ConfigError
+from ..data.errors import ConfigError, DataError
+from ..finite import NonFiniteError
 from ..models.ldiffrec import latent_dims
 from ..partition import Partition
 from ..progress import format_seconds, log, peak_rss_mib, setup_logging
@@ -105,6 +106,25 @@ def resolve_use_gpu(setting, n_workers: int) -> bool:
     if isinstance(setting, bool):
         return setting
     return ray.cluster_resources().get("GPU", 0) >= n_workers
+
+
+def worker_error(err: BaseException):
+    """The NonFiniteError / ConfigError / DataError a worker raised when that is why
+    ``fit()`` failed (found through Ray's wrappers: causes, ``.cause``,
+    ``worker_failures``), else None."""
+    todo, seen = [err], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        original = getattr(e, "cause", None)
+        for candidate in (original, e):
+            if isinstance(candidate, (NonFiniteError, ConfigError, DataError)):
+                return candidate
+        todo += [e.__cause__, e.__context__, original,
+                 *(getattr(e, "worker_failures", None) or {}).values()]
+    return None
 
 
 def worker_env(use_gpu: bool) -> dict[str, str]:
@@ -167,7 +187,13 @@ def train_distributed(cfg: dict, run_dir: str | Path, resume: bool = False,
                 name=RAY_NAME, storage_path=str(_storage(run_dir)),
                 failure_config=FailureConfig(max_failures=int(cfg["distributed"]["max_failures"])),
                 worker_runtime_env={"env_vars": worker_env(use_gpu)}))
-        trainer.fit()
+        try:
+            trainer.fit()
+        except Exception as err:           # a worker's bad input: one line, not Ray's report
+            cause = worker_error(err)
+            if cause is None:
+                raise
+            raise cause from None
     finally:
         if started:
             import ray
