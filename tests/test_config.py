@@ -97,6 +97,8 @@ def test_numbers_without_a_dot_are_numbers_and_wrong_kinds_are_named():
      r"'data.split.valid' \+ 'data.split.test' must be < 1"),
     (["data.time_weights={w_min: 1}"], r"'data.time_weights.w_max' is missing"),
     (["distributed.deepspeed=3"], r"'distributed.deepspeed' must be a mapping"),
+    (["chunk_mib=0"], r"'chunk_mib' must be > 0"),
+    (["ldiffrec.logit_chunk=0"], r"'ldiffrec.logit_chunk' must be a positive integer"),
 ])
 def test_every_rule_fails_at_load_naming_the_key(sets, pattern):
     with pytest.raises(ConfigError, match=pattern) as err:
