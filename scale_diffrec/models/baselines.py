@@ -43,16 +43,6 @@ def rows_csr(batch: SparseRows) -> torch.Tensor:
                                    (batch.batch_size, batch.n_cols))
 
 
-def _positive(name: str, value, integer: bool = False, allow_zero: bool = False):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
-        value >= 0 if allow_zero else value > 0) and (not integer or float(value).is_integer())
-    if not ok:
-        kind = "integer" if integer else "number"
-        raise ConfigError(f"config key '{name}' must be a {'non-negative' if allow_zero else 'positive'} "
-                          f"{kind}, got {value!r}")
-    return int(value) if integer else float(value)
-
-
 class MostPopular(FittedRecommender):
     """Every user gets the items ranked by their train interaction count (weight sum)."""
 
@@ -94,8 +84,7 @@ class ItemKNN(FittedRecommender):
     @classmethod
     def from_config(cls, cfg: dict, n_items: int) -> "ItemKNN":
         c = cfg["itemknn"]
-        return cls(n_items, _positive("itemknn.k", c["k"], integer=True),
-                   _positive("itemknn.shrink", c["shrink"], allow_zero=True))
+        return cls(n_items, c["k"], c["shrink"])          # ranges: config.ItemKNNConfig
 
     def fit(self, train: CSR) -> None:
         """sim = X^T X / (norms outer + shrink), k best per item, computed for blocks of
@@ -178,14 +167,14 @@ class EASE(FittedRecommender):
     @classmethod
     def from_config(cls, cfg: dict, n_items: int) -> "EASE":
         c = cfg["ease"]
-        max_items = _positive("ease.max_items", c["max_items"], integer=True)
+        max_items = c["max_items"]                         # ranges: config.EASEConfig
         if n_items > max_items:
             raise ConfigError(
                 f"config key 'ease.max_items': the catalogue has {n_items:,} items, more than "
                 f"{max_items:,}; EASE inverts a dense {n_items:,} x {n_items:,} matrix "
                 f"({8 * n_items ** 2 / 2 ** 30:.1f} GiB in float64): raise ease.max_items "
                 f"if that fits, or use itemknn")
-        return cls(n_items, _positive("ease.lamda", c["lamda"]))
+        return cls(n_items, c["lamda"])
 
     def fit(self, train: CSR) -> None:
         x = torch_csr(train).to(torch.float64)
@@ -218,13 +207,8 @@ class ALS(FittedRecommender):
     @classmethod
     def from_config(cls, cfg: dict, n_items: int) -> "ALS":
         c = cfg["als"]
-        if c["use_gpu"] not in ("auto", True, False):
-            raise ConfigError(f"config key 'als.use_gpu' must be auto, true or false, "
-                              f"got {c['use_gpu']!r}")
-        return cls(n_items, _positive("als.factors", c["factors"], integer=True),
-                   _positive("als.regularization", c["regularization"], allow_zero=True),
-                   _positive("als.iterations", c["iterations"], integer=True),
-                   _positive("als.alpha", c["alpha"]), c["use_gpu"], int(cfg["seed"]))
+        return cls(n_items, c["factors"], c["regularization"], c["iterations"],   # ranges:
+                   c["alpha"], c["use_gpu"], int(cfg["seed"]))             # config.ALSConfig
 
     def _implicit(self, use_gpu: bool):
         """An unfitted ``implicit`` ALS of our settings (made with numpy's BLAS at one
