@@ -241,7 +241,9 @@ def test_evaluation_refuses_nan_scores():
     from scale_diffrec.config import load_config
     data = load_data(load_config(None, TINY))
 
-    class NaNModel(torch.nn.Module):
+    from scale_diffrec.models import Recommender
+
+    class NaNModel(Recommender):
         def score(self, batch):
             out = torch.zeros(batch.batch_size, data.n_items)
             out[:, 3] = float("nan")          # would rank first in torch.topk
