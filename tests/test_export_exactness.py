@@ -15,7 +15,7 @@ from scale_diffrec.cli import main
 from scale_diffrec.config import load_config
 from scale_diffrec.data import load_data
 from scale_diffrec.data.errors import ConfigError
-from scale_diffrec.diffusion import SCHEDULES
+from scale_diffrec.choices import Schedule
 from scale_diffrec.evaluate import evaluate, evaluate_topk, topk_excluding
 from scale_diffrec.models import build_model
 from scale_diffrec.retrieval import Retriever, export
@@ -29,9 +29,10 @@ BASE = ["data.source=synthetic", "data.synthetic.n_users=40", "data.synthetic.n_
 FORMS = {"diffrec": ["model=diffrec"], "ldiffrec-global": ["model=ldiffrec"],
          "ldiffrec-clusters": ["model=ldiffrec", "ldiffrec.out_dims=[5]"],
          "t-diffrec": ["model=diffrec", "data.time_weights={w_min: 0.1, w_max: 1.0}"]}
-# the schedules, and no noise at all (the reverse process then returns the last output)
-SCHEDULE_SETTINGS = {**{s: [f"diffusion.schedule={s}"] for s in SCHEDULES},
-                     "noise_scale=0": ["diffusion.noise_scale=0"]}
+# the schedules (noise_scale 0, no noise, is refused by the config schema: every beta must
+# lie in (0, 1))
+SCHEDULES = [s.value for s in Schedule]
+SCHEDULE_SETTINGS = {s: [f"diffusion.schedule={s}"] for s in SCHEDULES}
 SCHEDULE_SETTINGS["trunc_lin"] += ["diffusion.steps=25"]      # fewer steps: betas above 1
 STARTS = {"T'0": [], "T'2": ["diffusion.sampling_steps=2"],
           "sampling-noise": ["diffusion.sampling_noise=true"]}

@@ -70,7 +70,7 @@ from .csv_log import CsvLog
 from .errors import ConfigError, DataError
 from .parquet import BATCH_ROWS, RATING, TIME, ParquetLog, read_interactions, write_id_maps
 from .prepared import FORMAT, ITEM, MANIFEST, SPLIT_FILES, STATS, USER, VERSION
-from .split import (SPLIT_NAMES, TRAIN, assign_splits, holdout_counts, label_tails,
+from .split import (SPLIT_NAMES, assign_splits, holdout_counts, label_tails,
                     leave_one_out_counts)
 
 CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2")
