@@ -5,6 +5,9 @@ beside the paper's numbers and the reference implementation's measured ones.
     python benchmarks/reproduce.py --only diffrec-clean  # one row
     python benchmarks/reproduce.py --set epochs=5        # quick look (overrides all rows)
     python benchmarks/reproduce.py --from-runs           # rows from finished runs/reproduce/*
+    python benchmarks/reproduce.py --tuned runs/tune     # a row's config = its search's best
+                                                         # (runs/tune/ROW/best.yaml, from
+                                                         # scale-diffrec tune --out runs/tune/ROW)
 
 Writes benchmarks/results/reproduce.json (rows merged by name, so rows can run separately).
 Metrics use the reference convention (sums over users with test items / all users).
@@ -51,22 +54,37 @@ ROWS = {
 KEYS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 
 
-def run_row(name: str, overrides: list[str], runs_dir: Path) -> dict:
-    cfg = load_config(ROOT / ROWS[name], overrides)
+def row_config(name: str, tuned: Path | None) -> tuple[Path, dict | None]:
+    """The row's config file: TUNED/NAME/best.yaml (with its search's tune.json summary)
+    when ``tuned`` holds a finished search for the row, else the hand-written config."""
+    best = tuned / name / "best.yaml" if tuned is not None else None
+    if best is None or not best.is_file():
+        return ROOT / ROWS[name], None
+    summary = json.loads((best.parent / "tune.json").read_text())
+    return best, {"search": summary["search"], "trials": summary["trials"],
+                  "params": summary["best"]["params"], "table": summary["table"]}
+
+
+def run_row(name: str, overrides: list[str], runs_dir: Path, tuned: Path | None = None) -> dict:
+    config, search = row_config(name, tuned)
+    cfg = load_config(config, overrides)
     if cfg["data"]["path"] and not Path(cfg["data"]["path"]).is_absolute():
         cfg["data"]["path"] = str((ROOT / cfg["data"]["path"]).resolve())
     if not Path(cfg["data"]["path"]).is_dir():
         return {"skipped": f"data folder {cfg['data']['path']} is absent"}
     started = time.perf_counter()
     metrics = train(cfg, runs_dir / name, overwrite=True)
-    return make_row(name, overrides, metrics, time.perf_counter() - started)
+    row = make_row(name, overrides, metrics, time.perf_counter() - started, config)
+    return {**row, "tuned": search} if search else row
 
 
-def make_row(name: str, overrides: list[str], metrics: dict, wall_seconds: float | None) -> dict:
+def make_row(name: str, overrides: list[str], metrics: dict, wall_seconds: float | None,
+             config: Path | None = None) -> dict:
     """The JSON row of one finished run's metrics.json, beside the paper's numbers."""
     seconds = [h["seconds"] for h in metrics["history"]]
     row = {
-        "config": ROWS[name], "overrides": overrides, "convention": metrics["convention"],
+        "config": str(config or ROWS[name]), "overrides": overrides,
+        "convention": metrics["convention"],
         "best_epoch": metrics["best_epoch"], "epochs_run": len(seconds),
         "test": {k: metrics["test"][k] for k in KEYS},
         "valid": {k: metrics["valid"][k] for k in KEYS},
@@ -91,6 +109,9 @@ def main() -> None:
     parser.add_argument("--from-runs", action="store_true",
                         help="rebuild the rows from finished runs in --runs, without training")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reproduce.json"))
+    parser.add_argument("--tuned", type=Path, help="folder of searches, one per row "
+                        "(TUNED/ROW from `scale-diffrec tune --out`): train each row from its "
+                        "search's best.yaml")
     args = parser.parse_args()
     setup_logging()
     out = Path(args.out)
@@ -101,7 +122,8 @@ def main() -> None:
         if args.from_runs and not metrics_file.is_file():
             continue
         row = (make_row(name, args.overrides, json.loads(metrics_file.read_text()), None)
-               if args.from_runs else run_row(name, args.overrides, Path(args.runs)))
+               if args.from_runs else run_row(name, args.overrides, Path(args.runs),
+                                              args.tuned))
         # re-read before writing: rows may be run by separate, concurrent invocations
         results = json.loads(out.read_text()) if out.is_file() else {"rows": {}}
         results["rows"][name] = row

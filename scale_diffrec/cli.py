@@ -1,4 +1,4 @@
-"""``scale-diffrec``: prepare, train, evaluate, export and recommend.
+"""``scale-diffrec``: prepare, train, tune, evaluate, export and recommend.
 
 Bad input (data, config, run directory) ends with one line 'error: ...' naming the file,
 field or row, and exit status 2 — never a bare traceback, and nothing written over.
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -30,11 +31,25 @@ def cmd_train(args) -> int:
         overrides.append(f"distributed.address={args.address}")
     cfg = absolute_paths(load_config(args.config, overrides))
     out = Path(args.out)
-    if cfg["distributed"]["workers"] > 1 or cfg["distributed"]["address"]:
-        from .parallel.trainer import train_distributed as run
+    distributed = cfg["distributed"]["workers"] > 1 or cfg["distributed"]["address"]
+    if distributed and args.log_dir:
+        raise ConfigError("--log-dir: TensorBoard logs are written by single-process runs "
+                          "(and by every tune trial); not yet by distributed ones")
+    if distributed:
+        from .parallel.trainer import train_distributed
+        metrics = train_distributed(cfg, out, resume=args.resume, overwrite=args.overwrite)
     else:
-        from .train import train as run
-    metrics = run(cfg, out, resume=args.resume, overwrite=args.overwrite)
+        from .train import train
+        board = None
+        if args.log_dir:
+            from .tblog import TensorBoardLog
+            board = TensorBoardLog(args.log_dir)
+        try:
+            metrics = train(cfg, out, resume=args.resume, overwrite=args.overwrite,
+                            on_epoch=board)
+        finally:
+            if board is not None:
+                board.close()
     print(json.dumps({"valid": _short(metrics["valid"]), "test": _short(metrics["test"])}))
     return 0
 
@@ -65,6 +80,55 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from .tune.search import SearchFailed, Settings, run_search, saved
+    from .tune.search import prepare as prepare_search
+    from .parallel.trainer import connect
+    out = Path(args.out).resolve()
+    search_args = {"--config": args.config, "--space": args.space, "--trials": args.trials,
+                   "--search": args.search, "--set": args.overrides or None,
+                   "--workers-per-trial": args.workers_per_trial}
+    if args.resume:
+        given = [name for name, value in search_args.items() if value is not None]
+        if given:
+            raise ConfigError(f"--resume continues the search saved in {out} (its base.yaml, "
+                              f"space.yaml and settings.json); leave out {', '.join(given)}")
+        cfg, space, settings = saved(out)
+    else:
+        missing = [name for name in ("--config", "--space") if search_args[name] is None]
+        if missing:
+            raise ConfigError(f"tune needs {' and '.join(missing)} (or --resume)")
+        if args.workers_per_trial is not None:
+            args.overrides = [*(args.overrides or []),
+                              f"distributed.workers={args.workers_per_trial}"]
+        settings = Settings(trials=args.trials, search=args.search, seed=args.seed,
+                            cpus_per_trial=args.cpus_per_trial,
+                            gpus_per_trial=args.gpus_per_trial,
+                            max_concurrent=args.max_concurrent)
+        cfg, space = prepare_search(args.config, args.overrides or [], args.space, out,
+                                    settings, overwrite=args.overwrite)
+    # a local Ray gets a logical CPU for each trial's driver besides its W training workers
+    workers = cfg["distributed"]["workers"]
+    local = {"workers": workers + (math.ceil(settings.cpus_per_trial) if workers > 1 else 0),
+             "address": args.address or cfg["distributed"]["address"]}
+    started = connect({**cfg, "distributed": {**cfg["distributed"], **local}})
+    try:
+        summary = run_search(out, cfg, space, settings, resume=args.resume)
+    except SearchFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        if started:
+            import ray
+            ray.shutdown()
+    if summary is None:
+        return 130               # interrupted (the conventional status of a SIGINT)
+    print(json.dumps({"best": {k: summary["best"][k] for k in ("trial", "run_dir", "params")},
+                      "valid": _short(summary["best"]["valid"]),
+                      "test": _short(summary["best"]["test"])}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scale-diffrec", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="start again in an existing run")
     p.add_argument("--workers", type=int, help="Ray Train workers (distributed.workers)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    p.add_argument("--log-dir", help="write per-epoch loss and valid metrics as TensorBoard "
+                   "event files to this folder")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="metrics of a trained run's checkpoint")
@@ -97,6 +163,28 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="KEY=VALUE", help="override a prepare key, dotted (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("tune", help="Ray Tune search of training runs, selected on valid")
+    p.add_argument("--config", help="base YAML config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=None,
+                   metavar="KEY=VALUE", help="override a base config key (repeatable)")
+    p.add_argument("--space", help="search-space YAML (see configs/tune/)")
+    p.add_argument("--trials", type=int, help="trials to run (grid: its size, the default)")
+    p.add_argument("--search", choices=["grid", "random", "optuna"],
+                   help="searcher (default: the space file's, else optuna)")
+    p.add_argument("--seed", type=int, default=0, help="searcher seed (random, optuna)")
+    p.add_argument("--workers-per-trial", type=int, help="W: each trial is a W-worker "
+                   "L-DiffRec run on Ray Train (distributed.workers; default: the config's)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0,
+                   help="CPUs of a trial (of a W-worker trial's driver; each worker takes 1)")
+    p.add_argument("--gpus-per-trial", type=float, default=0.0)
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: as the "
+                   "cluster's resources allow)")
+    p.add_argument("--out", required=True, help="search directory")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search")
+    p.add_argument("--overwrite", action="store_true", help="start again in an existing --out")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    p.set_defaults(func=cmd_tune)
 
     from .retrieval.cli import register
     register(sub)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ import torch
 from . import checkpoint, runs
 from .choices import Model
 from .data import InteractionData, load_data
-from .device import (autocast, describe, peak_memory_mib, resolve_device,
+from .device import (autocast, describe, model_device, peak_memory_mib, resolve_device,
                      set_matmul_precision)
 from .evaluate import evaluate
 from .finite import check_finite
@@ -120,7 +121,8 @@ def describe_metrics(metrics: dict) -> str:
     return " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
-def _metrics(model, data, split, cfg) -> dict:
+def split_metrics(model, data: InteractionData, split: str, cfg: dict) -> dict:
+    """Metrics of ``model`` on ``split`` (valid | test) with the config's evaluation settings."""
     return evaluate(model, data, split=split, ks=cfg["topk"], convention=cfg["convention"],
                     batch_size=cfg["eval_batch_size"], precision=cfg["precision"],
                     chunk_mib=cfg["chunk_mib"])
@@ -153,12 +155,20 @@ def _say_if_finished(record: dict, epochs_done: int, n_epochs: int, cfg: dict) -
                  "continue it", epochs_done)
 
 
-def train(cfg: dict, run_dir: str | Path, resume: bool = False, overwrite: bool = False
-          ) -> dict:
+def train(cfg: dict, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
+          on_epoch: Callable[[dict, dict], None] | None = None, test: bool = True) -> dict:
     """Train per ``cfg``, writing checkpoints and metrics.json to ``run_dir``; returns metrics.
 
     Nothing is written until the run directory (``runs.check_run_dir``), the data, the
-    partition, the model and (``resume``) the last checkpoint have been validated."""
+    partition, the model and (``resume``) the last checkpoint have been validated.
+    ``on_epoch(entry, record)``, when given, is called after every epoch once its checkpoints
+    are written: ``entry`` is that epoch's history entry ({"epoch", "loss", "seconds"}, plus
+    "valid" (the selection metric, recall@20 and ndcg@20) on evaluation epochs) and
+    ``record`` the run's record ({"best": best valid ``select_metric``, "best_epoch",
+    "valid": all valid metrics of the best epoch, "history"}); ``tune`` reports trials
+    through it. ``test=False`` leaves the test split untouched (a tuning trial: test metrics
+    only for the trial selected on valid).
+    """
     run_dir = Path(run_dir)
     runs.check_run_dir(run_dir, cfg, resume=resume, overwrite=overwrite)
     seed_everything(cfg["seed"])
@@ -213,7 +223,7 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False, overwrite: bool 
         line = (f"epoch {epoch + 1}/{n_epochs} | "
                 + ("fit" if loss is None else f"loss {loss:.4f}") + f" | {seconds:.1f} s")
         if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == n_epochs:
-            valid = _metrics(model, data, "valid", cfg)
+            valid = split_metrics(model, data, "valid", cfg)
             entry["valid"] = headline(valid, metric)
             line += f" | valid {describe_metrics(entry['valid'])}"
             if valid[metric] > record["best"]:
@@ -226,17 +236,30 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False, overwrite: bool 
             record["early_stop"] = {"epoch": epoch + 1, "patience": cfg["patience"]}
         log.info("%s | ETA %s | peak RSS %.0f MiB", line, format_seconds(eta), peak_rss_mib())
         runs.save_checkpoint(run_dir, "last", _state(model, optimizer, progress, record))
+        if on_epoch is not None:
+            on_epoch(entry, record)
         if stop:
             log.info("early stop: no better valid %s for %d epochs (best epoch %d)",
                      metric, cfg["patience"], record["best_epoch"])
             break
 
+    return finish(model, data, cfg, run_dir, record, test=test)
+
+
+def finish(model, data: InteractionData, cfg: dict, run_dir: str | Path, record: dict,
+           test: bool = True) -> dict:
+    """The end of a run: ``model`` takes the best epoch's weights (``checkpoint.at_epoch``)
+    and RUN_DIR/metrics.json is written with ``record``'s history and best-epoch valid
+    metrics, plus (with ``test``) the test metrics computed now. Returns the metrics.
+    FileNotFoundError when the run never evaluated (no checkpoint of its best epoch)."""
+    run_dir = Path(run_dir)
+    device = model_device(model)
     model.load_state_dict(checkpoint.at_epoch(run_dir, record["best_epoch"]).full(model)["model"])
     metrics = {
         "model": cfg["model"], "data": data.name, "convention": cfg["convention"],
         "best_epoch": record["best_epoch"],
         "valid": record["valid"],          # the best epoch's (full) valid metrics
-        "test": _metrics(model, data, "test", cfg),
+        **({"test": split_metrics(model, data, "test", cfg)} if test else {}),
         "history": record["history"],
         "parameters": parameter_counts(model),
         "peak_rss_mib": peak_rss_mib(),
@@ -244,6 +267,8 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False, overwrite: bool 
         "peak_gpu_mib": peak_memory_mib(device),
     }
     runs.write_json(run_dir / runs.METRICS, metrics)
-    log.info("best epoch %d | test %s | wrote %s", record["best_epoch"],
-             describe_metrics(headline(metrics["test"], metric)), run_dir / runs.METRICS)
+    split = "test" if test else "valid"
+    log.info("best epoch %d | %s %s | wrote %s", record["best_epoch"], split,
+             describe_metrics(headline(metrics[split], cfg["select_metric"])),
+             run_dir / runs.METRICS)
     return metrics

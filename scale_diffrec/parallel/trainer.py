@@ -160,9 +160,13 @@ def _storage(run_dir: Path) -> Path:
 
 
 def train_distributed(cfg: dict, run_dir: str | Path, resume: bool = False,
-                      overwrite: bool = False) -> dict:
+                      overwrite: bool = False, callbacks: tuple = (), test: bool = True
+                      ) -> dict:
     """Train L-DiffRec on ``distributed.workers`` Ray Train workers; returns metrics.json.
-    Nothing is written before the run directory, data, partition and plan are validated."""
+    Nothing is written before the run directory, data, partition and plan are validated.
+    ``callbacks``: Ray Train ``UserCallback``s (``tune`` passes ``TuneReportCallback``: rank
+    0's per-epoch metrics, with ``tune.trial.evaluation_report``'s keys, go to Tune);
+    ``test=False`` computes no test metrics (as ``train.train``)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     run_dir = Path(run_dir).resolve()
@@ -181,12 +185,13 @@ def train_distributed(cfg: dict, run_dir: str | Path, resume: bool = False,
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"cfg": cfg, "run_dir": str(run_dir), "plan": plan.to_dict(),
-                               "use_gpu": use_gpu},
+                               "use_gpu": use_gpu, "test": test},
             scaling_config=ScalingConfig(num_workers=n_workers, use_gpu=use_gpu),
             run_config=RunConfig(
                 name=RAY_NAME, storage_path=str(_storage(run_dir)),
                 failure_config=FailureConfig(max_failures=int(cfg["distributed"]["max_failures"])),
-                worker_runtime_env={"env_vars": worker_env(use_gpu)}))
+                worker_runtime_env={"env_vars": worker_env(use_gpu)},
+                callbacks=list(callbacks)))
         try:
             trainer.fit()
         except Exception as err:           # a worker's bad input: one line, not Ray's report
@@ -239,7 +244,9 @@ def _report(run, record: dict, rank: int, entry: dict, run_dir: Path) -> None:
     """The epoch's checkpoint, then its metrics to Ray."""
     import ray.train
     _save(run, record, rank, run_dir)
-    ray.train.report({"epoch": entry["epoch"], "loss": entry["loss"]})
+    from ..tune.trial import evaluation_report
+    ray.train.report({"epoch": entry["epoch"], "loss": entry["loss"],
+                      **(evaluation_report(entry, record) or {})})
     _fault_after_report(rank, entry["epoch"])
 
 
@@ -321,7 +328,8 @@ def _finish(run, cfg: dict, record: dict, config: dict, rank: int, device,
                                                "step": run.progress.step, "record": record})
     del last
     run.load_state(checkpoint.at_epoch(run_dir, record["best_epoch"]))
-    valid, test = run.evaluate("valid"), run.evaluate("test")
+    valid = run.evaluate("valid")
+    test = run.evaluate("test") if config["test"] else None
     best = run.full_model_state()
     memory = [None] * run.world
     dist.all_gather_object(memory, {"rank": rank, **_peak_memory(device)})
@@ -334,7 +342,8 @@ def _finish(run, cfg: dict, record: dict, config: dict, rank: int, device,
         m.update(clusters=plan.clusters(m["rank"]), items=plan.items(m["rank"]))
     metrics = {
         "model": cfg["model"], "data": data_name, "convention": cfg["convention"],
-        "best_epoch": record["best_epoch"], "valid": valid, "test": test,
+        "best_epoch": record["best_epoch"], "valid": valid,
+        **({"test": test} if test is not None else {}),
         "history": record["history"], "resumed_at": record["resumed_at"],
         "parameters": _part_counts(best),
         "peak_rss_mib": max(m["peak_rss_mib"] for m in memory),
@@ -344,8 +353,9 @@ def _finish(run, cfg: dict, record: dict, config: dict, rank: int, device,
         "plan": config["plan"], "per_worker": memory,
     }
     runs.write_json(run_dir / runs.METRICS, metrics)
-    log.info("best epoch %d | test %s | wrote %s", record["best_epoch"],
-             describe_metrics(headline(test, cfg["select_metric"])), run_dir / runs.METRICS)
+    split, shown = ("test", test) if test is not None else ("valid", valid)
+    log.info("best epoch %d | %s %s | wrote %s", record["best_epoch"], split,
+             describe_metrics(headline(shown, cfg["select_metric"])), run_dir / runs.METRICS)
 
 
 def train_loop(config: dict) -> None:

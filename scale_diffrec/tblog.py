@@ -1,0 +1,38 @@
+"""``train --log-dir DIR``: a run's per-epoch figures as TensorBoard event files.
+
+``TensorBoardLog`` is a ``train.train`` ``on_epoch`` hook (tensorboardX, which Ray Train and
+Tune install): every epoch writes ``train/loss`` (trained models) and ``train/seconds``; every evaluation
+``valid/recall@20``, ``valid/ndcg@20`` (tensorboardX writes the tags as ``recall_20``,
+``ndcg_20``) and ``valid/best`` (the best ``select_metric`` so far),
+all at step = epoch. ``tensorboard --logdir DIR`` shows them. (Tuned trials get the same
+through Ray Tune's default TBX logger callback, in OUT/tune/TRIAL_ID.)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class TensorBoardLog:
+    """Writes one run's epochs to event files in ``log_dir`` (created at the first epoch's
+    end, so a run that fails validation writes nothing)."""
+
+    def __init__(self, log_dir: str | Path):
+        self.log_dir, self.writer = Path(log_dir), None
+
+    def __call__(self, entry: dict, record: dict) -> None:
+        if self.writer is None:
+            from tensorboardX import SummaryWriter
+            self.writer = SummaryWriter(str(self.log_dir))
+        epoch = entry["epoch"]
+        if entry["loss"] is not None:                 # None: a fitted baseline's one pass
+            self.writer.add_scalar("train/loss", entry["loss"], epoch)
+        self.writer.add_scalar("train/seconds", entry["seconds"], epoch)
+        for key, value in entry.get("valid", {}).items():
+            self.writer.add_scalar(f"valid/{key}", value, epoch)
+        if "valid" in entry:
+            self.writer.add_scalar("valid/best", record["best"], epoch)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,170 @@
+"""Search-space files for ``scale-diffrec tune`` (configs/tune/*.yaml).
+
+A space file is YAML:
+
+    search: optuna            # grid | random | optuna (TPE); ``--search`` overrides it
+    scheduler:                # ASHA over epochs; ``scheduler: null`` runs every trial out
+      grace_period: 10        #   epochs before a trial can be stopped (default: eval_every)
+      reduction_factor: 2     #   keep the best 1/reduction_factor at each rung (default 2)
+    params:                   # dotted config key -> the values to try
+      lr: [1.0e-4, 1.0e-3]
+      denoiser.dims: [[300], [200, 600]]
+      diffusion.noise_min,diffusion.noise_max: [[5.0e-4, 5.0e-3], [1.0e-3, 1.0e-2]]
+
+A parameter whose name joins several keys with commas is a JOINT choice: each value is a
+list with one entry per key. That is how a space excludes impossible combinations (e.g.
+noise_min >= noise_max, or T' > T) — they are never written down, so no trial meets them.
+Every choice is checked against the base config before anything runs (the same rules as
+``--set``), and the grid is the product of the parameters' choices.
+
+In Ray Tune's config every choice appears by its label, the value in YAML flow style
+("0.001", "[200, 600]"), so grid, random and Optuna searches see the same categorical space.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ..config import load_config
+from ..data.errors import ConfigError
+
+SEARCHES = ("grid", "random", "optuna")
+SCHEDULER_KEYS = ("grace_period", "reduction_factor")
+
+
+def label(value) -> str:
+    """A value in YAML flow style: 0.001 -> '0.001', [200, 600] -> '[200, 600]'."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10 ** 6)
+    return text.split("\n...")[0].strip()
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched parameter: ``keys`` (one, or several for a joint choice) and its
+    ``choices``, each a tuple of one value per key."""
+    keys: tuple[str, ...]
+    choices: tuple[tuple, ...]
+
+    @property
+    def name(self) -> str:
+        return ",".join(self.keys)
+
+    @property
+    def labels(self) -> list[str]:
+        return [self.label(c) for c in self.choices]
+
+    def label(self, choice: tuple) -> str:
+        return label(choice[0] if len(self.keys) == 1 else list(choice))
+
+    def values(self, chosen: str) -> dict:
+        """{dotted key: value} of the choice labelled ``chosen``."""
+        for choice in self.choices:
+            if self.label(choice) == chosen:
+                return dict(zip(self.keys, choice))
+        raise ConfigError(f"parameter '{self.name}' has no choice {chosen!r}")
+
+
+@dataclass(frozen=True)
+class Space:
+    """A parsed space file (see the module docstring)."""
+    path: Path
+    params: tuple[Param, ...]
+    search: str
+    scheduler: dict | None
+
+    @property
+    def grid_size(self) -> int:
+        size = 1
+        for p in self.params:
+            size *= len(p.choices)
+        return size
+
+    def values(self, config: dict) -> dict:
+        """{dotted key: value} of a trial's Tune ``config`` ({param name: label})."""
+        out: dict = {}
+        for p in self.params:
+            out.update(p.values(config[p.name]))
+        return out
+
+    def overrides(self, config: dict) -> list[str]:
+        """A trial's choices as ``--set`` overrides ('key=value')."""
+        return [f"{k}={label(v)}" for k, v in self.values(config).items()]
+
+    def check(self, base_path: Path, base_overrides: list[str] = (), check_cfg=None) -> None:
+        """Every choice, applied alone to the base config, must load (and pass
+        ``check_cfg(cfg)`` if given); ConfigError naming the space file and the choice."""
+        for p in self.params:
+            for choice in p.choices:
+                config = {q.name: q.labels[0] for q in self.params}
+                config[p.name] = p.label(choice)
+                try:
+                    cfg = load_config(base_path, [*base_overrides, *self.overrides(config)])
+                    if check_cfg is not None:
+                        check_cfg(cfg)
+                except ConfigError as err:
+                    raise ConfigError(f"{self.path}: params '{p.name}' choice "
+                                      f"{p.label(choice)}: {err}") from None
+
+
+def _param(path: Path, name, values) -> Param:
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"{path}: params: a parameter name must be a dotted config key, "
+                          f"got {name!r}")
+    keys = tuple(k.strip() for k in name.split(","))
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"{path}: params '{name}' must be a non-empty list of values")
+    if len(keys) == 1:
+        choices = tuple((v,) for v in values)
+    else:
+        bad = [v for v in values if not isinstance(v, list) or len(v) != len(keys)]
+        if bad:
+            raise ConfigError(f"{path}: params '{name}' is a joint choice of {len(keys)} keys: "
+                              f"every value must be a list of {len(keys)}, got {bad[0]!r}")
+        choices = tuple(tuple(v) for v in values)
+    param = Param(keys, choices)
+    if len(set(param.labels)) != len(choices):
+        raise ConfigError(f"{path}: params '{name}' lists a value twice")
+    return param
+
+
+def load_space(path: str | Path, search: str | None = None) -> Space:
+    """Parse and validate a space file; ``search`` (grid | random | optuna) overrides the
+    file's. ConfigError (one line naming the file and key) on anything malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"space file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    unknown = set(raw) - {"search", "scheduler", "params"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown key '{sorted(unknown)[0]}' (known: search, "
+                          f"scheduler, params)")
+    search = search or raw.get("search", "optuna")
+    if search not in SEARCHES:
+        raise ConfigError(f"{path}: search must be one of {', '.join(SEARCHES)}, got {search!r}")
+    scheduler = raw.get("scheduler", {})
+    if scheduler is not None:
+        if not isinstance(scheduler, dict) or set(scheduler) - set(SCHEDULER_KEYS):
+            raise ConfigError(f"{path}: scheduler must be null or a mapping of "
+                              f"{', '.join(SCHEDULER_KEYS)}")
+        for key, value in scheduler.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (
+                    key == "reduction_factor" and value < 2):
+                raise ConfigError(f"{path}: scheduler.{key} must be an integer >= "
+                                  f"{2 if key == 'reduction_factor' else 1}, got {value!r}")
+    params = raw.get("params")
+    if not isinstance(params, dict) or not params:
+        raise ConfigError(f"{path}: params must be a non-empty mapping of config keys to lists")
+    parsed = tuple(_param(path, name, values) for name, values in params.items())
+    keys = list(itertools.chain.from_iterable(p.keys for p in parsed))
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise ConfigError(f"{path}: params: key '{repeated[0]}' appears in two parameters")
+    return Space(path, parsed, search, scheduler)

@@ -1,0 +1,79 @@
+"""One Ray Tune trial: the ordinary training run of the base config with the trial's choices.
+
+The trial's run directory is ``OUT/runs/TRIAL_ID`` (a normal run directory: ``evaluate`` and
+``export`` work on it). A trial that Tune restarts (``tune --resume`` after the driver
+stopped) finds its ``checkpoints/last.pt`` there and continues from it, as ``train --resume``
+would. After every epoch from the first evaluation on, the trial reports to Tune
+(``ray.tune.report``; a W-worker trial through rank 0's ``ray.train.report`` and Ray's
+``TuneReportCallback``):
+
+    epoch, loss                      the epoch just trained
+    valid/recall@20, valid/ndcg@20   that epoch's valid metrics (evaluation epochs only)
+    best_valid, best_epoch           the trial's best valid ``select_metric`` so far and its
+                                     epoch (what ASHA and the searcher compare)
+    best/recall@20, best/ndcg@20     the valid metrics of that best epoch
+
+A W-worker trial (``distributed.workers`` > 1, ``tune --workers-per-trial W``) is the
+distributed L-DiffRec run (parallel/trainer.py) launched from the trial; it restarts from its
+run's Ray Train checkpoints. Its run directory gets best.pt only when the run ends, so a
+W-worker trial that ASHA cuts cannot be selected.
+
+Test metrics are not computed here: only the selected trial's are (``tune.search``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import checkpoint
+from ..config import load_config
+from .space import load_space
+
+BASE = "base.yaml"          # OUT/base.yaml: the resolved base config every trial starts from
+SPACE = "space.yaml"        # OUT/space.yaml: a copy of the space file
+RUNS = "runs"               # OUT/runs/TRIAL_ID: each trial's run directory
+METRIC = "best_valid"       # the reported key Tune optimises (mode max)
+SHOWN = ("recall@20", "ndcg@20")
+
+
+def evaluation_report(entry: dict, record: dict) -> dict | None:
+    """The Tune result of an epoch (``train.train``'s ``on_epoch`` arguments: the epoch's
+    history entry and the run's record), or None before the run's first evaluation."""
+    if record["best_epoch"] == 0:
+        return None
+    valid = {f"valid/{k}": entry["valid"][k] for k in SHOWN} if "valid" in entry else {}
+    return {"epoch": entry["epoch"], "loss": entry["loss"], **valid,
+            METRIC: record["best"], "best_epoch": record["best_epoch"],
+            **{f"best/{k}": record["valid"][k] for k in SHOWN}}
+
+
+def _report(entry: dict, record: dict) -> None:
+    from ray import tune
+    result = evaluation_report(entry, record)
+    if result is not None:
+        tune.report(result)
+
+
+def trial_cfg(out: Path, config: dict) -> dict:
+    """The trial's config: OUT/base.yaml with the choices of Tune's ``config`` applied."""
+    space = load_space(out / SPACE)
+    return load_config(out / BASE, space.overrides(config))
+
+
+def run_trial(config: dict, out: str) -> None:
+    """Ray Tune's function trainable (``out`` bound by ``tune.with_parameters``)."""
+    from ray import tune
+    from ..progress import setup_logging
+    from ..train import train
+    setup_logging()
+    out = Path(out)
+    run_dir = out / RUNS / tune.get_context().get_trial_id()
+    cfg = trial_cfg(out, config)
+    # a restored trial continues from its newest checkpoint; one that has none starts again
+    resume = checkpoint.latest(run_dir) is not None
+    if cfg["distributed"]["workers"] > 1:
+        from ray.tune.integration.ray_train import TuneReportCallback
+        from ..parallel.trainer import train_distributed
+        train_distributed(cfg, run_dir, resume=resume, overwrite=not resume,
+                          callbacks=[TuneReportCallback()], test=False)
+    else:
+        train(cfg, run_dir, resume=resume, overwrite=not resume, on_epoch=_report, test=False)

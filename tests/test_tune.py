@@ -1,0 +1,356 @@
+"""``scale-diffrec tune`` (scale_diffrec/tune/) and the training hook it uses.
+
+Without Ray: space files parse into the choices they list (joint choices included) and
+refuse malformed input with one line naming the file and key, before anything is written;
+the train loop's ``on_epoch`` hook sees every epoch and Tune's report only the evaluations;
+``test=False`` leaves the test split alone until the selected run is finished; the progress
+line counts trials by state; ``train --log-dir`` writes TensorBoard scalars. With Ray (marked
+``ray``): a 3-trial search on a local cluster, interrupted by SIGINT and resumed, selects the
+trial whose run reached the highest valid metric, and its run directory works with
+``evaluate``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from scale_diffrec import runs
+from scale_diffrec.cli import main
+from scale_diffrec.config import load_config
+from scale_diffrec.data.errors import ConfigError
+from scale_diffrec.train import train
+from scale_diffrec.tune.progress import STOPPED, summary_line
+from scale_diffrec.tune.results import finish_best
+from scale_diffrec.tune.space import load_space
+from scale_diffrec.tune.trial import evaluation_report
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"model": "ldiffrec", "seed": 0, "epochs": 4, "batch_size": 100, "eval_every": 2,
+        "patience": 10, "topk": [10, 20],
+        "data": {"source": "synthetic", "name": "tiny",
+                 "synthetic": {"n_users": 300, "n_items": 200, "n_clusters": 4,
+                               "mean_items_per_user": 10, "seed": 0}},
+        "diffusion": {"steps": 5},
+        "ldiffrec": {"n_clusters": 2, "in_dims": [12], "mlp_dims": [8],
+                     "embeddings": "svd", "emb_dim": 4}}
+SPACE = {"search": "random",
+         "scheduler": {"grace_period": 2, "reduction_factor": 2},
+         "params": {"lr": [1.0e-4, 1.0e-3, 1.0e-2],
+                    "diffusion.noise_min,diffusion.noise_max": [[5.0e-4, 5.0e-3],
+                                                                [5.0e-3, 1.0e-2]]}}
+
+
+def _write(path: Path, obj) -> Path:
+    path.write_text(yaml.safe_dump(obj, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def files(tmp_path):
+    return _write(tmp_path / "tiny.yaml", TINY), _write(tmp_path / "space.yaml", SPACE)
+
+
+# ----------------------------------------------------------------------------- space files
+def test_space_choices_round_trip_into_the_config(files):
+    config, space_file = files
+    space = load_space(space_file)
+    assert space.search == "random" and space.grid_size == 6
+    assert [p.name for p in space.params] == ["lr", "diffusion.noise_min,diffusion.noise_max"]
+    labels = space.params[1].labels
+    assert labels == ["[0.0005, 0.005]", "[0.005, 0.01]"]
+    chosen = {"lr": space.params[0].labels[2], space.params[1].name: labels[1]}
+    assert space.values(chosen) == {"lr": 1.0e-2, "diffusion.noise_min": 5.0e-3,
+                                    "diffusion.noise_max": 1.0e-2}
+    cfg = load_config(config, space.overrides(chosen))
+    assert (cfg["lr"], cfg["diffusion"]["noise_min"], cfg["diffusion"]["noise_max"]) == (
+        1.0e-2, 5.0e-3, 1.0e-2)
+    assert load_space(space_file, "grid").search == "grid"
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"spaces": {}}, ["unknown key 'spaces'"]),
+    ({"search": "bayes"}, ["search must be one of"]),
+    ({"scheduler": {"grace_period": 0}}, ["scheduler.grace_period"]),
+    ({"params": {"lr": []}}, ["params 'lr'", "non-empty list"]),
+    ({"params": {"diffusion.noise_min,diffusion.noise_max": [[1.0e-3]]}},
+     ["joint choice of 2 keys"]),
+    ({"params": {"lr": [0.1], "lr,seed": [[0.1, 1]]}}, ["key 'lr' appears in two"]),
+    ({"params": {"lr": [0.1, 0.1]}}, ["lists a value twice"]),
+    ({"params": {"diffusion.nosie_min": [0.1]}}, ["params 'diffusion.nosie_min' choice 0.1",
+                                                  "unknown config key"]),
+    ({"params": {"epochs": ["many"]}}, ["params 'epochs' choice many", "must be a number"]),
+], ids=["top-key", "search", "scheduler", "empty", "joint-length", "repeated-key", "twice",
+        "unknown-config-key", "wrong-type"])
+def test_bad_space_file_is_one_error_line_and_writes_nothing(tmp_path, files, capsys, change,
+                                                             words):
+    config, space_file = files
+    _write(space_file, {**SPACE, **change})
+    out = tmp_path / "search"
+    code = main(["tune", "--config", str(config), "--space", str(space_file), "--trials", "2",
+                 "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert str(space_file) in err and all(w in err for w in words), err
+    assert not out.exists()
+
+
+def test_search_options_are_checked_before_anything_is_written(tmp_path, files, capsys):
+    config, space_file = files
+    out = tmp_path / "search"
+    base = ["tune", "--config", str(config), "--space", str(space_file), "--out", str(out)]
+    assert main(base + ["--search", "grid", "--trials", "4"]) == 2
+    assert "the grid has 6 points" in capsys.readouterr().err
+    assert main(base + ["--search", "optuna"]) == 2
+    assert "--trials must be >= 1" in capsys.readouterr().err
+    assert main(["tune", "--out", str(out), "--resume", "--trials", "3"]) == 2
+    assert "leave out --trials" in capsys.readouterr().err
+    assert main(["tune", "--out", str(out), "--resume"]) == 2
+    assert "no search to resume" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(base + ["--trials", "2", "--set", "data.source=parquet",
+                        "--set", f"data.path={tmp_path / 'missing.parquet'}"]) == 2
+    assert "missing.parquet" in capsys.readouterr().err
+    assert not out.exists()
+    (out / "tune").mkdir(parents=True)
+    assert main(base + ["--trials", "2"]) == 2
+    assert "already holds a search" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["tune"]
+
+
+# ----------------------------------------------------------------------------- the hook
+def test_on_epoch_sees_every_epoch_and_tune_reports_each_evaluation(tmp_path):
+    cfg = load_config(_write(tmp_path / "c.yaml", {**TINY, "epochs": 3}))
+    seen = []
+    metrics = train(cfg, tmp_path / "run", on_epoch=lambda e, r: seen.append(
+        (dict(e), evaluation_report(e, r))), test=False)
+    assert [e["epoch"] for e, _ in seen] == [1, 2, 3]
+    reports = [r for _, r in seen if r is not None]
+    assert [r["epoch"] for r in reports] == [2, 3]        # eval_every 2, and the last epoch
+    best = max(r["valid/recall@20"] for r in reports)
+    assert reports[-1]["best_valid"] == best == metrics["valid"]["recall@20"]
+    assert reports[-1]["best/recall@20"] == best
+    saved = json.loads((tmp_path / "run" / runs.METRICS).read_text())
+    assert "test" not in metrics and "test" not in saved
+    finished = finish_best(tmp_path / "run")      # the selected trial's test, after selection
+    assert finished["valid"] == metrics["valid"]
+    assert json.loads((tmp_path / "run" / runs.METRICS).read_text())["test"] == finished["test"]
+
+
+def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value)]} read back from tensorboardX event files (TFRecord framing)."""
+    from tensorboardX.proto.event_pb2 import Event
+    out: dict = {}
+    for path in log_dir.glob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
+
+
+def test_train_log_dir_writes_losses_and_valid_metrics_for_tensorboard(tmp_path, files):
+    config, _ = files
+    assert main(["train", "--config", str(config), "--set", "epochs=3", "--out",
+                 str(tmp_path / "run"), "--log-dir", str(tmp_path / "tb")]) == 0
+    history = json.loads((tmp_path / "run" / runs.METRICS).read_text())["history"]
+    scalars = _scalars(tmp_path / "tb")
+    assert scalars["train/loss"] == [(h["epoch"], pytest.approx(h["loss"], rel=1e-6))
+                                     for h in history]
+    assert scalars["valid/recall_20"] == [        # tensorboardX writes "@" as "_"
+        (h["epoch"], pytest.approx(h["valid"]["recall@20"], rel=1e-6))
+        for h in history if "valid" in h]
+
+
+# ----------------------------------------------------------------------------- progress
+def test_progress_line_counts_trials_by_state(tmp_path):
+    def trial(tid, status, best=None):
+        return SimpleNamespace(trial_id=tid, status=status,
+                               last_result={} if best is None else {"best_valid": best})
+    for name, marker in (("a", runs.METRICS), ("b", STOPPED)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / marker).write_text("{}")
+    trials = [trial("a", "TERMINATED", 0.2), trial("b", "TERMINATED", 0.1),
+              trial("c", "RUNNING", 0.3), trial("d", "PENDING"), trial("e", "ERROR")]
+    line = summary_line(trials, tmp_path, "best_valid", elapsed=90.0, total=8)
+    assert line.startswith("tune: 1 running, 1 pending, 1 done, 1 stopped early, 1 failed "
+                           "of 8 | best best_valid 0.3000 (trial c)")
+    assert line.endswith("elapsed 1m30s | ETA 2m30s")    # 30 s per ended trial, 5 to go
+    assert summary_line(trials[3:4], tmp_path, "best_valid", 5.0, None).endswith(
+        "no best_valid yet | elapsed 0m05s | ETA ?")
+
+
+# ----------------------------------------------------------------------------- Ray
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _history_epochs(run_dir: Path) -> list[int]:
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    return [h["epoch"] for h in state["record"]["history"]]
+
+
+@pytest.mark.ray
+def test_search_interrupted_and_resumed_selects_the_best_valid_trial(ray_local, tmp_path, files,
+                                                                     capsys):
+    config, space_file = files
+    _write(config, {**TINY, "epochs": 6})
+    out = tmp_path / "search"
+    address = ray_local.get_runtime_context().gcs_address
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get(
+        "PYTHONPATH", "")]), "RAY_AUTH_MODE": "disabled", "RAY_DEDUP_LOGS": "0"}
+    cmd = [sys.executable, "-m", "scale_diffrec", "tune", "--out", str(out), "--address",
+           address]
+    first = subprocess.Popen(cmd + ["--config", str(config), "--space", str(space_file),
+                                    "--trials", "3", "--seed", "1", "--max-concurrent", "1"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    try:
+        # stop the driver while a trial is between epochs (a last.pt, no metrics.json yet)
+        def mid_trial():
+            return any((d / "checkpoints" / "last.pt").is_file()
+                       and not (d / runs.METRICS).exists()
+                       for d in (out / "runs").glob("*"))
+        _wait(mid_trial, 300, "a trial's first epoch")
+        first.send_signal(signal.SIGINT)
+        log, _ = first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert first.returncode == 130, log
+    assert "--resume" in log and not (out / "tune.json").exists()
+    interrupted = {d.name: len(_history_epochs(d)) for d in (out / "runs").glob("*")
+                   if not (d / runs.METRICS).exists()}
+    assert interrupted, log
+
+    second = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert second.returncode == 0, second.stdout + second.stderr
+    (tmp_path / "resume.log").write_text(second.stdout + second.stderr)
+    printed = json.loads(second.stdout.strip().splitlines()[-1])
+    summary = json.loads((out / "tune.json").read_text())
+    table = pd.read_csv(out / "trials.csv")
+    assert len(table) == summary["trials"] == 3
+    assert sorted(table["trial"]) == sorted(p.name for p in (out / "runs").iterdir())
+    assert (out / "trials.png").stat().st_size > 0
+    assert list(pd.read_parquet(out / "trials.parquet")["trial"]) == list(table["trial"])
+
+    # every trial's best valid, read from its own run directory
+    best_of = {}
+    for run_dir in (out / "runs").iterdir():
+        epochs = _history_epochs(run_dir)
+        assert epochs == list(range(1, len(epochs) + 1)), (run_dir.name, epochs)  # resumed
+        best_of[run_dir.name] = torch.load(run_dir / "checkpoints" / "best.pt",
+                                           weights_only=False)["record"]["best"]
+        row = table[table["trial"] == run_dir.name].iloc[0]
+        assert row["best_valid"] == pytest.approx(best_of[run_dir.name], rel=1e-9)
+    for name, done_epochs in interrupted.items():     # continued from their last.pt
+        assert (f"resumed from {out / 'runs' / name / 'checkpoints' / 'last.pt'} at epoch "
+                f"{done_epochs}") in second.stdout, second.stdout
+    winner = max(best_of, key=best_of.get)
+    assert summary["best"]["trial"] == printed["best"]["trial"] == winner
+    assert table.iloc[0]["trial"] == winner
+    assert (out / "best").resolve() == (out / "runs" / winner).resolve()
+    best_cfg = load_config(out / "best.yaml")
+    assert best_cfg == load_config(out / "runs" / winner / "config.yaml")
+    for key, value in summary["best"]["params"].items():
+        section, _, leaf = key.rpartition(".")
+        assert (best_cfg[section][leaf] if section else best_cfg[leaf]) == value
+    assert best_cfg["diffusion"]["noise_min"] < best_cfg["diffusion"]["noise_max"]
+
+    assert set(table["state"]) <= {"done", "stopped early"}
+    for trial, state in zip(table["trial"], table["state"]):    # cut by ASHA: no metrics.json
+        assert (out / "runs" / trial / STOPPED).is_file() == (state == "stopped early")
+        assert (out / "runs" / trial / runs.METRICS).is_file() == (state == "done")
+
+    # test metrics only for the selected trial; its run directory works with evaluate
+    for run_dir in (out / "runs").iterdir():
+        if (run_dir / runs.METRICS).exists():
+            has_test = "test" in json.loads((run_dir / runs.METRICS).read_text())
+            assert has_test == (run_dir.name == winner)
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(out / "best"), "--split", "valid"]) == 0
+    valid = json.loads(capsys.readouterr().out)
+    assert valid["recall@20"] == pytest.approx(best_of[winner], abs=1e-12)
+    assert valid["recall@20"] == pytest.approx(summary["best"]["valid"]["recall@20"], abs=1e-12)
+
+
+@pytest.mark.ray
+def test_a_trial_can_be_a_two_worker_run(ray_local, tmp_path, files, capsys):
+    config, space_file = files
+    _write(config, {**TINY, "epochs": 2, "eval_every": 1})
+    _write(space_file, {"search": "grid", "scheduler": None, "params": {"lr": [1.0e-3]}})
+    out = tmp_path / "search"
+    assert main(["tune", "--config", str(config), "--space", str(space_file), "--out",
+                 str(out), "--workers-per-trial", "2"]) == 0
+    table = pd.read_csv(out / "trials.csv")
+    assert list(table["state"]) == ["done"] and list(table["epochs"]) == [2]
+    metrics = json.loads((out / "best" / runs.METRICS).read_text())
+    assert metrics["distributed"]["workers"] == 2 and "test" in metrics
+    assert table["best_valid"][0] == pytest.approx(metrics["valid"]["recall@20"], abs=1e-12)
+    progress = pd.read_csv(next((out / "tune").glob("*/progress.csv")))
+    assert list(progress["epoch"]) == [1, 2]            # rank 0's reports reached Tune
+    assert progress["best_valid"].iloc[-1] == pytest.approx(table["best_valid"][0])
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(out / "best"), "--split", "test"]) == 0
+    assert json.loads(capsys.readouterr().out)["recall@20"] == pytest.approx(
+        metrics["test"]["recall@20"], abs=1e-12)
+
+
+def test_workers_per_trial_beyond_a_choice_of_clusters_is_refused(tmp_path, files, capsys):
+    config, space_file = files
+    _write(space_file, {"params": {"ldiffrec.n_clusters": [2, 3]}})
+    out = tmp_path / "search"
+    assert main(["tune", "--config", str(config), "--space", str(space_file), "--out",
+                 str(out), "--trials", "2", "--workers-per-trial", "3"]) == 2
+    assert "ldiffrec.n_clusters is 2" in capsys.readouterr().err     # the base config's
+    assert main(["tune", "--config", str(config), "--space", str(space_file), "--out",
+                 str(out), "--trials", "2", "--workers-per-trial", "3",
+                 "--set", "ldiffrec.n_clusters=3"]) == 2
+    err = capsys.readouterr().err
+    assert "params 'ldiffrec.n_clusters' choice 2" in err and "distributed.workers" in err
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- shipped spaces
+SHIPPED = {"quickstart.yaml": "quickstart.yaml", "paper-diffrec.yaml": "ml1m-clean-diffrec.yaml",
+           "paper-ldiffrec.yaml": "ml1m-noisy-ldiffrec.yaml",
+           "paper-multvae.yaml": "ml1m-clean-multvae.yaml",
+           "paper-tdiffrec.yaml": "synthetic-tdiffrec.yaml",
+           "paper-ltdiffrec.yaml": "synthetic-ltdiffrec.yaml"}
+
+
+def test_every_shipped_space_loads_and_lists_no_impossible_combination():
+    assert sorted(p.name for p in (REPO / "configs" / "tune").glob("*.yaml")) == sorted(SHIPPED)
+    for name, base in SHIPPED.items():
+        space = load_space(REPO / "configs" / "tune" / name)
+        space.check(REPO / "configs" / base)
+        for param in space.params:
+            for choice in param.choices:
+                values = dict(zip(param.keys, choice))
+                if "diffusion.noise_max" in values:
+                    assert values["diffusion.noise_min"] < values["diffusion.noise_max"], name
+                if "diffusion.sampling_steps" in values:
+                    steps = values["diffusion.steps"]
+                    assert values["diffusion.sampling_steps"] in (0, steps // 4, steps // 2)
+    paper = load_space(REPO / "configs" / "tune" / "paper-ldiffrec.yaml")
+    assert paper.grid_size == 4 * 3 * 17 * 6 * 5 * 5
