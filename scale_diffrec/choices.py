@@ -106,6 +106,13 @@ class EmbeddingSource(Choice):
     auto = "auto"
 
 
+class WarmStart(Choice):
+    """``ldiffrec.warm_start``: how cluster encoders and decoders start (models/ldiffrec.py):
+    the paper's initialisation, or from per-cluster ALS item factors."""
+    none = "none"
+    als = "als"
+
+
 class Placement(Choice):
     """``distributed.placement``: balance item counts or parameter bytes over workers."""
     items = "items"

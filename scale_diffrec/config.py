@@ -24,9 +24,9 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainValida
                       ValidationError, field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
-from .choices import (Activation, Choice, Convention, DataSource, EmbeddingSource, MeanType,
-                      Model, Placement, Precision, ReconTarget, Schedule, SplitRule,
-                      StepSampler)
+from .choices import (Activation, Choice, Convention, DataSource, EmbeddingSource,
+                      MeanType, Model, Placement, Precision, ReconTarget, Schedule,
+                      SplitRule, StepSampler, WarmStart)
 from .data.errors import ConfigError
 
 
@@ -225,6 +225,10 @@ class LDiffRecConfig(_Section):
                                                 # logsumexp; None: from chunk_mib
     cluster_capacity: Optional[Annotated[float, _Num, Field(ge=1)]] = None  # x I / C
     partition: Optional[str] = None       # a saved partition artifact to reuse
+    warm_start: WarmStart = WarmStart.none  # als: encoders/decoders from per-cluster ALS
+    als_reg: NonNegativeFloat = 0.1       #   the warm start's ALS: L2 regularisation,
+    als_alpha: NonNegativeFloat = 10.0    #   confidence 1 + alpha x (Hu et al. 2008),
+    als_iters: PositiveInt = 15           #   alternating sweeps (embeddings.als_factors)
 
     @model_validator(mode="after")
     def _every_cluster_gets_a_width(self):
@@ -232,6 +236,11 @@ class LDiffRecConfig(_Section):
             raise key_error("in_dims", f"{self.in_dims} has a width below n_clusters "
                                        f"({self.n_clusters}): every cluster needs at least "
                                        f"1 of each width")
+        if self.warm_start != WarmStart.none and (len(self.in_dims) != 1 or (
+                self.n_clusters == 1 and self.out_dims)):
+            raise key_error("warm_start", "needs one-layer encoders and decoders: a single "
+                                          "'{s}.in_dims' entry, and '{s}.out_dims' [] when "
+                                          "'{s}.n_clusters' is 1")
         return self
 
 

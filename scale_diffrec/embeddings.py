@@ -210,3 +210,71 @@ def item_embeddings(cfg: dict, data) -> tuple[np.ndarray, str]:
     norms = np.linalg.norm(emb, axis=1, keepdims=True)
     emb = np.divide(emb, norms, out=np.zeros_like(emb), where=norms > 0)
     return emb, f"row-normalised svd({cfg['ldiffrec']['emb_dim']}) of the train matrix"
+
+
+def als_factors(train: CSR, dim: int, regularization: float, alpha: float,
+                iterations: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(item factors Y [n_items, dim], user factors X [n_users, dim]) float32 of
+    implicit-feedback alternating least squares on ``train`` [users, items] (Hu, Koren &
+    Volinsky, ICDM 2008): the ``als`` baseline's fit (``models.baselines.ALS``, the
+    ``implicit`` library), on the CPU so that it is deterministic for a seed.
+    """
+    try:
+        import implicit  # noqa: F401
+    except ImportError:
+        raise ConfigError("config key 'ldiffrec.warm_start' is 'als' but the package "
+                          "'implicit' is not installed (pip install implicit)") from None
+    from .models.baselines import ALS
+    als = ALS(train.n_cols, int(dim), float(regularization), int(iterations), float(alpha),
+              use_gpu=False, seed=int(seed))
+    als.fit(train)
+    return als.item_factors.numpy()[:, :dim], als.user_factors[:, :dim]
+
+
+def als_warm_start(train: CSR, dim: int, regularization: float, alpha: float,
+                   iterations: int, seed: int = 0, gain_users: int = 256
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(encoder [n_items, dim], decoder [n_items, dim]) float32: a one-layer tanh encoder
+    and a linear decoder that, before any training, rank as ALS does on ``train``.
+
+    Pre-training the item tables by matrix factorisation and fine-tuning the network from
+    there is NCF's recipe (He et al., "Neural Collaborative Filtering", WWW 2017, section
+    3.4.1); the factorisation here is ``als_factors`` (item factors Y, user factors X):
+
+      * encoder a * s * Y (Y^T Y + reg I)^-1: the fold-in of a history x onto the item
+        factors (the ALS user update without the confidence weights; measured on Epinions
+        it ranks as well as X itself), s the least-squares scalar that matches x -> X on
+        the train users, a = 0.5 / rms(X) so that tanh's input has root mean square 0.5
+        (near its linear range);
+      * decoder g * Y / a, so logits ~ g * X Y^T; g is the logit gain among 2^-4 .. 2^12
+        that minimises the multinomial loss (softmax over the items) of up to
+        ``gain_users`` train users: item factors fitted to 0/1 targets give scores in
+        [0, 1], far too flat for a softmax over a large catalogue.
+    """
+    item_f, user_f = als_factors(train, dim, regularization, alpha, iterations, seed)
+    y, x = torch.from_numpy(item_f).double(), torch.from_numpy(user_f).double()
+    fold = y @ torch.linalg.inv(y.T @ y + float(regularization) * torch.eye(dim,
+                                                                           dtype=y.dtype))
+    folded = _torch_csr(train) @ fold                                 # [users, dim]
+    s = float((folded * x).sum() / folded.pow(2).sum().clamp_min(1e-30))
+    a = 0.5 / float(x.pow(2).mean().sqrt().clamp_min(1e-30))
+    gain = _logit_gain(train, x, y, gain_users)
+    return (a * s * fold).float().numpy(), (gain * y / a).float().numpy()
+
+
+def _logit_gain(train: CSR, user_f: torch.Tensor, item_f: torch.Tensor,
+                n_users: int) -> float:
+    """The g in 2^-4 .. 2^12 minimising mean_u [n_u logsumexp_i(g s_ui) - g sum_{i in u} s_ui]
+    with s = user_f @ item_f.T, over the first ``n_users`` users that have items."""
+    users = np.flatnonzero(train.row_lengths() > 0)[:n_users]
+    rows = train.take_rows(users)
+    scores = (user_f[torch.from_numpy(users)] @ item_f.T).float()        # [n, items]
+    row_of = torch.from_numpy(np.repeat(np.arange(len(users)), rows.row_lengths()))
+    values = torch.from_numpy(rows.values.astype(np.float32))
+    picked = torch.zeros(len(users)).index_add_(
+        0, row_of, values * scores[row_of, torch.from_numpy(rows.indices.astype(np.int64))])
+    total = torch.zeros(len(users)).index_add_(0, row_of, values)
+    gains = [2.0 ** k for k in range(-4, 13)]
+    losses = [float((total * torch.logsumexp(g * scores, 1) - g * picked).mean())
+              for g in gains]
+    return gains[int(np.argmin(losses))]

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .data.csr import CSR
 from .data.errors import ConfigError, DataError
 from .files import atomic_write
 from .optional import require_faiss
@@ -121,6 +122,13 @@ class Partition:
     def __eq__(self, other) -> bool:
         return (isinstance(other, Partition) and other.n_clusters == self.n_clusters
                 and np.array_equal(other.cluster_of, self.cluster_of))
+
+    def cluster_columns(self, matrix: CSR, c: int) -> CSR:
+        """[rows, n_c] cluster c's columns of ``matrix`` [rows, n_items], in local order."""
+        row_of = np.repeat(np.arange(matrix.n_rows), matrix.row_lengths())
+        keep = self.cluster_of[matrix.indices] == c
+        return CSR.from_pairs(row_of[keep], self.local_of[matrix.indices[keep]],
+                              matrix.n_rows, int(self.sizes[c]), matrix.values[keep])
 
     # ---------------------------------------------------------------- construction
     @staticmethod

@@ -176,7 +176,8 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False, overwrite: bool 
     device = resolve_device(cfg["device"])
     set_matmul_precision(cfg["precision"])
     partition = prepare_partition(cfg, data, run_dir, rebuild=overwrite)
-    model = build_model(cfg, data.n_items, partition)    # refuses a bad model config
+    model = build_model(cfg, data.n_items, partition,     # refuses a bad model config
+                        train=None if resume else data.train)
     source = checkpoint.latest(run_dir) if resume else None   # last.pt or a W-worker run's
     if resume and source is None:
         raise FileNotFoundError(f"{run_dir / runs.CHECKPOINTS}: no checkpoint to resume from")

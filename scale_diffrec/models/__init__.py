@@ -12,9 +12,10 @@ from .base import FittedRecommender, ItemHead, Progress, Recommender
 MODELS = Model.values()
 
 
-def build_model(cfg: dict, n_items: int, partition=None) -> Recommender:
+def build_model(cfg: dict, n_items: int, partition=None, train=None) -> Recommender:
     """The ``model`` of a validated config (``choices.Model``); L-DiffRec needs the item
-    partition."""
+    partition, and ``train`` (CSR) is what its warm start is fitted on
+    (``ldiffrec.warm_start``; None when a checkpoint's weights follow)."""
     kind = Model(cfg["model"])
     if kind == Model.diffrec:
         from .diffrec import DiffRec
@@ -31,7 +32,7 @@ def build_model(cfg: dict, n_items: int, partition=None) -> Recommender:
     from .ldiffrec import LDiffRec
     if partition is None:
         raise ValueError("model 'ldiffrec' needs an item partition")
-    return LDiffRec.from_config(cfg, n_items, partition)
+    return LDiffRec.from_config(cfg, n_items, partition, train=train)
 
 
 def parameter_groups(model: Recommender, cfg: dict) -> list[dict]:

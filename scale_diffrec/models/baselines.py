@@ -231,6 +231,8 @@ class ALS(FittedRecommender):
             model = model.to_cpu()
         self.item_factors = torch.from_numpy(np.ascontiguousarray(model.item_factors,
                                                                   dtype=np.float32))
+        # the train users' factors [users, factors] (not saved; L-DiffRec's warm start)
+        self.user_factors = np.ascontiguousarray(model.user_factors, dtype=np.float32)
         self._solver = None
 
     def _user_solver(self):

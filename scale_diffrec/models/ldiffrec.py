@@ -103,7 +103,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..choices import Activation, ReconTarget
+from ..choices import Activation, ReconTarget, WarmStart
 from ..data.csr import SparseRows
 from ..data.errors import ConfigError
 from ..device import chunk_items
@@ -308,6 +308,14 @@ class ClusterEncoder(nn.Module):
         return h[:, :self.latent], h[:, self.latent:]
 
 
+@dataclass
+class WarmFactors:
+    """A cluster's warm start: the mu half of E_c's first layer and the decoder's item
+    rows, each [n_c, l_c] (``LDiffRec.warm_factors``)."""
+    encoder: torch.Tensor
+    decoder: torch.Tensor
+
+
 class DecoderRows(nn.Module):
     """Cluster c's rows of the global linear decoder: weight [n_c, d], bias [n_c]."""
 
@@ -329,9 +337,12 @@ def _mlp(dims: list[int], act: str) -> nn.Sequential:
 class LDiffRec(Recommender):
     def __init__(self, n_items: int, partition, lcfg: dict, diffusion, sampler, denoiser,
                  reweight: bool = True, sampling_steps: int = 0, sampling_noise: bool = False,
-                 seed: int = 0, build_parts: bool = True, chunk_mib: float | None = None):
+                 seed: int = 0, build_parts: bool = True, chunk_mib: float | None = None,
+                 train: CSR | None = None):
         """``build_parts`` False: no encoders or decoder (a worker builds its own clusters'
-        with ``new_encoder`` / ``new_decoder``)."""
+        with ``new_encoder`` / ``new_decoder``). ``train`` [users, n_items]: the matrix
+        that ``ldiffrec.warm_start`` fits the initial parts on (``warm_factors``); None
+        keeps the paper's initialisation (right when a checkpoint's weights follow)."""
         super().__init__()
         if partition.n_items != n_items:
             raise ValueError(f"the partition covers {partition.n_items} items but the model "
@@ -369,27 +380,31 @@ class LDiffRec(Recommender):
                                  persistent=False)
 
         self.global_decoder = len(lcfg["out_dims"]) == 0
+        self.warm_train = train if lcfg["warm_start"] != WarmStart.none else None
         self.encoders = self.decoders = self.decoder = None
         if build_parts:
-            self.encoders = nn.ModuleList(self.new_encoder(c) for c in range(self.n_clusters))
+            encoders, decoders = [], []
+            for c in range(self.n_clusters):
+                factors = self.warm_factors(c)
+                encoders.append(self.new_encoder(c, factors))
+                decoders.append(self.new_decoder(c, factors))
+            self.encoders = nn.ModuleList(encoders)
             if self.global_decoder:
                 # AE.Decode, out_dims == []: one Linear(sum l_c -> n_items); rows in global
                 # item order (the reference orders them by cluster; a permutation of it)
                 self.decoder = unallocated(nn.Linear, self.latent_size, n_items)
                 with torch.no_grad():
-                    for c in range(self.n_clusters):
-                        rows = self.new_decoder(c)
+                    for c, rows in enumerate(decoders):
                         self.decoder.weight[self.items_of(c)] = rows.weight
                         self.decoder.bias[self.items_of(c)] = rows.bias
             else:
-                self.decoders = nn.ModuleList(self.new_decoder(c)
-                                              for c in range(self.n_clusters))
+                self.decoders = nn.ModuleList(decoders)
         self.denoiser = denoiser          # keeps its own initialisation
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_config(cls, cfg: dict, n_items: int, partition,
-                    build_parts: bool = True) -> "LDiffRec":
+                    build_parts: bool = True, train: CSR | None = None) -> "LDiffRec":
         from ..diffusion import GaussianDiffusion
         from ..samplers import build_sampler
         from .denoiser import Denoiser
@@ -404,21 +419,28 @@ class LDiffRec(Recommender):
                    reweight=cfg["diffusion"]["reweight"],
                    sampling_steps=cfg["diffusion"]["sampling_steps"],
                    sampling_noise=cfg["diffusion"]["sampling_noise"], seed=cfg["seed"],
-                   build_parts=build_parts, chunk_mib=cfg.get("chunk_mib"))
+                   build_parts=build_parts, chunk_mib=cfg.get("chunk_mib"), train=train)
 
     def items_of(self, c: int) -> torch.Tensor:
         return getattr(self, f"items_{c}")
 
-    def new_encoder(self, c: int) -> "ClusterEncoder":
-        """E_c, initialised from the (seed, "encoder", c) stream."""
+    def new_encoder(self, c: int, factors: "WarmFactors | None" = None) -> "ClusterEncoder":
+        """E_c, initialised from the (seed, "encoder", c) stream; with ``factors`` (from
+        ``warm_factors``) the mu half of its first layer is then the fold-in map."""
         size = int(self.partition.sizes[c])
         enc = unallocated(ClusterEncoder, size, self.cluster_dims[c], self.lcfg["act"])
-        return keyed_xavier_(enc, stream_key("init", self.seed, "encoder", c))
+        enc = keyed_xavier_(enc, stream_key("init", self.seed, "encoder", c))
+        if factors is not None:
+            with torch.no_grad():
+                enc.first.weight[:, :enc.latent] = factors.encoder
+        return enc
 
-    def new_decoder(self, c: int) -> nn.Module:
+    def new_decoder(self, c: int, factors: "WarmFactors | None" = None) -> nn.Module:
         """Cluster c's decoder part, initialised from the (seed, "decoder", c) stream:
         D_c (AE.__init__: for C > 1 the mirror of E_c, l_c ... w1_c -> n_c; for C == 1
-        [d] + out_dims + [n_items]), or its ``DecoderRows`` of the global Linear."""
+        [d] + out_dims + [n_items]), or its ``DecoderRows`` of the global Linear. With
+        ``factors`` the item rows are the scaled item factors (the global decoder's rows:
+        on the cluster's latent slice, zero elsewhere)."""
         size, key = int(self.partition.sizes[c]), stream_key("init", self.seed, "decoder", c)
         if self.global_decoder:
             rows = DecoderRows(size, self.latent_size)
@@ -427,12 +449,35 @@ class LDiffRec(Recommender):
             with torch.no_grad():
                 rows.weight.normal_(0.0, std, generator=g)
                 rows.bias.zero_()
+                if factors is not None:
+                    rows.weight.zero_()
+                    rows.weight[:, self.latent_slice(c)] = factors.decoder
             return rows
         if self.n_clusters == 1:
             dims = [self.latent_size] + [int(d) for d in self.lcfg["out_dims"]] + [size]
         else:
             dims = self.cluster_dims[c][::-1] + [size]
-        return keyed_xavier_(unallocated(_mlp, dims, self.lcfg["act"]), key)
+        dec = keyed_xavier_(unallocated(_mlp, dims, self.lcfg["act"]), key)
+        if factors is not None:
+            with torch.no_grad():
+                dec[-1].weight.copy_(factors.decoder)
+        return dec
+
+    def warm_factors(self, c: int) -> "WarmFactors | None":
+        """Cluster c's warm start (``ldiffrec.warm_start: als``; ``embeddings.als_warm_start``
+        on cluster c's columns of the train matrix, rank l_c, so a worker fits only its own
+        clusters and W workers start where one process starts), or None: the paper's
+        initialisation (``warm_start: none``, or no train matrix given)."""
+        if self.warm_train is None:
+            return None
+        from ..embeddings import als_warm_start
+        lcfg = self.lcfg
+        encoder, decoder = als_warm_start(
+            self.partition.cluster_columns(self.warm_train, c), self.latent_sizes[c],
+            lcfg["als_reg"], lcfg["als_alpha"], lcfg["als_iters"],
+            seed=stream_key("als", self.seed, c) % 2 ** 31)
+        return WarmFactors(torch.from_numpy(encoder), torch.from_numpy(decoder))
+
 
     def latent_slice(self, c: int) -> slice:
         return slice(self.latent_offsets[c], self.latent_offsets[c + 1])

@@ -70,15 +70,17 @@ class ShardedRun:
         # The model without encoders/decoders (lookup tables, denoiser, diffusion, sampler;
         # the denoiser from the global seed, as in one process), then this rank's clusters'
         # parts, each from its keyed stream: the same initial values as one process.
-        model = LDiffRec.from_config(cfg, data.n_items, partition, build_parts=False)
+        model = LDiffRec.from_config(cfg, data.n_items, partition, build_parts=False,
+                                     train=data.train)
         self.model = model
         # named as in LDiffRec's state_dict: encoders.{c}.*, decoders.{c}.* (the global
         # decoder's rows of cluster c: decoder.{c}.weight / .bias)
         decoder = "decoder" if model.global_decoder else "decoders"
         self.local = nn.ModuleDict({"encoders": nn.ModuleDict(), decoder: nn.ModuleDict()})
         for c in self.clusters:
-            self.local["encoders"][str(c)] = model.new_encoder(c)
-            self.local[decoder][str(c)] = model.new_decoder(c)
+            factors = model.warm_factors(c)
+            self.local["encoders"][str(c)] = model.new_encoder(c, factors)
+            self.local[decoder][str(c)] = model.new_decoder(c, factors)
         model.to(self.device)
         self.local.to(self.device)
         lcfg = cfg["ldiffrec"]
