@@ -430,3 +430,87 @@ def test_ml1m_clean_one_batch():
     assert 0.5 * np.log(n_items) < per_item < 2 * np.log(n_items)
     scores = model.score(batch)
     assert scores.shape == (400, n_items) and torch.isfinite(scores).all()
+
+
+# ------------------------------------------------------------------ ALS warm start
+def two_group_csr(n_users=60, n_items=30, seed=0):
+    """Users 0..n/2-1 take only items 0..14, the others only items 15..29 (40% of each)."""
+    rng = np.random.default_rng(seed)
+    group = np.arange(n_users) >= n_users // 2
+    own = (np.arange(n_items)[None, :] >= n_items // 2) == group[:, None]
+    r, c = np.nonzero(own & (rng.random((n_users, n_items)) < 0.4))
+    return CSR.from_pairs(r, c, n_users, n_items), own
+
+
+@pytest.mark.parametrize("n_clusters,out_dims", [(1, "[]"), (3, "[]"), (3, "[8]")])
+def test_als_warm_start_ranks_each_users_own_group_first(n_clusters, out_dims):
+    # before any training, the autoencoder alone (mu -> decoder) must score every user's
+    # unseen items of the own group above the other group's on average, as ALS does; the
+    # paper's random initialisation does not
+    pytest.importorskip("implicit")
+    train, own = two_group_csr()
+    part = Partition(np.arange(N_ITEMS) % n_clusters, n_clusters)
+    for warm, expect in (("als", True), ("none", False)):
+        cfg = make_cfg(f"ldiffrec.n_clusters={n_clusters}", f"ldiffrec.out_dims={out_dims}",
+                       f"ldiffrec.warm_start={warm}", "ldiffrec.in_dims=[6]")
+        model = LDiffRec.from_config(cfg, N_ITEMS, part, train=train).eval()
+        with torch.no_grad():
+            _, mu, _, _ = model.encode(batch_of(train))
+            logits = torch.empty(train.n_rows, N_ITEMS)
+            for c in range(n_clusters):
+                logits[:, model.items_of(c)] = model.cluster_logits(c, mu)
+        unseen_own = torch.from_numpy(own & (train.dense_block().numpy() == 0)).float()
+        other = torch.from_numpy(~own).float()
+        mean_own = (logits * unseen_own).sum(1) / unseen_own.sum(1)
+        mean_other = (logits * other).sum(1) / other.sum(1)
+        assert bool((mean_own > mean_other).all()) is expect, (warm, n_clusters, out_dims)
+
+
+def test_als_warm_start_scales_and_gain():
+    pytest.importorskip("implicit")
+    from scale_diffrec.embeddings import als_factors, als_warm_start
+    train, _ = two_group_csr(n_users=80)
+    enc, dec = als_warm_start(train, 4, 0.1, 10.0, 15, seed=0)
+    assert enc.shape == dec.shape == (N_ITEMS, 4)
+    pre = train.dense_block().numpy() @ enc                    # tanh's input, [users, 4]
+    assert np.sqrt((pre ** 2).mean()) == pytest.approx(0.5, rel=0.25)
+    # the decoder is the item factors times one gain: parallel rows, and a gain that is the
+    # best of the grid (halving or doubling it raises the multinomial loss)
+    y, x = als_factors(train, 4, 0.1, 10.0, 15, seed=0)
+    ratio = dec / y
+    np.testing.assert_allclose(ratio, ratio.flat[0], rtol=1e-4)
+
+    def loss(scale):
+        logits = torch.from_numpy(x @ y.T).double() * scale
+        return float(-(torch.from_numpy(train.dense_block().numpy()).double()
+                       * torch.log_softmax(logits, 1)).sum(1).mean())
+    from scale_diffrec.embeddings import _logit_gain
+    g = _logit_gain(train, torch.from_numpy(x).double(), torch.from_numpy(y).double(), 256)
+    assert loss(g) < loss(g / 2) and loss(g) < loss(g * 2)
+
+
+def test_als_warm_start_parts_built_alone_equal_the_whole_models():
+    pytest.importorskip("implicit")
+    train, _ = two_group_csr()
+    cfg = make_cfg("ldiffrec.warm_start=als")
+    model = LDiffRec.from_config(cfg, N_ITEMS, toy_partition(), train=train)
+    shell = LDiffRec.from_config(cfg, N_ITEMS, toy_partition(), build_parts=False, train=train)
+    for c in (2, 0):
+        factors = shell.warm_factors(c)
+        assert torch.equal(shell.new_encoder(c, factors).first.weight,
+                           model.encoders[c].first.weight)
+        assert torch.equal(shell.new_decoder(c, factors).weight,
+                           model.decoder.weight[model.items_of(c)].detach())
+    # without a train matrix (a checkpoint's weights follow) the paper's init is kept
+    kept = LDiffRec.from_config(cfg, N_ITEMS, toy_partition())
+    assert kept.warm_factors(0) is None
+
+
+@pytest.mark.parametrize("extra,key", [(["ldiffrec.warm_start=svd"], "ldiffrec.warm_start"),
+                                       (["ldiffrec.warm_start=als", "ldiffrec.in_dims=[12,20]"],
+                                        "ldiffrec.warm_start")])
+def test_warm_start_config_errors_name_the_key(extra, key):
+    from scale_diffrec.data.errors import ConfigError
+    train, _ = two_group_csr()
+    with pytest.raises(ConfigError, match=key):
+        LDiffRec.from_config(make_cfg(*extra), N_ITEMS, toy_partition(), train=train)
