@@ -508,7 +508,9 @@ def test_als_warm_start_parts_built_alone_equal_the_whole_models():
 
 @pytest.mark.parametrize("extra,key", [(["ldiffrec.warm_start=svd"], "ldiffrec.warm_start"),
                                        (["ldiffrec.warm_start=als", "ldiffrec.in_dims=[12,20]"],
-                                        "ldiffrec.warm_start")])
+                                        "ldiffrec.warm_start"),
+                                       (["ldiffrec.warm_start=als", "ldiffrec.als_iters=0"],
+                                        "ldiffrec.als_iters")])
 def test_warm_start_config_errors_name_the_key(extra, key):
     from scale_diffrec.data.errors import ConfigError
     train, _ = two_group_csr()

@@ -72,6 +72,11 @@ Training loss (main, the training loop)
   the same loss; ``param_groups`` gives the autoencoder ``ldiffrec.lr_vae`` (lr1) and the
   denoiser ``lr`` (lr2). Released ML-1M: lr1 1e-3, lr2 5e-4, wd 0.
 
+Not in the reference (an option, off by default): ``ldiffrec.warm_start: als`` starts each
+cluster's encoder and decoder from ALS factors of its columns (``warm_factors``,
+``embeddings.als_warm_start``; NCF's pre-training, He et al. WWW 2017, section 3.4.1), for
+catalogues too sparse for the Xavier start (Epinions: ~2 train interactions per item).
+
 Inference (main / L-DiffRec/inference.py ``evaluate``): mu (eval mode: no dropout, no
 reparameterisation) -> ``diffusion.p_sample(denoiser, mu, sampling_steps, sampling_noise)``
 -> decoder -> logits.
