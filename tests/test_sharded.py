@@ -192,3 +192,23 @@ def test_checkpoint_round_trip_resumes_exactly(zero_stage, tmp_path):
                                              env={"DS_ACCELERATOR": "cpu"}, timeout=240)
     for name, value in straight.items():
         torch.testing.assert_close(resumed[name], value, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def _nan_evaluation(rank, world):
+    """Rank 1's clusters score NaN: every rank must raise (none left in a collective)."""
+    from scale_diffrec.finite import NonFiniteError
+    cfg, data, partition, build_plan = _setup(FORMS["global-decoder"])
+    run = _sharded(cfg, data, partition, build_plan, world)
+    if rank == 1:
+        with torch.no_grad():
+            next(iter(run.local["decoder"].values())).bias.fill_(float("nan"))
+    try:
+        run.evaluate("valid")
+    except NonFiniteError as err:
+        return str(err)
+    return None
+
+
+def test_non_finite_scores_stop_every_rank_of_the_evaluation():
+    messages = run_distributed(_nan_evaluation, 2, env={"DS_ACCELERATOR": "cpu"}, timeout=240)
+    assert all(m is not None and "NaN or infinite" in m for m in messages), messages

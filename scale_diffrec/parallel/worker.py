@@ -39,7 +39,7 @@ from ..checkpoint import FORMAT, load_optimizer_state, merge_catalogue, optimize
 from ..data.dataset import InteractionData
 from ..device import autocast, chunk_items
 from ..evaluate import excluded_matrices, truth_matrix
-from ..finite import check_finite
+from ..finite import NonFiniteError, check_finite
 from ..metrics import MetricAccumulator
 from ..models import Progress
 from ..models.ldiffrec import LDiffRec, beta_at, combine_logsumexp, lamda_at
@@ -215,10 +215,18 @@ class ShardedRun:
         top = RunningTopK(b, k, seen_positions(exclude, b, self.local_pos, self.device),
                           self.device)
         chunk = self.eval_chunk or chunk_items(b, self.device, self.cfg["chunk_mib"])
+        bad = torch.zeros((), device=self.device)      # non-finite scores (NaN ranks first)
         for c in self.clusters:            # own_items is the clusters' items in this order
             hidden, weight, bias = self._head(c, zhat0)
             for scores, items in linear_chunks(hidden, weight, bias, m.items_of(c), chunk):
-                top.add(scores.float(), items)
+                scores = scores.float()
+                bad += (~torch.isfinite(scores)).sum()
+                top.add(scores, items)
+        n_bad = int(all_reduce_sum(bad))   # over the ranks: every rank raises together
+        if n_bad:
+            raise NonFiniteError(f"evaluation scores of users {users[0]}..{users[-1]} hold "
+                                 f"{n_bad} NaN or infinite values: the model's parameters "
+                                 f"are not finite (training diverged)")
         items, values = top.result()
         if self.world > 1:
             tops, its = [torch.empty_like(values) for _ in range(self.world)], \
