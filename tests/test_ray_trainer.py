@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from scale_diffrec import runs
+from scale_diffrec import checkpoint, runs
 from scale_diffrec.cli import main
 from scale_diffrec.config import absolute_paths, load_config
 from scale_diffrec.data.errors import ConfigError
@@ -106,15 +106,15 @@ def test_the_run_directory_guard_holds_before_ray(tmp_path, monkeypatch, partiti
     partition = Partition.load(partition_file)
     runs.start_run(run_dir, cfg, partition)          # a run's config, partition, plan, epoch
     runs.write_json(run_dir / runs.PLAN, trainer.build_plan(cfg, partition, 2).to_dict())
-    (run_dir / runs.CHECKPOINTS / trainer.RAY_NAME / "epoch_0001").mkdir(parents=True)
+    runs.save_checkpoint(run_dir, "last", {"format": checkpoint.FORMAT, "epoch": 1})
     files = lambda: {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}  # noqa
     before = files()
     with pytest.raises(ConfigError, match=r"--resume cannot change config key 'lr' \(0.001"):
         trainer.train_distributed(_cfg(partition_file, "lr=0.5"), run_dir, resume=True)
     with pytest.raises(ConfigError, match="already holds a run"):
         trainer.train_distributed(cfg, run_dir)
-    with pytest.raises(ConfigError, match="trained with another placement"):
-        trainer.train_distributed(_cfg(partition_file, "distributed.workers=1"), run_dir,
+    with pytest.raises(ConfigError, match="distributed.workers"):
+        trainer.train_distributed(_cfg(partition_file, "distributed.workers=5"), run_dir,
                                   resume=True)
     assert files() == before
 
