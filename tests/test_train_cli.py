@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from scale_diffrec import runs
 from scale_diffrec.cli import main
 
 TINY = ["data.source=synthetic", "data.synthetic.n_users=120", "data.synthetic.n_items=60",
@@ -217,12 +218,11 @@ def test_a_diverging_run_stops_naming_epoch_and_step_and_keeps_the_last_good_epo
 def test_non_finite_parameters_are_refused_by_resume_evaluate_and_export(tmp_path, capsys):
     assert _train(tmp_path, "run", "epochs=1") == 0
     run = tmp_path / "run"
-    for name in ("last", "best"):
-        path = run / "checkpoints" / f"{name}.pt"
-        state = torch.load(path, weights_only=False)
+    for name in ("last", "best"):            # diverged weights, saved (and sealed) as such
+        state = runs.load_checkpoint(run, name)
         key = next(iter(state["model"]))
         state["model"][key].view(-1)[0] = float("inf")
-        torch.save(state, path)
+        runs.save_checkpoint(run, name, state)
     before = _files(run)
     assert _train(tmp_path, "run", "epochs=2", flags=["--resume"]) == 2
     _one_error_line(capsys, "last.pt", "parameter", "not finite")
