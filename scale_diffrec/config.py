@@ -472,19 +472,28 @@ def _merged(base: dict, update: dict) -> dict:
     return out
 
 
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict:
+    """The mapping a YAML file holds ({} when empty); one-line ConfigError when the file is
+    missing, is not YAML (the problem and its line and column) or holds something else."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: "
+                          f"{problem or str(err).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> dict:
     """Schema defaults <- YAML file <- each ``--set key=value`` in order, validated."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
+    raw = {} if path is None else read_yaml_mapping(path)
+    path = None if path is None else Path(path)
     from_file, overridden = _dotted_keys(raw), []
     for text in overrides:
         keys, value = parse_override(text)

@@ -148,3 +148,20 @@ def test_choices_are_named_types_equal_to_their_values():
     assert cfg["model"] == Model.ldiffrec and type(cfg["model"]) is str   # plain in the dict
     assert {Schedule.linear_var: 1}["linear-var"] == 1 and f"{Schedule.linear_var}" == "linear-var"
     assert DEFAULTS == load_config(None)
+
+
+@pytest.mark.parametrize("command", ["train", "prepare", "tune"])
+def test_invalid_yaml_is_one_line_naming_file_line_and_column(tmp_path, capsys, command):
+    from scale_diffrec.cli import main
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: ldiffrec\nlr: [1, 2\nseed: 0\n")
+    argv = {"train": ["train", "--config", str(bad), "--out", str(tmp_path / "run")],
+            "prepare": ["prepare", "--input", str(tmp_path / "log.csv"), "--config", str(bad),
+                        "--out", str(tmp_path / "data")],
+            "tune": ["tune", "--config", str(bad), "--space", str(bad),
+                     "--out", str(tmp_path / "search")]}[command]
+    (tmp_path / "log.csv").write_text("user_id,item_id\n1,2\n")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {bad}: not valid YAML at line ")
+    assert not any((tmp_path / name).exists() for name in ("run", "data", "search"))

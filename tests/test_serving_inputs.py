@@ -251,3 +251,13 @@ def test_paths_in_the_way_are_one_line(bundles, tmp_path, capsys):
         assert code == 2, argv
         assert_one_line(err, message)
     assert a_file.read_text() == ""
+
+
+def test_out_that_is_the_histories_file_is_refused_before_writing(bundles, tmp_path, capsys):
+    histories = write_interactions(tmp_path / "h.parquet", [1], [17])
+    before = histories.read_bytes()
+    code, _, err = run_cli(capsys, "recommend", "--index", bundles["int"], "--histories",
+                           histories, "--out", tmp_path / "." / "h.parquet")
+    assert code == 2
+    assert_one_line(err, "is the --histories file")
+    assert histories.read_bytes() == before

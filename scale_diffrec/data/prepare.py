@@ -62,7 +62,6 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..progress import log, peak_rss_mib
@@ -124,19 +123,9 @@ def load_prepare_config(path: str | Path | None = None,
                         overrides: list[str] = ()) -> PrepareConfig:
     """PrepareConfig from a YAML file and dotted ``key=value`` overrides (values parse as
     YAML); ConfigError naming the file and the dotted key otherwise."""
-    from ..config import parse_override
-    raw: dict = {}
-    where = ""
-    if path is not None:
-        path, where = Path(path), f"{path}: "
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
+    from ..config import parse_override, read_yaml_mapping
+    raw = {} if path is None else read_yaml_mapping(path)
+    where = "" if path is None else f"{path}: "
     for text in overrides:
         keys, value = parse_override(text)
         node = raw

@@ -70,6 +70,10 @@ def cmd_recommend(args) -> int:
         raise ConfigError("give either --items ID,ID,... or --histories FILE.parquet")
     if args.histories is not None and args.out is None:
         raise ConfigError("--histories needs --out RECS.parquet")
+    if args.histories is not None and args.out is not None and \
+            Path(args.out).resolve() == Path(args.histories).resolve():
+        raise ConfigError(f"--out {args.out}: is the --histories file; give another file to "
+                          f"write the recommendations to")
     if args.out is not None and Path(args.out).is_dir():
         raise ConfigError(f"--out {args.out}: is a folder; give the parquet file to write")
     for key in ("k", "batch_size", "nprobe", "ef_search"):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import load_config
+from ..config import load_config, read_yaml_mapping
 from ..data.errors import ConfigError
 
 SEARCHES = ("grid", "random", "optuna")
@@ -134,14 +134,7 @@ def load_space(path: str | Path, search: str | None = None) -> Space:
     """Parse and validate a space file; ``search`` (grid | random | optuna) overrides the
     file's. ConfigError (one line naming the file and key) on anything malformed."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"space file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
+    raw = read_yaml_mapping(path, "space file")
     unknown = set(raw) - {"search", "scheduler", "params"}
     if unknown:
         raise ConfigError(f"{path}: unknown key '{sorted(unknown)[0]}' (known: search, "
