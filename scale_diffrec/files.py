@@ -9,7 +9,7 @@ quota) surfaces as ``NoSpaceError``: one line, 'no space left on PATH'; other wr
 as one line naming the file and the system's reason (``write_errors``).
 
 Integrity is one mechanism, sha256 (``sha256``): an index bundle lists the digest of each
-of its files in its manifest; a checkpoint carries the digest of its own payload in a
+of its files in its manifest; a checkpoint and a bundle's manifest carry the digest of its own payload in a
 trailer (``write_sealed`` / ``check_sealed``):
 
     [payload: torch.save's zip] [b"\\nscale_diffrec sha256 "] [64 hex digits]
@@ -122,3 +122,10 @@ def check_sealed(path: Path) -> None:
         raise DataError(path, "no checksum seal: the file is empty, truncated or was not "
                               "written by scale_diffrec")
     check_digest(path, trailer[len(SEAL):].decode("ascii", "replace"), size - tail)
+
+
+def read_sealed(path: Path) -> bytes:
+    """The payload of a sealed file (``check_sealed`` first: DataError on a mismatch)."""
+    check_sealed(path)
+    with open(path, "rb") as f:
+        return f.read(os.path.getsize(path) - len(SEAL) - _DIGEST_LEN)

@@ -14,6 +14,7 @@ from scale_diffrec.config import load_config
 from scale_diffrec.data.errors import DataError
 from scale_diffrec.evaluate import evaluate, evaluate_topk
 from scale_diffrec.retrieval import Retriever, export, resolve
+from scale_diffrec.retrieval.bundle import read_manifest, write_manifest
 from scale_diffrec.runs import load_run
 from scale_diffrec.train import train
 
@@ -151,16 +152,20 @@ def test_corrupted_or_mismatched_bundles_are_refused(tmp_path):
     with pytest.raises(DataError, match="query_tower.pt: checksum mismatch"):
         Retriever.load(folder.parent)
     tower.write_bytes(good)
-    manifest_path = folder / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest_path.write_text(json.dumps({**manifest, "version": 99}))
+    manifest = read_manifest(folder)
+    # a field changed by hand breaks the seal; sealed again, the field checks still refuse it
+    text = (folder / "manifest.json").read_bytes()
+    (folder / "manifest.json").write_bytes(text.replace(b'"n_items": ', b'"n_items": 1', 1))
+    with pytest.raises(DataError, match="manifest.json: checksum mismatch"):
+        Retriever.load(folder.parent)
+    write_manifest(folder, {**manifest, "version": 99})
     with pytest.raises(DataError, match="manifest.json.*version"):
         Retriever.load(folder.parent)
-    manifest_path.write_text(json.dumps({**manifest, "n_items": manifest["n_items"] + 1}))
+    write_manifest(folder, {**manifest, "n_items": manifest["n_items"] + 1})
     with pytest.raises(DataError, match="item ids but the manifest says"):
         Retriever.load(folder.parent)
     manifest["heads"][0]["units"][0]["dim"] += 1
-    manifest_path.write_text(json.dumps(manifest))
+    write_manifest(folder, manifest)
     with pytest.raises(DataError, match="dimension"):
         Retriever.load(folder.parent)
 

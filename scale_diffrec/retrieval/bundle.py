@@ -4,7 +4,8 @@ A bundle is a folder of immutable versions and a pointer to the current one:
 
     INDEX_DIR/CURRENT                  the name of the current version (one line)
     INDEX_DIR/VERSION/manifest.json    format, version, library versions, model, item count,
-                                       heads and their FAISS units, sha256 of every other file
+                                       heads and their FAISS units, sha256 of every other file;
+                                       JSON followed by the seal of its own sha256
     INDEX_DIR/VERSION/config.yaml      the run's resolved config (rebuilds the query tower)
     INDEX_DIR/VERSION/query_tower.pt   the model's state_dict: encoder, the reverse
                                        diffusion's denoiser, decoder hidden layers (and, for
@@ -21,8 +22,8 @@ A unit's rows are its head's item vectors [W_i, b_i] (``index.item_vectors``).
 version name, then replaces CURRENT atomically; it then removes versions older than the
 previous one. A reader resolves CURRENT once (``resolve``) and reads only that version's
 files, so it sees exactly one complete export, never a mix of two; a failed export leaves
-CURRENT and every version as they were. ``read_manifest`` refuses a version whose format,
-checksums, dimensions or item counts do not match, naming the file.
+CURRENT and every version as they were. The manifest is sealed (``files.write_sealed``): ``read_manifest`` refuses a changed
+manifest, and a version whose format, checksums, dimensions or item counts do not match, naming the file.
 
 Before anything is written, ``export`` refuses a model setting whose scores are not linear
 heads (``Recommender.export_error``), weights that are not finite, and an INDEX_DIR that
@@ -43,7 +44,8 @@ import torch
 
 from ..data.errors import ConfigError, DataError
 from ..data.parquet import ITEM, id_table, read_id_map
-from ..files import atomic_write, check_digest, default_mode, write_errors, sha256
+from ..files import (atomic_write, check_digest, default_mode, read_sealed, sha256,
+                     write_errors, write_sealed)
 from .index import (L2_KINDS, build_index, faiss, index_dim, item_vectors, mips_norm,
                     resolve_params, resolve_use_gpu, shard_bounds)
 from .params import check_setting
@@ -162,7 +164,13 @@ def _write_version(run, folder: Path, kind: str, params: dict | None, shards: in
                 "versions": versions(), "model": run.cfg["model"],
                 "n_items": int(run.data.n_items), "source_run": str(run.run_dir),
                 "heads": heads, "files": {f: sha256(folder / f) for f in files}}
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_manifest(folder, manifest)
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """``folder/manifest.json``, sealed (``files.write_sealed``): a changed field is refused."""
+    text = (json.dumps(manifest, indent=2) + "\n").encode()
+    write_sealed(folder / MANIFEST, lambda f: f.write(text))
 
 
 def current_name(folder: Path) -> str | None:
@@ -197,14 +205,14 @@ def _prune(folder: Path, oldest_kept: str) -> None:
 
 
 def read_manifest(version: str | Path, verify: bool = True) -> dict:
-    """The manifest of one version folder (``resolve``), after checking format, version and
-    (``verify``) checksums."""
+    """The manifest of one version folder (``resolve``), after checking its seal, format,
+    version and (``verify``) the checksums of the other files."""
     version = Path(version)
     path = version / MANIFEST
     if not path.is_file():
         raise DataError(path, "missing: the version is incomplete or was removed")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(read_sealed(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(path, f"unreadable manifest: {err}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
