@@ -87,6 +87,25 @@ def test_integer_bundle_rejects_non_integer_ids_in_one_line(bundles, capsys):
         Retriever.load(bundles["int"]).recommend([[7, "a"]], k=3)
 
 
+def test_items_are_parsed_as_written(bundles, capsys):
+    for kind, items, where, what in [("int", "17,,27", "row 1", "an empty item id"),
+                                     ("str", "sku-1,", "row 1", "an empty item id"),
+                                     ("str", "", "row 0", "no item ids"),
+                                     ("int", " ", "row 0", "no item ids")]:
+        code, out, err = run_cli(capsys, "recommend", "--index", bundles[kind], "--items",
+                                 items, "-k", "5")
+        assert code == 2 and out == ""
+        assert_one_line(err, "--items", where, what)
+    # a space is part of a string id (' sku-1' is not sku-1); around an integer it is not
+    code, _, err = run_cli(capsys, "recommend", "--index", bundles["str"], "--items",
+                           "sku-2, sku-1", "-k", "5")
+    assert code == 2
+    assert_one_line(err, "--items", "row 1", "unknown item id ' sku-1'")
+    code, out, _ = run_cli(capsys, "recommend", "--index", bundles["int"], "--items",
+                           "17, 27", "-k", "5")
+    assert code == 0 and not {17, 27} & set(json.loads(out)["items"])
+
+
 @pytest.mark.parametrize("kind", ["int", "str"])
 def test_histories_are_validated_like_training_parquet(bundles, tmp_path, capsys, kind):
     known = "sku-1" if kind == "str" else 17

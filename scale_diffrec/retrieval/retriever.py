@@ -116,9 +116,15 @@ class Retriever:
 
     # ------------------------------------------------------------------ ids
     def parse_ids(self, text: str) -> list:
-        """'12,40,7' -> ids of this bundle's kind (int or str); DataError for a
-        non-integer where the bundle's ids are integers."""
-        parts = [x.strip() for x in text.split(",") if x.strip()]
+        """'12,40,7' -> ids of this bundle's kind (int or str). String ids are taken as
+        written (a space is part of an id); integer ids may have spaces around them.
+        DataError for an empty list, an empty entry ('1,,2') or a non-integer where the
+        bundle's ids are integers."""
+        parts = text.split(",")
+        for pos, part in enumerate(parts):
+            if not part.strip():
+                what = "no item ids" if len(parts) == 1 else "an empty item id"
+                raise DataError("--items", f"{what} (give ID,ID,...)", row=pos)
         if self.id_kind == "str":
             return parts
         for pos, part in enumerate(parts):
