@@ -87,6 +87,14 @@ def test_integer_bundle_rejects_non_integer_ids_in_one_line(bundles, capsys):
         Retriever.load(bundles["int"]).recommend([[7, "a"]], k=3)
 
 
+def test_a_search_setting_the_index_does_not_take_is_refused(bundles, capsys):
+    for kind, option, index in [("int", "--nprobe", "hnsw"), ("str", "--ef-search", "ivf")]:
+        code, out, err = run_cli(capsys, "recommend", "--index", bundles[kind], "--items",
+                                 "17" if kind == "int" else "sku-1", option, "4")
+        assert code == 2 and out == ""
+        assert_one_line(err, option, f"does not apply to the bundle's {index} index")
+
+
 def test_items_are_parsed_as_written(bundles, capsys):
     for kind, items, where, what in [("int", "17,,27", "row 1", "an empty item id"),
                                      ("str", "sku-1,", "row 1", "an empty item id"),

@@ -28,7 +28,7 @@ import torch
 
 from ..config import load_config
 from ..data.csr import CSR
-from ..data.errors import DataError
+from ..data.errors import ConfigError, DataError
 from ..data.time_weights import time_weights
 from ..device import model_device, resolve_device
 from ..models import build_model
@@ -37,7 +37,7 @@ from .bundle import (CONFIG, ITEM_IDS, MANIFEST, PARTITION, TOWER, read_item_ids
                      resolve)
 from .index import (SearchUnit, faiss, gpu_available, merge_topk, query_vectors,
                     search_units, to_gpu)
-from .params import check_setting
+from .params import SEARCH_PARAMS, check_setting, option
 
 RETRIES = 3      # re-resolutions when exports remove the version a load had resolved
 
@@ -191,6 +191,15 @@ class Retriever:
 
     # ------------------------------------------------------------------ serving
     def set_search(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Override nprobe / ef_search on every unit; ConfigError for a setting that no
+        unit's index kind takes (--nprobe on a flat or HNSW bundle, --ef-search on IVF)."""
+        kinds = sorted({unit.kind for unit in self.units})
+        takes = {key for kind in kinds for key in SEARCH_PARAMS[kind]}
+        allowed = ", ".join(option(k) for k in sorted(takes)) or "no search setting"
+        for key, value in (("nprobe", nprobe), ("ef_search", ef_search)):
+            if value is not None and key not in takes:
+                raise ConfigError(f"{option(key)} does not apply to the bundle's "
+                                  f"{'/'.join(kinds)} index (it takes {allowed})")
         for unit in self.units:
             unit.set_search(nprobe, ef_search)
 
