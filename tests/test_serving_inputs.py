@@ -208,6 +208,10 @@ def test_search_settings_are_checked_from_python_too(bundles):
     (["--index", "ivfpq", "--pq-m", "0"], "--pq-m must be an integer >= 1"),
     (["--shards", "0"], "--shards must be an integer >= 1"),
     (["--index", "flat", "--nprobe", "4"], "index 'flat' has no parameter(s) --nprobe"),
+    # 30 items: one list of >= 39 items at most; explicit values are not capped quietly
+    (["--index", "ivf", "--nlist", "100000"], "--nlist 100000: at most 1 for a unit of 30"),
+    (["--index", "ivf", "--nprobe", "500"], "--nprobe 500: at most 1, the lists of a unit"),
+    (["--shards", "31"], "--shards 31: at most 30, the items of the smallest head"),
 ])
 def test_export_settings_are_range_checked_before_writing(bundles, tmp_path, capsys, argv,
                                                           message):

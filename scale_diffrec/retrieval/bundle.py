@@ -100,8 +100,13 @@ def export(run, out: str | Path, kind: str = "flat", params: dict | None = None,
         raise DataError(run.run_dir, f"the model's '{bad}' holds NaN or infinite values "
                                      f"(training diverged); nothing exported")
     shards = check_setting("shards", shards)
-    for n in {len(h.items) for h in run.model.item_heads()}:
-        resolve_params(kind, n, params)            # range checks before anything is written
+    sizes = [len(h.items) for h in run.model.item_heads()]
+    if shards > min(sizes):
+        raise ConfigError(f"--shards {shards}: at most {min(sizes)}, the items of the "
+                          f"smallest head")
+    # range checks before anything is written; the smallest unit bounds nlist and nprobe
+    for n in sorted({b - a for size in sizes for a, b in shard_bounds(size, shards)}):
+        resolve_params(kind, n, params)
     check_target(out)
     gpu = resolve_use_gpu(use_gpu)
     with write_errors(out):

@@ -28,7 +28,7 @@ exact top-k of unseen items for a flat index.
 
 Index types (``kind``) and their parameters (``params``, defaults in ``DEFAULTS``):
     flat   IndexFlatIP, exact
-    ivf    IndexIVFFlat(IP): nlist (None = 4 sqrt(n), at most n / 39), nprobe
+    ivf    IndexIVFFlat(IP): nlist (None = 4 sqrt(n); at most n / 39), nprobe (<= nlist)
     hnsw   IndexHNSWFlat(IP): M, ef_construction, ef_search (CPU only: FAISS has no GPU HNSW)
     ivfpq  IndexIVFPQ(IP): nlist, nprobe, pq_m, pq_nbits
 A unit too small for its kind (IVF-PQ with fewer than 2**pq_nbits items) falls back to
@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..data.csr import CSR
+from ..data.errors import ConfigError
 from ..optional import require_faiss
 from .params import DEFAULTS, INDEX_TYPES, SEARCH_PARAMS, check_params, check_setting
 
@@ -136,17 +137,25 @@ def query_vectors(query: np.ndarray, dim: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- building
 def resolve_params(kind: str, n: int, params: dict | None) -> tuple[str, dict]:
-    """(kind, full parameters) for a unit of ``n`` items: defaults filled in, nlist
-    chosen and capped so every list gets >= 39 training points, IVF-PQ on fewer than
-    2**pq_nbits items replaced by flat."""
+    """(kind, full parameters) for a unit of ``n`` items: defaults filled in, IVF-PQ on
+    fewer than 2**pq_nbits items replaced by flat. A derived nlist (4 sqrt(n)) and the
+    default nprobe are capped so every list gets >= 39 training points and nprobe <=
+    nlist; an explicit nlist or nprobe beyond that is a ConfigError naming the largest
+    allowed value."""
     params = check_params(kind, params)
     full = {**DEFAULTS[kind], **{k: v for k, v in params.items() if v is not None}}
     if kind == "ivfpq" and n < 2 ** int(full["pq_nbits"]):
         return "flat", {}
     if kind in ("ivf", "ivfpq"):
         cap = max(1, n // MIN_POINTS_PER_LIST)
+        if params.get("nlist") is not None and params["nlist"] > cap:
+            raise ConfigError(f"--nlist {params['nlist']}: at most {cap} for a unit of {n} "
+                              f"items (>= {MIN_POINTS_PER_LIST} items per list)")
         nlist = full["nlist"] if full["nlist"] is not None else int(4 * math.sqrt(n))
         full["nlist"] = int(max(1, min(int(nlist), cap)))
+        if params.get("nprobe") is not None and params["nprobe"] > full["nlist"]:
+            raise ConfigError(f"--nprobe {params['nprobe']}: at most {full['nlist']}, the "
+                              f"lists of a unit of {n} items")
         full["nprobe"] = int(min(int(full["nprobe"]), full["nlist"]))
     return kind, full
 
