@@ -9,8 +9,8 @@ quota) surfaces as ``NoSpaceError``: one line, 'no space left on PATH'; other wr
 as one line naming the file and the system's reason (``write_errors``).
 
 Integrity is one mechanism, sha256 (``sha256``): an index bundle lists the digest of each
-of its files in its manifest; a checkpoint and a bundle's manifest carry the digest of its own payload in a
-trailer (``write_sealed`` / ``check_sealed``):
+of its files in its manifest; a checkpoint and a bundle's manifest carry the digest of
+their own payload in a trailer (``write_sealed`` / ``check_sealed`` / ``read_sealed``):
 
     [payload: torch.save's zip] [b"\\nscale_diffrec sha256 "] [64 hex digits]
 

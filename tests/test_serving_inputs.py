@@ -95,6 +95,36 @@ def test_a_search_setting_the_index_does_not_take_is_refused(bundles, capsys):
         assert_one_line(err, option, f"does not apply to the bundle's {index} index")
 
 
+def test_fewer_than_k_from_an_approximate_index_is_a_warning(bundles, tmp_path, capsys,
+                                                             monkeypatch):
+    from scale_diffrec.retrieval import index
+    search = index.SearchUnit.search
+
+    def approximate(unit, queries, k):     # an HNSW graph that reaches only 10 items
+        items, scores = search(unit, queries, k)
+        items[:, 10:], scores[:, 10:] = -1, -np.inf
+        return items, scores
+    code, out, err = run_cli(capsys, "recommend", "--index", bundles["int"], "--items", "17",
+                             "-k", "29", "--ef-search", "1")
+    assert code == 0 and len(json.loads(out)["items"]) == 29 and err == ""
+    monkeypatch.setattr(index.SearchUnit, "search", approximate)
+    code, out, err = run_cli(capsys, "recommend", "--index", bundles["int"], "--items", "17",
+                             "-k", "29", "--ef-search", "1")
+    assert code == 0 and 0 < len(json.loads(out)["items"]) < 29      # the rows are kept
+    assert err.startswith("warning: 1 of 1 rows got fewer than 29 items") and \
+        err.count("\n") == 1 and "--ef-search" in err
+    histories, recs = tmp_path / "h.parquet", tmp_path / "recs.parquet"
+    pq.write_table(pa.table({"user_id": [1, 2], "item_id": [17, 27]}), histories)
+    code, _, err = run_cli(capsys, "recommend", "--index", bundles["int"], "--histories",
+                           histories, "--out", recs, "-k", "29", "--ef-search", "1")
+    assert code == 0 and err.startswith("warning: 2 of 2 rows") and err.count("\n") == 1
+    monkeypatch.undo()
+    # a catalogue smaller than k is not a warning: every unseen item comes back
+    code, out, err = run_cli(capsys, "recommend", "--index", bundles["int"], "--items", "17",
+                             "-k", "50")
+    assert code == 0 and len(json.loads(out)["items"]) == 29 and err == ""
+
+
 def test_items_are_parsed_as_written(bundles, capsys):
     for kind, items, where, what in [("int", "17,,27", "row 1", "an empty item id"),
                                      ("str", "sku-1,", "row 1", "an empty item id"),

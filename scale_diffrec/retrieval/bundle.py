@@ -22,8 +22,9 @@ A unit's rows are its head's item vectors [W_i, b_i] (``index.item_vectors``).
 version name, then replaces CURRENT atomically; it then removes versions older than the
 previous one. A reader resolves CURRENT once (``resolve``) and reads only that version's
 files, so it sees exactly one complete export, never a mix of two; a failed export leaves
-CURRENT and every version as they were. The manifest is sealed (``files.write_sealed``): ``read_manifest`` refuses a changed
-manifest, and a version whose format, checksums, dimensions or item counts do not match, naming the file.
+CURRENT and every version as they were. The manifest is sealed (``files.write_sealed``):
+``read_manifest`` refuses a changed manifest, and a version whose format, checksums,
+dimensions or item counts do not match, naming the file.
 
 Before anything is written, ``export`` refuses a model setting whose scores are not linear
 heads (``Recommender.export_error``), weights that are not finite, and an INDEX_DIR that

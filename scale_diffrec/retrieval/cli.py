@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,20 @@ def _write_recommendations(path: Path, users, items: np.ndarray, scores: np.ndar
     atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
+def warn_short(retriever, rows: CSR, idx: np.ndarray, k: int, exclude: bool) -> None:
+    """One warning line on stderr when an approximate index returned fewer than ``k``
+    items for some rows although the catalogue holds that many unseen items for them."""
+    available = retriever.n_items - (rows.row_lengths() if exclude else 0)
+    short = int(((idx >= 0).sum(axis=1) < np.minimum(k, available)).sum())
+    if short:
+        from .params import SEARCH_PARAMS, option
+        settings = sorted({option(key) for unit in retriever.units
+                           for key in SEARCH_PARAMS[unit.kind]})
+        print(f"warning: {short} of {rows.n_rows} rows got fewer than {k} items from the "
+              f"approximate index although the catalogue has more; raise "
+              f"{' / '.join(settings)}", file=sys.stderr)
+
+
 def cmd_recommend(args) -> int:
     from .params import check_setting
     if (args.items is None) == (args.histories is None):
@@ -86,6 +101,7 @@ def cmd_recommend(args) -> int:
     if args.items is not None:
         rows = retriever.histories_csr([retriever.parse_ids(args.items)], source="--items")
         idx, scores = retriever.recommend_indexes(rows, args.k, exclude, args.brute_force)
+        warn_short(retriever, rows, idx, args.k, exclude)
         keep = idx[0] >= 0
         print(json.dumps({"items": retriever.item_ids[idx[0][keep]].tolist(),
                           "scores": [round(float(s), 6) for s in scores[0][keep]]}))
@@ -97,6 +113,7 @@ def cmd_recommend(args) -> int:
         i, s = retriever.recommend_indexes(part, args.k, exclude, args.brute_force)
         items.append(i), scores.append(s)
     idx = np.concatenate(items) if items else np.zeros((0, args.k), np.int64)
+    warn_short(retriever, rows, idx, args.k, exclude)
     _write_recommendations(Path(args.out), users, retriever.item_ids[np.maximum(idx, 0)],
                            np.concatenate(scores) if scores else np.zeros((0, args.k)))
     print(json.dumps({"users": len(users), "out": args.out}))
