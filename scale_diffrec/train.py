@@ -9,6 +9,8 @@ with no optimizer; validation, checkpoints and metrics are the same.
 """
 from __future__ import annotations
 
+import json
+
 import random
 import time
 from pathlib import Path
@@ -244,14 +246,19 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False, overwrite: bool 
                      metric, cfg["patience"], record["best_epoch"])
             break
 
-    return finish(model, data, cfg, run_dir, record, test=test)
+    return finish(model, data, cfg, run_dir, record, test=test, trained=len(epochs) > 0)
+
+
+PEAKS = ("peak_rss_mib", "peak_gpu_mib")
 
 
 def finish(model, data: InteractionData, cfg: dict, run_dir: str | Path, record: dict,
-           test: bool = True) -> dict:
+           test: bool = True, trained: bool = True) -> dict:
     """The end of a run: ``model`` takes the best epoch's weights (``checkpoint.at_epoch``)
     and RUN_DIR/metrics.json is written with ``record``'s history and best-epoch valid
     metrics, plus (with ``test``) the test metrics computed now. Returns the metrics.
+    ``trained=False`` (a resume with nothing left to train) keeps the peak memory figures
+    of the metrics.json already there: they measure training, not this no-op process.
     FileNotFoundError when the run never evaluated (no checkpoint of its best epoch)."""
     run_dir = Path(run_dir)
     device = model_device(model)
@@ -267,6 +274,9 @@ def finish(model, data: InteractionData, cfg: dict, run_dir: str | Path, record:
         "device": str(device), "precision": cfg["precision"],
         "peak_gpu_mib": peak_memory_mib(device),
     }
+    if not trained and (run_dir / runs.METRICS).is_file():
+        before = json.loads((run_dir / runs.METRICS).read_text())
+        metrics.update({key: before[key] for key in PEAKS if key in before})
     runs.write_json(run_dir / runs.METRICS, metrics)
     split = "test" if test else "valid"
     log.info("best epoch %d | %s %s | wrote %s", record["best_epoch"], split,

@@ -174,6 +174,8 @@ def test_resumed_finished_runs_do_not_train_again(tmp_path, caplog):
     last = torch.load(tmp_path / "stop" / "checkpoints" / "last.pt", weights_only=False)
     assert last["record"]["early_stop"]["epoch"] == last["epoch"] < 40
     metrics = json.loads((tmp_path / "stop" / "metrics.json").read_text())
+    metrics["peak_rss_mib"] = 123456.0        # the training process's figure, not the no-op's
+    runs.write_json(tmp_path / "stop" / "metrics.json", metrics)
     for _ in range(2):
         caplog.clear()
         assert _train(tmp_path, "stop", "epochs=40", "patience=1", "lr=0.05",
@@ -183,6 +185,8 @@ def test_resumed_finished_runs_do_not_train_again(tmp_path, caplog):
         assert again["epoch"] == last["epoch"]
         assert json.loads((tmp_path / "stop" / "metrics.json").read_text())["history"] == \
             metrics["history"]
+        assert json.loads((tmp_path / "stop" / "metrics.json").read_text())["peak_rss_mib"] \
+            == 123456.0
     # a run that trained all its epochs: the same
     assert _train(tmp_path, "all", "epochs=1") == 0
     caplog.clear()
