@@ -257,6 +257,23 @@ def test_csv_string_ids_and_iso_timestamps_keep_original_ids(tmp_path):
                    "test": [("ann", "w")]}
 
 
+def test_csv_ids_with_leading_zeros_are_kept_apart(tmp_path):
+    rows = [("u1", item, 5, day) for item, day in zip(("007", "7", "0042", "42"), (1, 2, 3, 4))]
+    _, got = run(tmp_path, rows, "split.rule=leave_one_out", name="log.csv")
+    assert got == {"train": [("u1", "007"), ("u1", "7")], "valid": [("u1", "0042")],
+                   "test": [("u1", "42")]}
+
+
+def test_csv_ids_not_written_as_integers_after_the_first_block_are_refused(tmp_path):
+    from scale_diffrec.data.csv_log import CsvLog
+    from scale_diffrec.data.parquet import read_interactions
+    rows = [(u, 1, 5, u) for u in range(200)] + [("007", 2, 5, 300)]
+    log = CsvLog(write_log(tmp_path / "log.csv", rows), block_bytes=256)
+    with pytest.raises(DataError, match=r"field 'user_id', row 200: id '007' is not written "
+                                        r"as a plain integer"):
+        read_interactions(log)
+
+
 # -------------------------------------------------------------------------- bad input
 
 def _cli(tmp_path, log, *sets, flags=()):
