@@ -5,6 +5,7 @@
     RUN_DIR/checkpoints/best.pt    the model at the best validation score so far
     RUN_DIR/partition.parquet      item -> cluster (L-DiffRec), reused by eval and export
     RUN_DIR/plan.json              clusters -> workers (distributed runs)
+    RUN_DIR/inputs.json            what the checkpoints depend on (sealed; ``check_inputs``)
     RUN_DIR/metrics.json           {"valid": {...}, "test": {...}, "history": [...], ...}
 
 Every file is written to a temporary sibling and renamed into place, so an interrupted or
@@ -17,9 +18,16 @@ in RUN_DIR (empty, or ``overwrite``) or continue there (``resume``: the saved co
 differ from the new one only in ``SAFE_ON_RESUME``); the trainers then validate the data,
 the partition (against the config that made it) and the model, and only then
 ``start_run`` writes: a fresh start first removes the previous run's artifacts.
+
+The checkpoints are tied to their inputs: a fresh start records in inputs.json the config
+keys outside ``SAFE_ON_RESUME``, the data as loaded (users, items, train interactions and
+a digest of the train matrix) and the partition's digest; resume and ``load_run`` refuse a
+run whose config.yaml, data or partition.parquet no longer match (runs written before
+inputs.json are accepted as they are).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -32,7 +40,7 @@ from .data import DataError, InteractionData, load_data
 from .data.errors import ConfigError
 from .finite import check_finite
 from .device import resolve_device
-from .files import atomic_write, check_sealed, write_sealed
+from .files import SEAL, atomic_write, check_sealed, write_sealed
 from .models import build_model
 
 CONFIG = "config.yaml"
@@ -40,7 +48,8 @@ METRICS = "metrics.json"
 PARTITION = "partition.parquet"
 CHECKPOINTS = "checkpoints"
 PLAN = "plan.json"
-ARTIFACTS = (CHECKPOINTS, METRICS, PARTITION, PLAN)   # what a fresh start replaces
+INPUTS = "inputs.json"
+ARTIFACTS = (CHECKPOINTS, METRICS, PARTITION, PLAN, INPUTS)   # what a fresh start replaces
 
 # Keys a resumed run may change: how long it trains and stops, how it evaluates, where it
 # runs. Everything else (model, data, optimisation, seed, partition) would make the
@@ -108,11 +117,62 @@ def check_run_dir(run_dir: str | Path, cfg: dict, resume: bool = False,
                           f"or another --out to train with the new config)")
 
 
-def start_run(run_dir: str | Path, cfg: dict, partition=None, resume: bool = False) -> None:
-    """The first write of a run, after every input has been validated: a fresh start
-    removes the previous run's artifacts (``ARTIFACTS``), then config.yaml and the
-    partition (when there is one and the run does not have it yet) are written."""
+def _digest(*arrays) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def inputs_of(cfg: dict, data: InteractionData, partition=None) -> dict:
+    """What a run's checkpoints depend on (JSON): config keys outside ``SAFE_ON_RESUME``,
+    the data's shape and train-matrix digest, the partition's digest (or None)."""
+    config = {k: v for k, v in _flat(cfg).items() if k not in SAFE_ON_RESUME}
+    return json.loads(json.dumps({
+        "config": config,
+        "data": {"n_users": data.n_users, "n_items": data.n_items, "nnz": data.train.nnz,
+                 "digest": _digest(data.train.indptr, data.train.indices)},
+        "partition": None if partition is None else _digest(partition.cluster_of)}))
+
+
+def check_inputs(run_dir: Path, cfg: dict, data: InteractionData, partition=None) -> None:
+    """DataError naming the file and what differs when the run's config, data or partition
+    are not those its checkpoints were trained on (inputs.json); runs without it pass."""
     run_dir = Path(run_dir)
+    path = run_dir / INPUTS
+    if not path.is_file():
+        return
+    check_sealed(path)
+    raw = path.read_bytes()
+    try:
+        saved = json.loads(raw[:raw.rindex(SEAL)])
+    except ValueError as err:
+        raise DataError(path, f"not a scale_diffrec inputs file: {first_line(err)}") from None
+    now = inputs_of(cfg, data, partition)
+    differs = [k for k in dict.fromkeys([*saved["config"], *now["config"]])
+               if saved["config"].get(k) != now["config"].get(k)]
+    if differs:
+        raise DataError(run_dir / CONFIG, f"config key '{differs[0]}' "
+                                          f"({saved['config'].get(differs[0])!r} -> "
+                                          f"{now['config'].get(differs[0])!r}) differs from "
+                                          f"the run's checkpoints")
+    if saved["data"] != now["data"]:
+        raise DataError(path, f"data changed since the run was trained (recorded "
+                              f"{saved['data']}, now {now['data']})")
+    if saved["partition"] != now["partition"]:
+        raise DataError(run_dir / PARTITION, "partition.parquet changed since the run was "
+                                             "trained (another item -> cluster assignment)")
+
+
+def start_run(run_dir: str | Path, cfg: dict, data: InteractionData, partition=None,
+              resume: bool = False) -> None:
+    """The first write of a run, after every input has been validated: a resumed run's
+    inputs are checked against its inputs.json (``check_inputs``); a fresh start removes
+    the previous run's artifacts (``ARTIFACTS``) and records inputs.json; then config.yaml
+    and the partition (when there is one and the run does not have it yet) are written."""
+    run_dir = Path(run_dir)
+    if resume:
+        check_inputs(run_dir, cfg, data, partition)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         for name in ARTIFACTS:
@@ -121,6 +181,9 @@ def start_run(run_dir: str | Path, cfg: dict, partition=None, resume: bool = Fal
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
+        record = json.dumps(inputs_of(cfg, data, partition), indent=2).encode()
+        atomic_write(run_dir / INPUTS,
+                     lambda tmp: write_sealed(tmp, lambda f: f.write(record)))
     write_config(run_dir, cfg)
     if partition is not None and not (run_dir / PARTITION).is_file():
         partition.save(run_dir / PARTITION)
@@ -195,6 +258,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best",
     cfg = load_config(run_dir / CONFIG)
     data = load_data(cfg)
     partition = load_partition_of(run_dir, cfg, data)
+    check_inputs(run_dir, cfg, data, partition)
     model = build_model(cfg, data.n_items, partition)
     state = load_checkpoint(run_dir, checkpoint)
     check_finite(state["model"], str(checkpoint_path(run_dir, checkpoint)))

@@ -204,7 +204,7 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False, overwrite: bool 
         if state.get("cuda_rng") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         log.info("resumed from %s at epoch %d", source.path, progress.epoch)
-    runs.start_run(run_dir, cfg, partition, resume=resume)
+    runs.start_run(run_dir, cfg, data, partition, resume=resume)
     log.info("data %s: %d users x %d items, %d train interactions",
              data.name, data.n_users, data.n_items, data.train.nnz)
     log.info("model %s: %s", cfg["model"], describe_model(model))

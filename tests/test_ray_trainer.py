@@ -28,6 +28,7 @@ import torch
 from scale_diffrec import checkpoint, runs
 from scale_diffrec.cli import main
 from scale_diffrec.config import absolute_paths, load_config
+from scale_diffrec.data import load_data
 from scale_diffrec.data.errors import ConfigError
 from scale_diffrec.models import build_model
 from scale_diffrec.parallel.memory import cluster_parameters, denoiser_parameters
@@ -104,7 +105,7 @@ def test_the_run_directory_guard_holds_before_ray(tmp_path, monkeypatch, partiti
     run_dir = tmp_path / "run"
     cfg = _cfg(partition_file)
     partition = Partition.load(partition_file)
-    runs.start_run(run_dir, cfg, partition)          # a run's config, partition, plan, epoch
+    runs.start_run(run_dir, cfg, load_data(cfg), partition)   # config, partition, plan, epoch
     runs.write_json(run_dir / runs.PLAN, trainer.build_plan(cfg, partition, 2).to_dict())
     runs.save_checkpoint(run_dir, "last", {"format": checkpoint.FORMAT, "epoch": 1})
     files = lambda: {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}  # noqa

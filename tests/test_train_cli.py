@@ -1,5 +1,6 @@
 """The CLI end to end on tiny synthetic data: train, evaluate, resume, refuse bad input."""
 import json
+import re
 
 import pytest
 import torch
@@ -167,6 +168,55 @@ def test_overwrite_rebuilds_the_partition_and_a_stale_one_is_refused(tmp_path, c
     assert _train(tmp_path, "other", "epochs=1", "ldiffrec.n_clusters=2",
                   model="ldiffrec") == 0
     assert Partition.load(tmp_path / "other" / "partition.parquet") == rebuilt
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (("data", "synthetic", "seed", 5),
+     r"config\.yaml: config key 'data\.synthetic\.seed' \(0 -> 5\) differs from the run's"),
+    (("diffusion", "noise_scale", 0.2),
+     r"config\.yaml: config key 'diffusion\.noise_scale' \(0\.1 -> 0\.2\) differs"),
+    ("data", r"inputs\.json: data changed since the run was trained"),
+    ("partition", r"partition\.parquet: partition\.parquet changed since the run was trained")])
+def test_a_run_whose_inputs_changed_is_refused_by_evaluate_export_and_resume(
+        tmp_path, capsys, edit, pattern):
+    import numpy as np
+    from scale_diffrec.partition import Partition
+    assert _train(tmp_path, "run", "epochs=1", "data.synthetic.seed=0", "diffusion.noise_scale=0.1",
+                  model="ldiffrec") == 0
+    run = tmp_path / "run"
+    config = run / "config.yaml"
+    if edit == "data":      # same keys, other data: the run's inputs.json records the data
+        saved = json.loads((run / "inputs.json").read_bytes().split(b"\nscale_diffrec")[0])
+        saved["data"]["digest"] = "0" * 32       # as if the data file had other content
+        from scale_diffrec.files import write_sealed
+        write_sealed(run / "inputs.json", lambda f: f.write(json.dumps(saved).encode()))
+    elif edit == "partition":
+        p = Partition.load(run / "partition.parquet")
+        a = int(np.flatnonzero(p.cluster_of == 0)[0])
+        b = int(np.flatnonzero(p.cluster_of == 1)[0])
+        swapped = p.cluster_of.copy()
+        swapped[[a, b]] = swapped[[b, a]]
+        moved = Partition(swapped, p.n_clusters)
+        moved.made_by = p.made_by
+        moved.save(run / "partition.parquet")
+    else:
+        import yaml
+        edited = yaml.safe_load(config.read_text())
+        inner = edited
+        for key in edit[:-2]:
+            inner = inner[key]
+        inner[edit[-2]] = edit[-1]
+        config.write_text(yaml.safe_dump(edited))
+    capsys.readouterr()
+    for args in (["evaluate", "--run", str(run)],
+                 ["export", "--run", str(run), "--out", str(tmp_path / "export")]):
+        assert main(args) == 2
+        assert re.search(pattern, _one_error_line(capsys))
+    if edit in ("data", "partition"):
+        assert _train(tmp_path, "run", "epochs=2", "data.synthetic.seed=0",
+                      "diffusion.noise_scale=0.1", model="ldiffrec", flags=["--resume"]) == 2
+        assert re.search(pattern, _one_error_line(capsys))
+        assert torch.load(run / "checkpoints" / "last.pt", weights_only=False)["epoch"] == 1
 
 
 def test_resumed_finished_runs_do_not_train_again(tmp_path, caplog):

@@ -144,7 +144,7 @@ def _prepare_run_dir(cfg: dict, run_dir: Path, n_workers: int, resume: bool,
     data = load_data(cfg)
     partition = prepare_partition(cfg, data, run_dir, rebuild=overwrite)
     plan = build_plan(cfg, partition, n_workers)
-    runs.start_run(run_dir, cfg, partition, resume=resume)
+    runs.start_run(run_dir, cfg, data, partition, resume=resume)
     saved = run_dir / runs.PARTITION           # the workers' copy (also for ldiffrec.partition)
     if not saved.is_file() or Partition.load(saved, n_items=data.n_items) != partition:
         partition.save(saved)
