@@ -85,29 +85,32 @@ def _put_rows(into, value, rows: torch.Tensor, n_rows: int):
     return into
 
 
-def split_catalogue(named: dict, model, clusters) -> dict:
-    """The entries of ``clusters`` under cluster names, from the single-process names of
-    ``named`` (parameters or optimizer state); non-catalogue entries are left out."""
-    out, clusters = {}, [int(c) for c in clusters]
+def split_catalogue(named: dict, model, clusters, rows=None) -> dict:
+    """The entries of ``clusters`` under cluster names, from the model's names in ``named``
+    (parameters or optimizer state); non-catalogue entries are left out. ``rows(c)``: where
+    cluster c's items lie in ``named``'s ``decoder.*`` rows (default ``model.items_of``: a
+    whole model's state; a rank's own: ``model.decoder_rows``)."""
+    out, clusters, rows = {}, [int(c) for c in clusters], rows or model.items_of
     for name, value in named.items():
         head, rest = name.split(".", 1)
         if head == "decoder":                       # the global decoder: rows by cluster
             for c in clusters:
-                out[f"decoder.{c}.{rest}"] = _take_rows(value, model.items_of(c).cpu())
+                out[f"decoder.{c}.{rest}"] = _take_rows(value, rows(c).cpu())
         elif head in CATALOGUE and int(rest.split(".", 1)[0]) in clusters:
             out[name] = value
     return out
 
 
-def merge_catalogue(named: dict, model) -> dict:
-    """The inverse of ``split_catalogue`` over all clusters: single-process names."""
-    out = {}
+def merge_catalogue(named: dict, model, rows=None, n_rows: int | None = None) -> dict:
+    """The inverse of ``split_catalogue``: the model's names, ``decoder.*`` with ``n_rows``
+    rows (default: a whole model's, every item)."""
+    out, rows = {}, rows or model.items_of
+    n_rows = model.n_items if n_rows is None else n_rows
     for name, value in named.items():
         head, c, rest = name.split(".", 2)
         if head == "decoder":
             key = f"decoder.{rest}"
-            out[key] = _put_rows(out.get(key), value, model.items_of(int(c)).cpu(),
-                                 model.n_items)
+            out[key] = _put_rows(out.get(key), value, rows(int(c)).cpu(), n_rows)
         else:
             out[name] = value
     return out

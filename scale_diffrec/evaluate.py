@@ -25,12 +25,13 @@ import numpy as np
 import torch
 
 from .data.csr import CSR
-from .finite import check_finite
+from .finite import NonFiniteError
 from .data.dataset import InteractionData
 from .device import autocast, chunk_items, model_device
 from .metrics import CONVENTIONS, MetricAccumulator, _as_ks, _as_numpy_items
 from .models.base import Recommender
-from .ranking import RunningTopK, linear_chunks, seen_positions
+from .parallel.collectives import all_reduce_sum
+from .ranking import RunningTopK, linear_chunks, merge_ranks, seen_positions
 
 SPLITS = ("valid", "test")
 
@@ -127,7 +128,8 @@ def accumulate(model: Recommender, data: InteractionData, split: str = "valid",
             position_of = None
             if heads is not None:      # positions: the heads' items in scoring order
                 order = torch.cat([h.items for h in heads]).to(device)
-                position_of = torch.empty_like(order)
+                position_of = torch.full((data.n_items,), -1, dtype=torch.long,
+                                         device=device)     # -1: another rank's item
                 position_of[order] = torch.arange(len(order), device=device)
             for start in range(0, len(users), batch_size):
                 rows = users[start: start + batch_size]
@@ -136,12 +138,21 @@ def accumulate(model: Recommender, data: InteractionData, split: str = "valid",
                                       position_of, device)
                 top = RunningTopK(len(rows), ks[-1], seen, device)
                 chunk = chunk_items(len(rows), device, chunk_mib)
+                bad = torch.zeros((), device=device)
                 with autocast(device, precision):
                     for scores, items in score_chunks(model, batch, heads, chunk):
-                        check_finite(scores, f"the model's {split} scores of users "
-                                             f"{rows[0]}..{rows[-1]} (NaN would rank first)")
+                        bad += (~torch.isfinite(scores)).sum()
                         top.add(scores.float(), items)
-                acc.add(top.result()[0].cpu().numpy(), truth.take_rows(rows))
+                # over the ranks of a sharded model (each scored its own items): every
+                # rank raises together, and the ranks' top-K lists merge into one
+                n_bad = int(all_reduce_sum(bad))
+                if n_bad:
+                    raise NonFiniteError(
+                        f"the model's {split} scores of users {rows[0]}..{rows[-1]} hold "
+                        f"{n_bad} NaN or infinite values (NaN would rank first): the "
+                        f"model's parameters are not finite (training diverged)")
+                acc.add(merge_ranks(*top.result(), ks[-1]).cpu().numpy(),
+                        truth.take_rows(rows))
     finally:
         model.train(was_training)
     return acc

@@ -28,6 +28,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from .data.csr import CSR
 
@@ -81,6 +82,21 @@ def keep_best(values: torch.Tensor, items: torch.Tensor, k: int
     (m >= k)."""
     best, idx = torch.topk(values, k, dim=1)
     return best, torch.gather(items, 1, idx)
+
+
+def merge_ranks(items: torch.Tensor, values: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, k] items: the best k of every rank's top-k lists (items [B, k], values [B, k],
+    -1 / -inf padding) of the same B users, on every rank; the lists themselves in one
+    process (no process group)."""
+    size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if size == 1:
+        return items
+    tops = [torch.empty_like(values) for _ in range(size)]
+    its = [torch.empty_like(items) for _ in range(size)]
+    dist.all_gather(tops, values.contiguous())
+    dist.all_gather(its, items.contiguous())
+    best, merged = keep_best(torch.cat(tops, 1), torch.cat(its, 1), k)
+    return torch.where(best > -torch.inf, merged, -1)
 
 
 class RunningTopK:

@@ -27,6 +27,7 @@ from .device import (autocast, describe, model_device, peak_memory_mib, resolve_
 from .evaluate import evaluate
 from .finite import check_finite
 from .models import FittedRecommender, Progress, build_model, parameter_groups
+from .parallel.collectives import all_reduce_sum, world
 from .progress import StepProgress, format_seconds, log, peak_rss_mib
 
 
@@ -81,12 +82,40 @@ def describe_model(model: torch.nn.Module) -> str:
               f"peak RSS so far {peak_rss_mib():.0f} MiB")
 
 
+def backward(optimizer, loss: torch.Tensor) -> None:
+    """``optimizer.backward(loss)`` for an optimizer that owns the backward pass (a W-worker
+    run's hybrid optimizer: DeepSpeed's engine reduces the denoiser's gradients), else
+    ``loss.backward()``."""
+    if hasattr(optimizer, "backward"):
+        optimizer.backward(loss)
+    else:
+        loss.backward()
+
+
+def train_step(model, optimizer, batch, progress: Progress, precision: str,
+               where: str = "") -> float:
+    """One optimizer step on ``batch`` (a CSR batch on the model's device); returns the
+    batch loss (sharded: the sum of every rank's share, on every rank). A non-finite loss
+    raises ``NonFiniteError`` before the step (every rank together)."""
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(batch.values.device, precision):
+        loss = model.training_loss(batch, progress)["loss"]
+    value = all_reduce_sum(loss.detach()).item()
+    check_finite(value, f"training loss{where}",
+                 "training stopped; checkpoints/last.pt is the last good epoch")
+    backward(optimizer, loss)
+    optimizer.step()
+    progress.step += 1
+    return value
+
+
 def train_epoch(model, optimizer, data: InteractionData, cfg: dict, epoch: int,
                 progress: Progress, device: torch.device | None = None) -> float | None:
     """One pass over all users on ``device`` (default: the CPU); returns the mean batch
     loss (None for a fitted model, whose epoch is ``fit(data.train)``). Batches are built
     from CSR on the host and copied asynchronously; the loss value for the progress line
-    is the step's only host synchronisation."""
+    is the step's only host synchronisation. Sharded (a rank of a W-worker run): every
+    rank takes the same batches, rank 0 shows the progress."""
     device = torch.device("cpu") if device is None else device
     model.train()
     if isinstance(model, FittedRecommender):
@@ -94,21 +123,14 @@ def train_epoch(model, optimizer, data: InteractionData, cfg: dict, epoch: int,
         model.to(device)                       # fit sets its buffers on the host
         return None
     order = batches(epoch_order(data.n_users, cfg["seed"], epoch), cfg["batch_size"])
-    meter = StepProgress(epoch + 1, len(order))
+    meter = StepProgress(epoch + 1, len(order)) if world()[1] == 0 else None
     total = 0.0
     for i, users in enumerate(order, 1):
         rows = data.train.take_rows(users).to_torch(device)
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, cfg["precision"]):
-            loss = model.training_loss(rows, progress)["loss"]
-        value = loss.item()
-        check_finite(value, f"training loss at epoch {epoch + 1}, step {i}",
-                     "training stopped; checkpoints/last.pt is the last good epoch")
-        loss.backward()
-        optimizer.step()
-        progress.step += 1
-        total += value
-        meter.step(i, total / i)
+        total += train_step(model, optimizer, rows, progress, cfg["precision"],
+                            f" at epoch {epoch + 1}, step {i}")
+        if meter is not None:
+            meter.step(i, total / i)
     return total / max(len(order), 1)
 
 
@@ -130,15 +152,38 @@ def split_metrics(model, data: InteractionData, split: str, cfg: dict) -> dict:
                     chunk_mib=cfg["chunk_mib"])
 
 
-def _state(model, optimizer, progress, record) -> dict:
-    """The checkpoint content (``checkpoint``: the same for W workers); a fitted model has
-    no optimizer."""
-    return {"format": checkpoint.FORMAT, "model": model.state_dict(),
-            "optimizer": None if optimizer is None else checkpoint.optimizer_state(
-                optimizer, list(model.named_parameters())),
-            "epoch": progress.epoch, "step": progress.step, "record": record,
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+class LocalCheckpoints:
+    """One process's checkpoints (``checkpoint``'s content in one file):
+    RUN_DIR/checkpoints/best.pt at a better valid epoch and last.pt after every epoch."""
+
+    def __init__(self, run_dir: Path, model, optimizer):
+        self.run_dir, self.model, self.optimizer = Path(run_dir), model, optimizer
+
+    def state(self, progress: Progress, record: dict) -> dict:
+        """The checkpoint content; a fitted model has no optimizer."""
+        model, optimizer = self.model, self.optimizer
+        return {"format": checkpoint.FORMAT, "model": model.state_dict(),
+                "optimizer": None if optimizer is None else checkpoint.optimizer_state(
+                    optimizer, list(model.named_parameters())),
+                "epoch": progress.epoch, "step": progress.step, "record": record,
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
+                else None}
+
+    def save(self, progress: Progress, record: dict, improved: bool) -> None:
+        state = self.state(progress, record)
+        if improved:
+            runs.save_checkpoint(self.run_dir, "best", state)
+        runs.save_checkpoint(self.run_dir, "last", state)
+
+    def load_epoch(self, epoch: int) -> None:
+        """The model takes epoch ``epoch``'s weights (``checkpoint.at_epoch``)."""
+        source = checkpoint.at_epoch(self.run_dir, epoch)
+        self.model.load_state_dict(source.full(self.model)["model"])
+
+    def final(self, record: dict, device: torch.device) -> dict:
+        """The run's last metrics.json entries: peak memory."""
+        return {"peak_rss_mib": peak_rss_mib(), "peak_gpu_mib": peak_memory_mib(device)}
 
 
 def stopped(record: dict, epochs_done: int, patience: int) -> bool:
@@ -146,30 +191,85 @@ def stopped(record: dict, epochs_done: int, patience: int) -> bool:
     return record["best_epoch"] > 0 and epochs_done - record["best_epoch"] >= patience
 
 
-def _say_if_finished(record: dict, epochs_done: int, n_epochs: int, cfg: dict) -> None:
+def new_record() -> dict:
+    """A run's record: {"best": best valid ``select_metric``, "best_epoch", "valid": all
+    valid metrics of the best epoch, "history": an entry per epoch}."""
+    return {"history": [], "best": -1.0, "best_epoch": 0, "valid": {}}
+
+
+def _say_if_finished(record: dict, epochs_done: int, n_epochs: int, cfg: dict, say) -> None:
     """A resumed run with nothing left to train says why (and then only evaluates)."""
     if stopped(record, epochs_done, cfg["patience"]):
-        log.info("the run stopped early after epoch %d (no better valid %s for %d epochs "
-                 "since epoch %d): nothing to train; raise patience to continue it",
-                 epochs_done, cfg["select_metric"], cfg["patience"], record["best_epoch"])
+        say("the run stopped early after epoch %d (no better valid %s for %d epochs since "
+            "epoch %d): nothing to train; raise patience to continue it",
+            epochs_done, cfg["select_metric"], cfg["patience"], record["best_epoch"])
     elif epochs_done >= n_epochs and epochs_done > 0:
-        log.info("the run has trained all %d epochs: nothing to train; raise epochs to "
-                 "continue it", epochs_done)
+        say("the run has trained all %d epochs: nothing to train; raise epochs to "
+            "continue it", epochs_done)
+
+
+def run_epochs(model, optimizer, data: InteractionData, cfg: dict, progress: Progress,
+               record: dict, device: torch.device, checkpoints,
+               on_epoch: Callable[[dict, dict], None] | None = None) -> bool:
+    """The epoch loop of every run, one process or a rank of W: train an epoch, validate
+    every ``eval_every`` epochs (and at the last) on ``select_metric``, keep the best
+    (model selection), stop early after ``patience`` epochs without a better one, save the
+    epoch's checkpoints (``checkpoints.save``), then ``on_epoch(entry, record)``. ``entry``
+    is the epoch's history entry ({"epoch", "loss", "seconds"}, plus "valid": the selection
+    metric, recall@20 and ndcg@20, on evaluation epochs). Progress lines on rank 0.
+    Returns whether any epoch was trained."""
+    say = log.info if world()[1] == 0 else (lambda *args: None)
+    n_epochs = 1 if isinstance(model, FittedRecommender) else cfg["epochs"]
+    metric = cfg["select_metric"]
+    started = time.perf_counter()
+    first_epoch = progress.epoch
+    _say_if_finished(record, first_epoch, n_epochs, cfg, say)
+    epochs = [] if stopped(record, first_epoch, cfg["patience"]) else \
+        range(first_epoch, n_epochs)
+    for epoch in epochs:
+        t0 = time.perf_counter()
+        loss = train_epoch(model, optimizer, data, cfg, epoch, progress, device)
+        seconds = time.perf_counter() - t0
+        progress.epoch = epoch + 1
+        entry = {"epoch": epoch + 1, "loss": loss, "seconds": seconds}
+        done = epoch + 1 - first_epoch
+        eta = (time.perf_counter() - started) / done * (n_epochs - epoch - 1)
+        line = (f"epoch {epoch + 1}/{n_epochs} | "
+                + ("fit" if loss is None else f"loss {loss:.4f}") + f" | {seconds:.1f} s")
+        improved = False
+        if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == n_epochs:
+            valid = split_metrics(model, data, "valid", cfg)
+            entry["valid"] = headline(valid, metric)
+            line += f" | valid {describe_metrics(entry['valid'])}"
+            if valid[metric] > record["best"]:
+                record.update(best=valid[metric], best_epoch=epoch + 1, valid=valid)
+                improved = True
+                line += " *"
+        record["history"].append(entry)
+        stop = stopped(record, epoch + 1, cfg["patience"])
+        if stop:                # recorded, so that a resumed run knows it has finished
+            record["early_stop"] = {"epoch": epoch + 1, "patience": cfg["patience"]}
+        say("%s | ETA %s | peak RSS %.0f MiB", line, format_seconds(eta), peak_rss_mib())
+        checkpoints.save(progress, record, improved)
+        if on_epoch is not None:
+            on_epoch(entry, record)
+        if stop:
+            say("early stop: no better valid %s for %d epochs (best epoch %d)",
+                metric, cfg["patience"], record["best_epoch"])
+            break
+    return len(epochs) > 0
 
 
 def train(cfg: dict, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
           on_epoch: Callable[[dict, dict], None] | None = None, test: bool = True) -> dict:
-    """Train per ``cfg``, writing checkpoints and metrics.json to ``run_dir``; returns metrics.
+    """Train per ``cfg`` in one process, writing checkpoints and metrics.json to
+    ``run_dir``; returns metrics.
 
     Nothing is written until the run directory (``runs.check_run_dir``), the data, the
     partition, the model and (``resume``) the last checkpoint have been validated.
-    ``on_epoch(entry, record)``, when given, is called after every epoch once its checkpoints
-    are written: ``entry`` is that epoch's history entry ({"epoch", "loss", "seconds"}, plus
-    "valid" (the selection metric, recall@20 and ndcg@20) on evaluation epochs) and
-    ``record`` the run's record ({"best": best valid ``select_metric``, "best_epoch",
-    "valid": all valid metrics of the best epoch, "history"}); ``tune`` reports trials
-    through it. ``test=False`` leaves the test split untouched (a tuning trial: test metrics
-    only for the trial selected on valid).
+    ``on_epoch(entry, record)``: see ``run_epochs`` (``tune`` reports trials through it).
+    ``test=False`` leaves the test split untouched (a tuning trial: test metrics only for
+    the trial selected on valid).
     """
     run_dir = Path(run_dir)
     runs.check_run_dir(run_dir, cfg, resume=resume, overwrite=overwrite)
@@ -187,11 +287,9 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False, overwrite: bool 
     log.info("device %s (device: %s), precision %s", describe(device), cfg["device"],
              cfg["precision"])
     model = model.to(device)
-    fitted = isinstance(model, FittedRecommender)
-    optimizer = None if fitted else torch.optim.AdamW(parameter_groups(model, cfg))
-    n_epochs = 1 if fitted else cfg["epochs"]
-    progress = Progress()
-    record = {"history": [], "best": -1.0, "best_epoch": 0, "valid": {}}
+    optimizer = None if isinstance(model, FittedRecommender) else \
+        torch.optim.AdamW(parameter_groups(model, cfg))
+    progress, record = Progress(), new_record()
     if resume:                     # last.pt, or a W-worker run's newest checkpoint
         check_finite(state["model"], str(source.path))
         runs.load_model_state(model, state["model"], source.path)
@@ -208,61 +306,30 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False, overwrite: bool 
     log.info("data %s: %d users x %d items, %d train interactions",
              data.name, data.n_users, data.n_items, data.train.nnz)
     log.info("model %s: %s", cfg["model"], describe_model(model))
-
-    metric = cfg["select_metric"]
-    started = time.perf_counter()
-    first_epoch = progress.epoch
-    _say_if_finished(record, first_epoch, n_epochs, cfg)
-    epochs = [] if stopped(record, first_epoch, cfg["patience"]) else \
-        range(first_epoch, n_epochs)
-    for epoch in epochs:
-        t0 = time.perf_counter()
-        loss = train_epoch(model, optimizer, data, cfg, epoch, progress, device)
-        seconds = time.perf_counter() - t0
-        progress.epoch = epoch + 1
-        entry = {"epoch": epoch + 1, "loss": loss, "seconds": seconds}
-        done = epoch + 1 - first_epoch
-        eta = (time.perf_counter() - started) / done * (n_epochs - epoch - 1)
-        line = (f"epoch {epoch + 1}/{n_epochs} | "
-                + ("fit" if loss is None else f"loss {loss:.4f}") + f" | {seconds:.1f} s")
-        if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == n_epochs:
-            valid = split_metrics(model, data, "valid", cfg)
-            entry["valid"] = headline(valid, metric)
-            line += f" | valid {describe_metrics(entry['valid'])}"
-            if valid[metric] > record["best"]:
-                record.update(best=valid[metric], best_epoch=epoch + 1, valid=valid)
-                runs.save_checkpoint(run_dir, "best", _state(model, optimizer, progress, record))
-                line += " *"
-        record["history"].append(entry)
-        stop = stopped(record, epoch + 1, cfg["patience"])
-        if stop:                # recorded, so that a resumed run knows it has finished
-            record["early_stop"] = {"epoch": epoch + 1, "patience": cfg["patience"]}
-        log.info("%s | ETA %s | peak RSS %.0f MiB", line, format_seconds(eta), peak_rss_mib())
-        runs.save_checkpoint(run_dir, "last", _state(model, optimizer, progress, record))
-        if on_epoch is not None:
-            on_epoch(entry, record)
-        if stop:
-            log.info("early stop: no better valid %s for %d epochs (best epoch %d)",
-                     metric, cfg["patience"], record["best_epoch"])
-            break
-
-    return finish(model, data, cfg, run_dir, record, test=test, trained=len(epochs) > 0)
+    checkpoints = LocalCheckpoints(run_dir, model, optimizer)
+    trained = run_epochs(model, optimizer, data, cfg, progress, record, device, checkpoints,
+                         on_epoch)
+    return finish(model, data, cfg, run_dir, record, test=test, trained=trained,
+                  checkpoints=checkpoints)
 
 
 PEAKS = ("peak_rss_mib", "peak_gpu_mib")
 
 
 def finish(model, data: InteractionData, cfg: dict, run_dir: str | Path, record: dict,
-           test: bool = True, trained: bool = True) -> dict:
-    """The end of a run: ``model`` takes the best epoch's weights (``checkpoint.at_epoch``)
-    and RUN_DIR/metrics.json is written with ``record``'s history and best-epoch valid
-    metrics, plus (with ``test``) the test metrics computed now. Returns the metrics.
+           test: bool = True, trained: bool = True, checkpoints=None) -> dict:
+    """The end of every run: ``model`` takes the best epoch's weights
+    (``checkpoints.load_epoch``; default: this process's files) and RUN_DIR/metrics.json is
+    written (by rank 0) with ``record``'s history and best-epoch valid metrics, plus (with
+    ``test``) the test metrics computed now and ``checkpoints.final``'s entries (peak
+    memory; W workers: the plan and every worker's). Returns the metrics.
     ``trained=False`` (a resume with nothing left to train) keeps the peak memory figures
     of the metrics.json already there: they measure training, not this no-op process.
     FileNotFoundError when the run never evaluated (no checkpoint of its best epoch)."""
     run_dir = Path(run_dir)
     device = model_device(model)
-    model.load_state_dict(checkpoint.at_epoch(run_dir, record["best_epoch"]).full(model)["model"])
+    checkpoints = checkpoints or LocalCheckpoints(run_dir, model, None)
+    checkpoints.load_epoch(record["best_epoch"])
     metrics = {
         "model": cfg["model"], "data": data.name, "convention": cfg["convention"],
         "best_epoch": record["best_epoch"],
@@ -270,10 +337,11 @@ def finish(model, data: InteractionData, cfg: dict, run_dir: str | Path, record:
         **({"test": split_metrics(model, data, "test", cfg)} if test else {}),
         "history": record["history"],
         "parameters": parameter_counts(model),
-        "peak_rss_mib": peak_rss_mib(),
         "device": str(device), "precision": cfg["precision"],
-        "peak_gpu_mib": peak_memory_mib(device),
+        **checkpoints.final(record, device),
     }
+    if world()[1] != 0:
+        return metrics
     if not trained and (run_dir / runs.METRICS).is_file():
         before = json.loads((run_dir / runs.METRICS).read_text())
         metrics.update({key: before[key] for key in PEAKS if key in before})

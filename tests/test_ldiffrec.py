@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scale_diffrec.config import load_config
+from scale_diffrec.config import LDiffRecConfig, load_config
 from scale_diffrec.data.csr import CSR
 from scale_diffrec.models import Progress, build_model, parameter_groups
 from scale_diffrec.models.ldiffrec import (LDiffRec, beta_at, combine_logsumexp,
@@ -241,23 +241,33 @@ def test_chunked_logsumexp_equals_logsumexp_with_gradients():
 
 
 @pytest.mark.parametrize("out_dims", ["[]", "[8]"])
-def test_cluster_parts_built_alone_equal_the_whole_models(out_dims):
-    # a worker builds only its clusters' parts (build_parts=False + new_encoder/new_decoder):
-    # the values must be those of the model built whole, whatever the global RNG holds
+@pytest.mark.parametrize("owned", [[1], [0, 2]])
+def test_cluster_parts_built_alone_equal_the_whole_models(out_dims, owned):
+    # a worker builds only its clusters' parts (a Shard of a 2-worker plan): the values
+    # must be those of the model built whole, whatever the global RNG holds
+    from scale_diffrec.parallel.plan import Plan
+    from scale_diffrec.parallel.shard import Shard
     model, cfg = make_model(f"ldiffrec.out_dims={out_dims}", seed=0)
     torch.manual_seed(123)
-    shell = LDiffRec.from_config(cfg, N_ITEMS, toy_partition(), build_parts=False)
-    assert shell.encoders is None and shell.decoder is None and shell.decoders is None
-    for c in (2, 0, 1):
-        for name, p in shell.new_encoder(c).state_dict().items():
+    rest = [c for c in range(3) if c not in owned]
+    plan = Plan(toy_partition().sizes.tolist(), [owned, rest], latent_dims=model.latent_sizes)
+    shell = LDiffRec.from_config(cfg, N_ITEMS, toy_partition(), shard=Shard(plan, 0))
+    assert shell.encoders.clusters() == owned
+    assert (shell.decoder is None) == bool(shell.decoders)
+    for c in owned:
+        for name, p in shell.encoders[c].state_dict().items():
             assert torch.equal(p, model.encoders[c].state_dict()[name]), (c, name)
-        part = shell.new_decoder(c)
         if model.global_decoder:
-            assert torch.equal(part.weight, model.decoder.weight[model.items_of(c)].detach())
-            assert torch.equal(part.bias, model.decoder.bias[model.items_of(c)].detach())
+            rows = shell.decoder_rows(c)
+            assert torch.equal(shell.decoder.weight[rows],
+                               model.decoder.weight[model.items_of(c)].detach())
+            assert torch.equal(shell.decoder.bias[rows],
+                               model.decoder.bias[model.items_of(c)].detach())
         else:
-            for name, p in part.state_dict().items():
+            for name, p in shell.decoders[c].state_dict().items():
                 assert torch.equal(p, model.decoders[c].state_dict()[name]), (c, name)
+    # the same parameter names as the whole model's (a row shard of decoder.weight)
+    assert set(shell.state_dict()) <= set(model.state_dict())
     assert not torch.equal(model.encoders[0].first.weight[:2], model.encoders[1].first.weight[:2])
     other, _ = make_model(f"ldiffrec.out_dims={out_dims}", "seed=4")
     assert not torch.equal(other.encoders[0].first.weight, model.encoders[0].first.weight)
@@ -283,19 +293,20 @@ def test_global_decoder_cluster_logits_are_its_weight_rows():
 # ------------------------------------------------------------------ annealing
 def test_lamda_and_beta_annealing_values():
     l = make_cfg()["ldiffrec"]
+    T = LDiffRecConfig.model_validate          # the typed section the model reads
     assert (l["lamda"], l["anneal_cap"], l["anneal_steps"]) == (0.03, 0.005, 500)
     assert (l["vae_anneal_cap"], l["vae_anneal_steps"]) == (0.3, 200)
-    assert lamda_at(l, 0) == pytest.approx(0.03)
-    assert lamda_at(l, 100) == pytest.approx(0.024)          # (1 - 100/500) * 0.03
-    assert lamda_at(l, 400) == pytest.approx(0.006)          # (1 - 400/500) * 0.03
-    assert lamda_at(l, 450) == pytest.approx(0.005)          # 0.003 -> the cap 0.005
-    assert lamda_at(l, 10_000) == pytest.approx(0.005)
-    assert beta_at(l, 0) == 0.0
-    assert beta_at(l, 50) == pytest.approx(0.25)             # 50 / 200
-    assert beta_at(l, 60) == pytest.approx(0.3)              # 0.3 cap
-    assert beta_at(l, 5000) == pytest.approx(0.3)
-    assert lamda_at({**l, "anneal_steps": 0}, 7) == 0.03
-    assert beta_at({**l, "vae_anneal_steps": 0}, 7) == 0.3
+    assert lamda_at(T(l), 0) == pytest.approx(0.03)
+    assert lamda_at(T(l), 100) == pytest.approx(0.024)          # (1 - 100/500) * 0.03
+    assert lamda_at(T(l), 400) == pytest.approx(0.006)          # (1 - 400/500) * 0.03
+    assert lamda_at(T(l), 450) == pytest.approx(0.005)          # 0.003 -> the cap 0.005
+    assert lamda_at(T(l), 10_000) == pytest.approx(0.005)
+    assert beta_at(T(l), 0) == 0.0
+    assert beta_at(T(l), 50) == pytest.approx(0.25)             # 50 / 200
+    assert beta_at(T(l), 60) == pytest.approx(0.3)              # 0.3 cap
+    assert beta_at(T(l), 5000) == pytest.approx(0.3)
+    assert lamda_at(T({**l, "anneal_steps": 0}), 7) == 0.03
+    assert beta_at(T({**l, "vae_anneal_steps": 0}), 7) == 0.3
 
     model, _ = make_model()
     batch = batch_of(toy_csr())
@@ -494,7 +505,11 @@ def test_als_warm_start_parts_built_alone_equal_the_whole_models():
     train, _ = two_group_csr()
     cfg = make_cfg("ldiffrec.warm_start=als")
     model = LDiffRec.from_config(cfg, N_ITEMS, toy_partition(), train=train)
-    shell = LDiffRec.from_config(cfg, N_ITEMS, toy_partition(), build_parts=False, train=train)
+    from scale_diffrec.parallel.plan import Plan
+    from scale_diffrec.parallel.shard import Shard
+    plan = Plan(toy_partition().sizes.tolist(), [[0, 2], [1]], latent_dims=model.latent_sizes)
+    shell = LDiffRec.from_config(cfg, N_ITEMS, toy_partition(), train=train,
+                                 shard=Shard(plan, 0))          # a worker: clusters 0 and 2
     for c in (2, 0):
         factors = shell.warm_factors(c)
         assert torch.equal(shell.new_encoder(c, factors).first.weight,

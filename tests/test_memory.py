@@ -19,7 +19,7 @@ def _cfg(*extra):
 def test_sharded_term_is_sixteen_bytes_per_parameter_of_the_workers_parts(out_dims):
     cfg = _cfg(f"ldiffrec.out_dims={out_dims}")
     partition = Partition(np.repeat(np.arange(4), SIZES), 4)
-    shell = LDiffRec.from_config(cfg, sum(SIZES), partition, build_parts=False)
+    shell = LDiffRec.from_config(cfg, sum(SIZES), partition)
     mine = [0, 3]
     params = sum(p.numel() for c in mine
                  for part in (shell.new_encoder(c), shell.new_decoder(c)) for p in part.parameters())

@@ -54,16 +54,19 @@ def _sharded(cfg, data, partition, build_plan, world):
 
 
 def _sharded_step(rank, world, overrides):
-    """(global loss, {name: gradient}) of the sharded step 0 on this rank; names as in
-    LDiffRec's state_dict (decoder.{c}.* are cluster c's rows of the global decoder)."""
+    """(global loss, {name: gradient}, the rows of decoder.* on this rank or None) of the
+    sharded step 0 on this rank (the gradients before the optimizer steps); names as in
+    LDiffRec's state_dict, the same as one process's."""
     from scale_diffrec.parallel.zero import gathered_grads
     cfg, data, partition, build_plan = _setup(overrides)
     run = _sharded(cfg, data, partition, build_plan, world)
-    run.model.train(), run.local.train(), run.engine.train()
+    grads = {}
+    run.optimizer.step = lambda: grads.update(        # the gradients, before the step
+        {name: p.grad.clone() for name, p in run._local_named()},
+        **{f"denoiser.{n}": g for n, g in gathered_grads(run.engine).items()})
     loss = run.loss_and_backward(np.arange(32))
-    grads = {name: p.grad.clone() for name, p in run.local.named_parameters()}
-    grads.update({f"denoiser.{n}": g for n, g in gathered_grads(run.engine).items()})
-    return loss, grads
+    rows = run.model.decoder.items.clone() if run.model.global_decoder else None
+    return loss, grads, rows
 
 
 def _single_step(overrides):
@@ -75,11 +78,7 @@ def _single_step(overrides):
     model.train()
     loss = model.training_loss(data.train.take_rows(np.arange(32)).to_torch(), Progress())["loss"]
     loss.backward()
-    grads = {n: p.grad for n, p in model.named_parameters()}
-    for n in [n for n in grads if n.startswith("decoder.")]:
-        for c in range(len(SIZES)):
-            grads[f"decoder.{c}.{n.split('.')[1]}"] = grads[n][model.items_of(c)]
-    return loss.item(), grads
+    return loss.item(), {n: p.grad for n, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -89,18 +88,20 @@ def test_loss_and_every_gradient_equal_single_process(world, form):
     results = run_distributed(_sharded_step, world, args=(FORMS[form],),
                               env={"DS_ACCELERATOR": "cpu"}, timeout=240)
     seen = set()
-    for loss, grads in results:
+    for loss, grads, rows in results:
         assert loss == pytest.approx(single_loss, rel=RTOL)
         for name, got in grads.items():
-            torch.testing.assert_close(got, single[name], rtol=RTOL, atol=ATOL, msg=name)
+            want = single[name][rows] if name.startswith("decoder.") else single[name]
+            torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL, msg=name)
         seen |= set(grads)
-    owned = {n for n in seen if not n.startswith("denoiser.")}
+    owned = {n for n in seen if not n.startswith(("denoiser.", "decoder."))}
     expected = {n for n in single if n.startswith(("encoders.", "decoders."))}
-    expected |= {f"decoder.{c}.{w}" for c in range(len(SIZES)) for w in ("weight", "bias")
-                 if "decoder.weight" in single}
     assert owned == expected        # every cluster's parameters live on exactly one rank...
-    assert sum(len(g) for _, g in results) - world * sum(
-        n.startswith("denoiser.") for n in seen) == len(expected)    # ...and only there
+    assert sum(len(g) for _, g, _ in results) - world * sum(
+        n.startswith(("denoiser.", "decoder.")) for n in seen) == len(expected)  # ...only there
+    if "decoder.weight" in single:  # the global decoder's rows: each item's on one rank
+        rows = torch.cat([r for _, _, r in results])
+        assert torch.equal(torch.sort(rows).values, torch.arange(len(single["decoder.bias"])))
 
 
 def _epoch(rank, world, overrides, zero_stage, eval_chunk):
@@ -109,8 +110,9 @@ def _epoch(rank, world, overrides, zero_stage, eval_chunk):
     cfg, data, partition, build_plan = _setup(list(overrides) +
                                               [f"distributed.zero_stage={zero_stage}"])
     run = _sharded(cfg, data, partition, build_plan, world)
-    run.eval_chunk = eval_chunk or run.eval_chunk
     run.train_epoch(0)
+    if eval_chunk:                  # chunk_mib of [eval_batch_size, eval_chunk] floats
+        run.cfg = {**cfg, "chunk_mib": eval_chunk * 4 * cfg["eval_batch_size"] / 2 ** 20}
     return run.full_model_state(), run.model.sampler.loss_history.clone(), run.evaluate("valid")
 
 
@@ -143,12 +145,11 @@ def _sampler_after_steps(rank, world, steps):
     from scale_diffrec.train import batches, epoch_order
     cfg, data, partition, build_plan = _setup(["diffusion.history_per_step=2"])
     run = _sharded(cfg, data, partition, build_plan, world)
-    run.model.train(), run.local.train(), run.engine.train()
+    run.model.train()
     done = 0
     while done < steps:
         for users in batches(epoch_order(data.n_users, cfg["seed"], done), cfg["batch_size"]):
             run.loss_and_backward(users)
-            run.optimizer_step()
             done += 1
             if done == steps:
                 break
@@ -166,10 +167,11 @@ def test_resampler_identical_on_every_rank_after_50_steps():
 
 
 def _resumed(rank, world, zero_stage, run_dir):
-    """Two epochs straight vs one epoch, its checkpoint (``trainer._save``) -> a new
-    ShardedRun -> one more epoch: (parameters after both, on rank 0)."""
+    """Two epochs straight vs one epoch, its checkpoint (``ShardedCheckpoints.save``) ->
+    a new ShardedRun -> one more epoch: (parameters after both, on rank 0)."""
     from pathlib import Path
     from scale_diffrec import checkpoint
+    from scale_diffrec import train
     from scale_diffrec.parallel import trainer
     cfg, data, partition, build_plan = _setup([f"distributed.zero_stage={zero_stage}"])
     straight = _sharded(cfg, data, partition, build_plan, world)
@@ -179,7 +181,9 @@ def _resumed(rank, world, zero_stage, run_dir):
     first = _sharded(cfg, data, partition, build_plan, world)
     first.train_epoch(0)
     first.progress.epoch = 1
-    trainer._save(first, trainer._new_record(), rank, Path(run_dir))
+    record = {**train.new_record(), "resumed_at": []}
+    trainer.ShardedCheckpoints(first, Path(run_dir), {}, record).save(first.progress, record,
+                                                                      False)
     second = _sharded(cfg, data, partition, build_plan, world)
     second.load_state(checkpoint.latest(run_dir))
     second.train_epoch(1)
@@ -201,7 +205,7 @@ def _nan_evaluation(rank, world):
     run = _sharded(cfg, data, partition, build_plan, world)
     if rank == 1:
         with torch.no_grad():
-            next(iter(run.local["decoder"].values())).bias.fill_(float("nan"))
+            run.model.decoder.bias.fill_(float("nan"))
     try:
         run.evaluate("valid")
     except NonFiniteError as err:

@@ -12,10 +12,13 @@ from .base import FittedRecommender, ItemHead, Progress, Recommender
 MODELS = Model.values()
 
 
-def build_model(cfg: dict, n_items: int, partition=None, train=None) -> Recommender:
+def build_model(cfg: dict, n_items: int, partition=None, train=None,
+                shard=None) -> Recommender:
     """The ``model`` of a validated config (``choices.Model``); L-DiffRec needs the item
     partition, and ``train`` (CSR) is what its warm start is fitted on
-    (``ldiffrec.warm_start``; None when a checkpoint's weights follow)."""
+    (``ldiffrec.warm_start``; None when a checkpoint's weights follow); ``shard``
+    (``parallel.shard.Shard``): the clusters this process owns in a W-worker run (None:
+    all)."""
     kind = Model(cfg["model"])
     if kind == Model.diffrec:
         from .diffrec import DiffRec
@@ -32,7 +35,7 @@ def build_model(cfg: dict, n_items: int, partition=None, train=None) -> Recommen
     from .ldiffrec import LDiffRec
     if partition is None:
         raise ValueError("model 'ldiffrec' needs an item partition")
-    return LDiffRec.from_config(cfg, n_items, partition, train=train)
+    return LDiffRec.from_config(cfg, n_items, partition, train=train, shard=shard)
 
 
 def parameter_groups(model: Recommender, cfg: dict) -> list[dict]:

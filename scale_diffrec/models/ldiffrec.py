@@ -81,298 +81,120 @@ Inference (main / L-DiffRec/inference.py ``evaluate``): mu (eval mode: no dropou
 reparameterisation) -> ``diffusion.p_sample(denoiser, mu, sampling_steps, sampling_noise)``
 -> decoder -> logits.
 
-Catalogue-parallel form. The multinomial term is written as
-    nll_b = -sum_i x_bi logit_bi + (sum_i x_bi) * logsumexp_i logit_bi,
-    logsumexp_i logit_bi = logsumexp_c ( logsumexp_{i in c} logit_bi ),
-so each cluster contributes (picked_bc, total_bc, lse_bc) computed from its own items only
-and the three combine exactly (``combine_multinomial``). The pieces a distributed worker
-reuses are public: ``cluster_inputs`` / ``cluster_input``, ``encode_input`` /
-``encode_cluster``, ``reparameterize``, ``kl_sum``, ``cluster_logits``,
-``multinomial_parts``, ``combine_multinomial``, and the per-cluster random streams
-(``cluster_generator``), which make dropout and reparameterisation noise a function of
-(cfg seed, training step, cluster) only, independent of which worker holds the cluster.
+Sharded by construction (DESIGN.md, "Hybrid parallelism"). The model holds the parts of
+the clusters its ``shard`` owns (``parallel/shard.py``; every cluster in one process) and
+writes the loss once, with collectives that are identities in one process. Rank r of W,
+for a global batch of B users (the same on every rank; B_r = its consecutive block):
 
-Large clusters: logsumexp_{i in c} logit_bi is computed ``ldiffrec.logit_chunk`` items at a
-time (None: as many as fit ``chunk_mib``, see ``device.chunk_items``) by a fused linear-logsumexp (``LinearLogSumExp``: the chunk's logits are recomputed
-in backward), so memory is B x chunk rather than B x n_c; picked_bc gathers the weight
-rows of the batch's own items (O(nnz h)), never the [B, n_c] logits.
+    z_r   = concat_{c of r} reparam(E_c(dropout(x[:, items of c])))    [B, d_r]
+    z     = shard.to_owners(z_r)                                        [B_r, d]  all-to-all
+    t, eps, keep = the (seed, step) draws of ALL B rows, this rank's block
+    diff, zhat0_r = training_losses(denoiser, z, ...)                  [B_r], [B_r, d]
+    zhat0 = shard.gather(zhat0_r)                                       [B, d]    all-gather
+    per head h of r: picked_h, total_h, lse_h [B]  (``linear_logsumexp``)
+    nll   = sum(total) * logsumexp_r(logsumexp_h lse_h) - sum(picked)  [B]      all-reduce
+    L_r   = (a sum_{b of r} diff_b + v [sum_{b of r} nll_b - beta / 2 sum_b kl_rb]) / B
+
+with (a, v) = (lamda, 1) under ``reweight`` (else (1, lamda)); kl_rb sums the rank's latent
+columns. sum_r L_r is the one-process loss (each replicated value enters once, through the
+rank's own rows), so exact gradients follow (``collectives.py``'s convention; the denoiser's
+are reduced by DeepSpeed when it runs in an engine, ``use_engine``). A head is one
+cluster's decoder D_c, or the rank's rows of the global decoder (``CatalogueLinear``: one
+head, no per-cluster copy of its rows). All randomness is keyed by (seed, step[, cluster])
+(``cluster_generator``), so a W-worker run equals the one-process run up to float summation
+order. Parameter names are the same sharded and not: ``encoders.{c}.*``, ``decoders.{c}.*``,
+``decoder.weight`` / ``decoder.bias`` (on a rank: its items' rows, ascending), ``denoiser.*``.
+
+Large clusters: a head's logsumexp is computed ``ldiffrec.logit_chunk`` items at a time
+(None: as many as fit ``chunk_mib``, see ``device.chunk_items``) by the fused
+``LinearLogSumExp``, so memory is B x chunk rather than B x n_h; picked_h is a sparse
+product with the batch's own items (O(nnz h)), never the [B, n_h] logits.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..choices import Activation, ReconTarget, WarmStart
-from ..data.csr import SparseRows
-from ..data.errors import ConfigError
+from ..choices import ReconTarget, WarmStart
+from ..config import Config, LDiffRecConfig
+from ..data.csr import CSR, SparseRows
 from ..device import chunk_items
-from ..ranking import with_bias
+from ..diffusion import GaussianDiffusion
+from ..parallel.shard import Shard
+from ..samplers import build_sampler
 from .base import ItemHead, Progress, Recommender
-
-ACTIVATIONS = {Activation.tanh: nn.Tanh, Activation.relu: nn.ReLU,
-               Activation.sigmoid: nn.Sigmoid, Activation.leaky_relu: nn.LeakyReLU}
-
-
-# ----------------------------------------------------------------------------- helpers
-def latent_dims(sizes: list[int] | np.ndarray, in_dims: list[int]) -> list[list[int]]:
-    """Per-cluster encoder widths (input side -> latent), the reference's rounding.
-
-    ``in_dims`` in the reference's flag order (latent first); AE.__init__ receives it
-    reversed. Cluster c < C-1: int(n_c / n * d) (0 -> 1); the last cluster: the remainder.
-    """
-    widths = [int(d) for d in list(in_dims)[::-1]]
-    sizes = [int(s) for s in sizes]
-    n = sum(sizes)
-    if len(sizes) == 1:
-        return [widths]
-    out: list[list[int]] = []
-    for c, size in enumerate(sizes):
-        if c == len(sizes) - 1:
-            dims = [w - sum(o[j] for o in out) for j, w in enumerate(widths)]
-        else:
-            dims = [int(size / n * w) for w in widths]
-            dims = [d if d != 0 else 1 for d in dims]
-        out.append(dims)
-    if min(out[-1]) < 1:
-        raise ConfigError(f"config key 'ldiffrec.in_dims' {in_dims} is too small for "
-                          f"{len(sizes)} clusters: the last cluster would get widths "
-                          f"{out[-1]} (every cluster needs at least 1)")
-    return out
+from .clusters import (CatalogueLinear, ClusterEncoder, ClusterInput, ClusterParts,
+                       WarmFactors, decoder_dims, keyed_xavier_, latent_dims, mlp, stream_key,
+                       unallocated)
+from .denoiser import Denoiser
+from .linear_logsumexp import chunked_logsumexp, combine_logsumexp, combine_multinomial
 
 
-def stream_key(*fields) -> int:
-    """63-bit seed of a random stream named by ``fields`` (a stable hash)."""
-    text = "ldiffrec:" + ":".join(str(f) for f in fields)
-    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2 ** 63 - 1)
-
-
-def keyed_xavier_(module: nn.Module, key: int) -> nn.Module:
-    """AE ``xavier_normal_initialization`` from one stream: zero biases, then xavier-normal
-    weights of every Linear / EmbeddingBag in module order. Returns ``module``."""
-    g = torch.Generator().manual_seed(key)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.zero_()
-        for layer in module.modules():
-            if isinstance(layer, (nn.Linear, nn.EmbeddingBag)):
-                nn.init.xavier_normal_(layer.weight, generator=g)
-    return module
-
-
-def unallocated(factory, *args) -> nn.Module:
-    """``factory(*args)`` with uninitialised CPU storage (built on the meta device)."""
-    with torch.device("meta"):
-        module = factory(*args)
-    return module.to_empty(device="cpu")
-
-
-def chunked_logsumexp(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                      chunk: int) -> torch.Tensor:
-    """[B] lse_b = logsumexp_i (hidden @ weight.T + bias)_bi for hidden [B, h],
-    weight [n, h], bias [n], ``chunk`` items at a time, never holding more than [B, chunk]
-    logits (``LinearLogSumExp``)."""
-    return LinearLogSumExp.apply(hidden, weight, bias, int(chunk))
-
-
-class LinearLogSumExp(torch.autograd.Function):
-    """lse = logsumexp(hidden @ weight.T + bias, dim=1), in item chunks of [B, chunk].
-
-    The bias is folded into the product: l_k = [hidden, 1] @ [W_k, b_k].T (a copy of the
-    chunk's [chunk, h + 1] weights, not of [B, chunk] biases). Forward: per chunk
-    lse_k = max + log sum exp(l_k - max) (in place), lse = logaddexp over chunks. Backward,
-    with g = dL/dlse [B]: the chunk's logits are recomputed and turned in place into
-    P_k = exp(l_k - lse) * g (softmax times g; a single chunk keeps its softmax from the
-    forward instead); dL/dhidden = sum_k P_k W_k and
-    [dL/dW_k, dL/db_k] = P_k.T @ [hidden, 1]. Memory: [B, chunk], never [B, n]; no
-    autograd-saved logits and no recomputed logsumexp (the profile's hottest path).
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, chunk):
-        # the matmuls in the ambient autocast dtype (bf16 under precision bf16), the
-        # exp / sum / log on fp32 logits
-        mm, acc = _matmul_dtype(hidden), torch.promote_types(hidden.dtype, torch.float32)
-        hidden1 = torch.cat([hidden, hidden.new_ones(hidden.shape[0], 1)], dim=1).to(mm)
-        lse = None
-        for s in range(0, weight.shape[0], chunk):
-            logits = (hidden1 @ with_bias(weight, bias, s, chunk).to(mm).T).to(acc)
-            top = logits.amax(dim=1, keepdim=True)
-            part = logits.sub_(top).exp_().sum(dim=1).log_().add_(top.squeeze(1))
-            lse = part if lse is None else torch.logaddexp(lse, part)
-        # one chunk: keep its softmax (exp(l - max) / sum, within the B x chunk budget)
-        # instead of recomputing the logits in backward
-        single = weight.shape[0] <= chunk
-        probs = logits.div_(logits.sum(dim=1, keepdim=True)) if single else None
-        ctx.save_for_backward(hidden1, weight, bias, lse, probs)
-        ctx.chunk, ctx.out_dtype = chunk, hidden.dtype
-        return lse
-
-    @staticmethod
-    def backward(ctx, grad):
-        hidden1, weight, bias, lse, probs = ctx.saved_tensors
-        mm, acc, h = hidden1.dtype, lse.dtype, weight.shape[1]
-        grad = grad.to(acc)
-        grad_h = torch.zeros(hidden1.shape[0], h, device=grad.device, dtype=acc)
-        grad_wb = torch.empty(weight.shape[0], h + 1, device=grad.device, dtype=acc)
-        for s in range(0, weight.shape[0], ctx.chunk):
-            wb = with_bias(weight, bias, s, ctx.chunk).to(mm)
-            if probs is not None:
-                p = probs * grad[:, None]
-            else:
-                p = (hidden1 @ wb.T).to(acc)
-                p.sub_(lse[:, None]).exp_().mul_(grad[:, None])        # [B, chunk]
-            if mm == acc:
-                grad_h.addmm_(p, wb[:, :h])
-                torch.mm(p.T, hidden1, out=grad_wb[s:s + ctx.chunk])
-            else:                          # bf16 products, fp32 accumulation
-                p = p.to(mm)
-                grad_h += (p @ wb[:, :h]).to(acc)
-                grad_wb[s:s + ctx.chunk] = (p.T @ hidden1).to(acc)
-        return (grad_h.to(ctx.out_dtype), grad_wb[:, :h].to(weight.dtype),
-                grad_wb[:, h].to(bias.dtype), None)
-
-
-def _matmul_dtype(t: torch.Tensor) -> torch.dtype:
-    """The dtype autocast gives matmuls on ``t``'s device now (``t.dtype`` outside it)."""
-    kind = t.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else t.dtype
-
-
-def lamda_at(lcfg: dict, epochs_done: int) -> float:
+def lamda_at(lcfg: LDiffRecConfig, epochs_done: int) -> float:
     """Diffusion-loss weight (main: ``update_count`` counts finished epochs)."""
-    if lcfg["anneal_steps"] > 0:
-        return max((1.0 - epochs_done / lcfg["anneal_steps"]) * lcfg["lamda"],
-                   lcfg["anneal_cap"])
-    return max(lcfg["lamda"], lcfg["anneal_cap"])
+    if lcfg.anneal_steps > 0:
+        return max((1.0 - epochs_done / lcfg.anneal_steps) * lcfg.lamda, lcfg.anneal_cap)
+    return max(lcfg.lamda, lcfg.anneal_cap)
 
 
-def beta_at(lcfg: dict, batches_done: int) -> float:
+def beta_at(lcfg: LDiffRecConfig, batches_done: int) -> float:
     """KL weight (main: ``update_count_vae`` counts finished batches)."""
-    if lcfg["vae_anneal_steps"] > 0:
-        return min(lcfg["vae_anneal_cap"], 1.0 * batches_done / lcfg["vae_anneal_steps"])
-    return lcfg["vae_anneal_cap"]
+    if lcfg.vae_anneal_steps > 0:
+        return min(lcfg.vae_anneal_cap, 1.0 * batches_done / lcfg.vae_anneal_steps)
+    return lcfg.vae_anneal_cap
 
 
-def combine_logsumexp(parts: list[torch.Tensor]) -> torch.Tensor:
-    """logsumexp over the catalogue from per-cluster logsumexps [B] each -> [B]."""
-    return torch.logsumexp(torch.stack(parts, dim=1), dim=1)
+def latent_denoiser(cfg: Config | dict) -> Denoiser:
+    """The denoiser on z (main "Build MLP"): DNN(in_dims=[d] + mlp_dims[::-1],
+    out_dims=mlp_dims + [d], emb_size, time_type cat, norm), d = ``in_dims[0]`` (flag
+    order)."""
+    cfg = cfg if isinstance(cfg, Config) else Config.model_validate(cfg)
+    lcfg, dcfg = cfg.ldiffrec, cfg.denoiser
+    latent = lcfg.in_dims[0]
+    return Denoiser([latent] + lcfg.mlp_dims[::-1], lcfg.mlp_dims + [latent],
+                    dcfg.emb_size, dcfg.norm, dcfg.dropout)
 
 
-def combine_multinomial(picked: torch.Tensor, total: torch.Tensor,
-                        lse: torch.Tensor) -> torch.Tensor:
-    """[B] multinomial NLL -sum_i x_i logit_i + (sum_i x_i) logsumexp(logits).
-
-    ``picked`` = sum_i x_i logit_i, ``total`` = sum_i x_i, summed over all clusters;
-    ``lse`` = the catalogue logsumexp (``combine_logsumexp``).
-    """
-    return total * lse - picked
-
-
-@dataclass
-class ClusterInput:
-    """One cluster's entries of a batch (row-major, as in the CSR batch).
-
-    ``rows`` [n] batch row, ``local`` [n] column inside the cluster, ``values`` [n]
-    encoder input (after dropout in training), ``target`` [n] reconstruction target,
-    ``offsets`` [B] start of each row's entries (EmbeddingBag offsets).
-    """
-    rows: torch.Tensor
-    local: torch.Tensor
-    values: torch.Tensor
-    target: torch.Tensor
-    offsets: torch.Tensor
-    batch_size: int
-
-
-class ClusterEncoder(nn.Module):
-    """E_c: sparse first layer (EmbeddingBag sum + bias == Linear(n_c -> w1)), act, then
-    Linear + act per further width; output [B, 2 l_c] = (mu_c, logvar_c)."""
-
-    def __init__(self, n_items: int, dims: list[int], act: str):
-        super().__init__()
-        widths = list(dims[:-1]) + [2 * dims[-1]]
-        self.latent = dims[-1]
-        self.first = nn.EmbeddingBag(n_items, widths[0], mode="sum")
-        self.first_bias = nn.Parameter(torch.zeros(widths[0]))
-        layers: list[nn.Module] = [ACTIVATIONS[act]()]
-        for d_in, d_out in zip(widths[:-1], widths[1:]):
-            layers += [nn.Linear(d_in, d_out), ACTIVATIONS[act]()]
-        self.rest = nn.Sequential(*layers)
-
-    def forward(self, inp: ClusterInput) -> tuple[torch.Tensor, torch.Tensor]:
-        h = F.embedding_bag(inp.local, self.first.weight, inp.offsets, mode="sum",
-                            per_sample_weights=inp.values) + self.first_bias
-        h = self.rest(h)
-        return h[:, :self.latent], h[:, self.latent:]
-
-
-@dataclass
-class WarmFactors:
-    """A cluster's warm start: the mu half of E_c's first layer and the decoder's item
-    rows, each [n_c, l_c] (``LDiffRec.warm_factors``)."""
-    encoder: torch.Tensor
-    decoder: torch.Tensor
-
-
-class DecoderRows(nn.Module):
-    """Cluster c's rows of the global linear decoder: weight [n_c, d], bias [n_c]."""
-
-    def __init__(self, n_items: int, latent: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(n_items, latent))
-        self.bias = nn.Parameter(torch.empty(n_items))
-
-
-def _mlp(dims: list[int], act: str) -> nn.Sequential:
-    """Linear layers through ``dims`` with act between them (none after the last)."""
-    layers: list[nn.Module] = []
-    for d_in, d_out in zip(dims[:-1], dims[1:]):
-        layers += [nn.Linear(d_in, d_out), ACTIVATIONS[act]()]
-    return nn.Sequential(*layers[:-1])
-
-
-# ----------------------------------------------------------------------------- the model
 class LDiffRec(Recommender):
-    def __init__(self, n_items: int, partition, lcfg: dict, diffusion, sampler, denoiser,
-                 reweight: bool = True, sampling_steps: int = 0, sampling_noise: bool = False,
-                 seed: int = 0, build_parts: bool = True, chunk_mib: float | None = None,
-                 train: CSR | None = None):
-        """``build_parts`` False: no encoders or decoder (a worker builds its own clusters'
-        with ``new_encoder`` / ``new_decoder``). ``train`` [users, n_items]: the matrix
-        that ``ldiffrec.warm_start`` fits the initial parts on (``warm_factors``); None
-        keeps the paper's initialisation (right when a checkpoint's weights follow)."""
+    def __init__(self, n_items: int, partition, lcfg: LDiffRecConfig, diffusion, sampler,
+                 denoiser, reweight: bool = True, sampling_steps: int = 0,
+                 sampling_noise: bool = False, seed: int = 0, chunk_mib: float | None = None,
+                 train: CSR | None = None, shard: Shard | None = None):
+        """``shard``: the clusters this process owns (None: all of them, one process).
+        ``train`` [users, n_items]: the matrix that ``ldiffrec.warm_start`` fits the
+        initial parts on (``warm_factors``); None keeps the paper's initialisation (right
+        when a checkpoint's weights follow)."""
         super().__init__()
         if partition.n_items != n_items:
             raise ValueError(f"the partition covers {partition.n_items} items but the model "
                              f"has {n_items}")
-        self.lcfg = dict(lcfg)
+        self.lcfg = lcfg
         self.n_items = n_items
         self.partition = partition
         self.n_clusters = partition.n_clusters
-        self.dropout = float(lcfg["dropout"])
+        self.dropout = float(lcfg.dropout)
         self.reweight = bool(reweight)
         self.sampling_steps = int(sampling_steps)
         self.sampling_noise = bool(sampling_noise)
         self.seed = int(seed)
         # items per chunk of the training logsumexp: fixed, or None = from the memory
         # budget (``device.chunk_items``) for each batch size and device
-        self.logit_chunk = None if lcfg["logit_chunk"] is None else int(lcfg["logit_chunk"])
+        self.logit_chunk = lcfg.logit_chunk
         self.chunk_mib = chunk_mib
         self.diffusion = diffusion
         self.sampler = sampler
 
         sizes = partition.sizes.tolist()
-        self.cluster_dims = latent_dims(sizes, lcfg["in_dims"])
+        self.cluster_dims = latent_dims(sizes, lcfg.in_dims)
         self.latent_sizes = [dims[-1] for dims in self.cluster_dims]
         self.latent_size = sum(self.latent_sizes)
         self.latent_offsets = np.concatenate([[0], np.cumsum(self.latent_sizes)]).tolist()
+        self.shard = shard or Shard.single(sizes, self.latent_sizes)
+        self.clusters = self.shard.clusters
 
         # item lookup tables as (non-persistent, read-only) buffers so they follow
         # .to(device); on the CPU they share the partition's arrays (O(I) bytes, once)
@@ -384,58 +206,57 @@ class LDiffRec(Recommender):
             self.register_buffer(f"items_{c}", torch.from_numpy(partition.items_of(c)),
                                  persistent=False)
 
-        self.global_decoder = len(lcfg["out_dims"]) == 0
-        self.warm_train = train if lcfg["warm_start"] != WarmStart.none else None
-        self.encoders = self.decoders = self.decoder = None
-        if build_parts:
-            encoders, decoders = [], []
-            for c in range(self.n_clusters):
-                factors = self.warm_factors(c)
-                encoders.append(self.new_encoder(c, factors))
-                decoders.append(self.new_decoder(c, factors))
-            self.encoders = nn.ModuleList(encoders)
-            if self.global_decoder:
-                # AE.Decode, out_dims == []: one Linear(sum l_c -> n_items); rows in global
-                # item order (the reference orders them by cluster; a permutation of it)
-                self.decoder = unallocated(nn.Linear, self.latent_size, n_items)
-                with torch.no_grad():
-                    for c, rows in enumerate(decoders):
-                        self.decoder.weight[self.items_of(c)] = rows.weight
-                        self.decoder.bias[self.items_of(c)] = rows.bias
-            else:
-                self.decoders = nn.ModuleList(decoders)
+        self.global_decoder = len(lcfg.out_dims) == 0
+        self.warm_train = train if lcfg.warm_start != WarmStart.none else None
+        self.encoders, self.decoders, self.decoder = ClusterParts(), None, None
+        parts = {}
+        for c in self.clusters:
+            factors = self.warm_factors(c)
+            self.encoders[str(c)] = self.new_encoder(c, factors)
+            parts[str(c)] = self.new_decoder(c, factors)
+        if self.global_decoder:
+            # AE.Decode, out_dims == []: one Linear(sum l_c -> n_items); its rows of the
+            # owned items in item order (the reference orders them by cluster; a
+            # permutation of it)
+            own = torch.sort(torch.cat([self.items_of(c) for c in self.clusters])).values
+            self.decoder = unallocated(CatalogueLinear, own, self.latent_size)
+            self.decoder.items = own
+            with torch.no_grad():
+                for c in self.clusters:
+                    self.decoder.weight[self.decoder_rows(c)] = parts[str(c)].weight
+                    self.decoder.bias[self.decoder_rows(c)] = parts[str(c)].bias
+        else:
+            self.decoders = ClusterParts(parts)
         self.denoiser = denoiser          # keeps its own initialisation
+        object.__setattr__(self, "_engine", None)
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config(cls, cfg: dict, n_items: int, partition,
-                    build_parts: bool = True, train: CSR | None = None) -> "LDiffRec":
-        from ..diffusion import GaussianDiffusion
-        from ..samplers import build_sampler
-        from .denoiser import Denoiser
-        lcfg, dcfg = cfg["ldiffrec"], cfg["denoiser"]
-        # the latent size is in_dims[0] (flag order); main "Build MLP"
-        latent = int(lcfg["in_dims"][0])
-        mlp = [int(d) for d in lcfg["mlp_dims"]]
-        denoiser = Denoiser([latent] + mlp[::-1], mlp + [latent], dcfg["emb_size"],
-                            dcfg["norm"], dcfg["dropout"])
-        return cls(n_items, partition, lcfg, GaussianDiffusion.from_config(cfg["diffusion"]),
-                   build_sampler(cfg["diffusion"]), denoiser,
-                   reweight=cfg["diffusion"]["reweight"],
-                   sampling_steps=cfg["diffusion"]["sampling_steps"],
-                   sampling_noise=cfg["diffusion"]["sampling_noise"], seed=cfg["seed"],
-                   build_parts=build_parts, chunk_mib=cfg.get("chunk_mib"), train=train)
+    def from_config(cls, cfg: Config | dict, n_items: int, partition, train: CSR | None = None,
+                    shard: Shard | None = None) -> "LDiffRec":
+        cfg = cfg if isinstance(cfg, Config) else Config.model_validate(cfg)
+        diff = cfg.diffusion
+        plain = diff.model_dump(mode="json")
+        return cls(n_items, partition, cfg.ldiffrec, GaussianDiffusion.from_config(plain),
+                   build_sampler(plain), latent_denoiser(cfg), reweight=diff.reweight,
+                   sampling_steps=diff.sampling_steps, sampling_noise=diff.sampling_noise,
+                   seed=cfg.seed, chunk_mib=cfg.chunk_mib, train=train, shard=shard)
 
     def items_of(self, c: int) -> torch.Tensor:
         return getattr(self, f"items_{c}")
 
-    def new_encoder(self, c: int, factors: "WarmFactors | None" = None) -> "ClusterEncoder":
+    def decoder_rows(self, c: int) -> torch.Tensor:
+        """[n_c] the rows of cluster c's items in ``decoder`` (the global decoder's rows of
+        the owned items, ascending; in one process the item indexes themselves)."""
+        return torch.searchsorted(self.decoder.items, self.items_of(c))
+
+    def new_encoder(self, c: int, factors: WarmFactors | None = None) -> ClusterEncoder:
         """E_c, initialised from the (seed, "encoder", c) stream; with ``factors`` (from
         ``warm_factors``) the mu half of its first layer is then the fold-in map and the
         logvar half starts at its floor (zero weights, bias -3: logvar = tanh(-3) ~ -1, the
         least reparameterisation noise the tanh allows, std ~0.61 against mu's ~0.45)."""
         size = int(self.partition.sizes[c])
-        enc = unallocated(ClusterEncoder, size, self.cluster_dims[c], self.lcfg["act"])
+        enc = unallocated(ClusterEncoder, size, self.cluster_dims[c], self.lcfg.act)
         enc = keyed_xavier_(enc, stream_key("init", self.seed, "encoder", c))
         if factors is not None:       # mu: the fold-in; logvar: its floor, tanh(-3) ~ -1
             with torch.no_grad():
@@ -444,15 +265,16 @@ class LDiffRec(Recommender):
                 enc.first_bias[enc.latent:] = -3.0
         return enc
 
-    def new_decoder(self, c: int, factors: "WarmFactors | None" = None) -> nn.Module:
-        """Cluster c's decoder part, initialised from the (seed, "decoder", c) stream:
-        D_c (AE.__init__: for C > 1 the mirror of E_c, l_c ... w1_c -> n_c; for C == 1
-        [d] + out_dims + [n_items]), or its ``DecoderRows`` of the global Linear. With
-        ``factors`` the item rows are the scaled item factors (the global decoder's rows:
-        on the cluster's latent slice, zero elsewhere)."""
+    def new_decoder(self, c: int, factors: WarmFactors | None = None) -> nn.Module:
+        """Cluster c's decoder part, initialised from the (seed, "decoder", c) stream: D_c
+        (``clusters.decoder_dims``), or its rows of the global Linear (a
+        ``CatalogueLinear`` over ``items_of(c)``, keeping the whole Linear's xavier std
+        sqrt(2 / (d + I))). With ``factors`` the item rows are the item factors (the global
+        decoder's rows: on the cluster's latent slice, zero elsewhere)."""
         size, key = int(self.partition.sizes[c]), stream_key("init", self.seed, "decoder", c)
         if self.global_decoder:
-            rows = DecoderRows(size, self.latent_size)
+            rows = unallocated(CatalogueLinear, self.items_of(c), self.latent_size)
+            rows.items = self.items_of(c)
             g = torch.Generator().manual_seed(key)
             std = (2.0 / (self.latent_size + self.n_items)) ** 0.5   # the whole Linear's
             with torch.no_grad():
@@ -462,34 +284,42 @@ class LDiffRec(Recommender):
                     rows.weight.zero_()
                     rows.weight[:, self.latent_slice(c)] = factors.decoder
             return rows
-        if self.n_clusters == 1:
-            dims = [self.latent_size] + [int(d) for d in self.lcfg["out_dims"]] + [size]
-        else:
-            dims = self.cluster_dims[c][::-1] + [size]
-        dec = keyed_xavier_(unallocated(_mlp, dims, self.lcfg["act"]), key)
+        dims = decoder_dims(self.cluster_dims[c], size, self.lcfg.out_dims, self.n_clusters)
+        dec = keyed_xavier_(unallocated(mlp, dims, self.lcfg.act), key)
         if factors is not None:
             with torch.no_grad():
                 dec[-1].weight.copy_(factors.decoder)
         return dec
 
-    def warm_factors(self, c: int) -> "WarmFactors | None":
+    def warm_factors(self, c: int) -> WarmFactors | None:
         """Cluster c's warm start (``ldiffrec.warm_start: als``; ``embeddings.als_warm_start``
         on cluster c's columns of the train matrix, rank l_c, so a worker fits only its own
         clusters and W workers start where one process starts), or None: the paper's
-        initialisation (``warm_start: none``, or no train matrix given)."""
+        initialisation (``warm_start: none``, or no train matrix given).
+
+        Not in the reference (an option, off by default): NCF's pre-training (He et al.
+        WWW 2017, section 3.4.1), for catalogues too sparse for the Xavier start (Epinions:
+        ~2 train interactions per item)."""
         if self.warm_train is None:
             return None
         from ..embeddings import als_warm_start
         lcfg = self.lcfg
         encoder, decoder = als_warm_start(
             self.partition.cluster_columns(self.warm_train, c), self.latent_sizes[c],
-            lcfg["als_reg"], lcfg["als_alpha"], lcfg["als_iters"],
+            lcfg.als_reg, lcfg.als_alpha, lcfg.als_iters,
             seed=stream_key("als", self.seed, c) % 2 ** 31)
         return WarmFactors(torch.from_numpy(encoder), torch.from_numpy(decoder))
 
-
     def latent_slice(self, c: int) -> slice:
         return slice(self.latent_offsets[c], self.latent_offsets[c + 1])
+
+    def use_engine(self, engine) -> None:
+        """Run the denoiser through ``engine`` (a DeepSpeed engine around ``self.denoiser``,
+        data-parallel over the ranks); not a submodule, so names stay ``denoiser.*``."""
+        object.__setattr__(self, "_engine", engine)
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, keep=None) -> torch.Tensor:
+        return (self._engine or self.denoiser)(x_t, t, keep)
 
     # ------------------------------------------------------------------ randomness
     def cluster_generator(self, step: int, c: int, device) -> torch.Generator:
@@ -522,7 +352,7 @@ class LDiffRec(Recommender):
             keep = torch.rand(values.shape, generator=generator, device=values.device,
                               dtype=values.dtype) >= self.dropout
             values = values * keep / (1.0 - self.dropout)
-            if self.lcfg["recon_target"] == ReconTarget.dropped:
+            if self.lcfg.recon_target == ReconTarget.dropped:
                 target = values
         return ClusterInput(rows, local, values, target, offsets, batch_size)
 
@@ -535,7 +365,8 @@ class LDiffRec(Recommender):
 
     def cluster_inputs(self, batch: SparseRows,
                        generators: list | None = None) -> list[ClusterInput]:
-        """Every cluster's entries (one stable sort by cluster); same as ``cluster_input``."""
+        """The entries of each owned cluster (``clusters`` order; one stable sort by
+        cluster), the same as ``cluster_input``; ``generators`` in the same order."""
         cl = self.cluster_of[batch.indices]
         order = torch.argsort(cl, stable=True)
         counts = torch.bincount(cl, minlength=self.n_clusters).tolist()
@@ -543,8 +374,8 @@ class LDiffRec(Recommender):
         idx = batch.indices[order].split(counts)
         vals = batch.values[order].split(counts)
         return [self._make_input(rows[c], self.local_of[idx[c]], vals[c], batch.batch_size,
-                                 None if generators is None else generators[c])
-                for c in range(self.n_clusters)]
+                                 None if generators is None else generators[i])
+                for i, c in enumerate(self.clusters)]
 
     def encode_input(self, c: int, inp: ClusterInput) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu_c, logvar_c), each [B, l_c]."""
@@ -571,15 +402,16 @@ class LDiffRec(Recommender):
         return torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)
 
     def encode(self, batch: SparseRows, generators: list | None = None):
-        """(inputs per cluster, mu [B, d], logvar [B, d], z [B, d])."""
+        """(inputs per owned cluster, mu, logvar, z), each [B, d_r] over the owned
+        clusters' latent columns (d_r = d in one process)."""
         inputs = self.cluster_inputs(batch, generators)
         mus, logvars, zs = [], [], []
-        for c, inp in enumerate(inputs):
+        for i, (c, inp) in enumerate(zip(self.clusters, inputs)):
             mu, logvar = self.encode_input(c, inp)
             mus.append(mu)
             logvars.append(logvar)
             zs.append(self.reparameterize(mu, logvar,
-                                          None if generators is None else generators[c]))
+                                          None if generators is None else generators[i]))
         return inputs, torch.cat(mus, 1), torch.cat(logvars, 1), torch.cat(zs, 1)
 
     # ------------------------------------------------------------------ decoder side
@@ -593,10 +425,10 @@ class LDiffRec(Recommender):
 
     def cluster_weight(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight [n_c, h], bias [n_c]) of the last layer scoring cluster c's items: the
-        cluster's rows of the global Linear (a column-parallel slice), or D_c's last Linear."""
+        cluster's rows of the global Linear, or D_c's last Linear."""
         if self.global_decoder:
-            items = self.items_of(c)
-            return self.decoder.weight[items], self.decoder.bias[items]
+            rows = self.decoder_rows(c)
+            return self.decoder.weight[rows], self.decoder.bias[rows]
         last = self.decoders[c][-1]
         return last.weight, last.bias
 
@@ -605,20 +437,37 @@ class LDiffRec(Recommender):
         weight, bias = self.cluster_weight(c)
         return F.linear(self.cluster_hidden(c, zhat0), weight, bias)
 
+    def _heads(self, zhat0: torch.Tensor, inputs: list[ClusterInput]):
+        """(hidden [B, h], weight [n, h], bias [n], targets) of each head this process
+        scores: the owned rows of the global decoder (targets at their rows, row-major),
+        or each owned cluster's D_c (targets at the cluster's local columns)."""
+        if not self.global_decoder:
+            return [(self.cluster_hidden(c, zhat0), *self.cluster_weight(c), inp)
+                    for c, inp in zip(self.clusters, inputs)]
+        rows = torch.cat([inp.rows for inp in inputs])
+        cols = torch.cat([self.decoder_rows(c)[inp.local]
+                          for c, inp in zip(self.clusters, inputs)])
+        target = torch.cat([inp.target for inp in inputs])
+        order = torch.argsort(rows * len(self.decoder.items) + cols)
+        b = zhat0.shape[0]
+        merged = ClusterInput(rows[order], cols[order], target[order], target[order],
+                              None, b)
+        return [(zhat0, self.decoder.weight, self.decoder.bias, merged)]
+
     def multinomial_parts(self, hidden: torch.Tensor, weight: torch.Tensor,
                           bias: torch.Tensor, inp: ClusterInput):
-        """(picked [B], total [B], lse [B]) of one cluster whose logits are
-        hidden [B, h] @ weight[n_c, h].T + bias [n_c]: sum of target * logit over the
-        cluster's entries (sparse products with the targets), sum of targets, the logsumexp
-        over the cluster's items (``chunked_logsumexp``)."""
+        """(picked [B], total [B], lse [B]) of one head whose logits are
+        hidden [B, h] @ weight[n, h].T + bias [n]: sum of target * logit over the head's
+        entries (``inp.local``: columns of the head; sparse products with the targets),
+        sum of targets, the logsumexp over the head's items (``chunked_logsumexp``)."""
         b, n = inp.batch_size, weight.shape[0]
         acc = torch.promote_types(hidden.dtype, torch.float32)   # fp32 under bf16 autocast
         target = torch.sparse_coo_tensor(torch.stack([inp.rows, inp.local]),
                                          inp.target.to(acc), (b, n), device=hidden.device,
-                                         is_coalesced=True,        # [B, n_c], row-major
+                                         is_coalesced=True,        # [B, n], row-major
                                          check_invariants=False)
         # sum_i x_bi logit_bi = sum_j (X W)_bj hidden_bj + (X b)_b: sparse products, whose
-        # backward is X.T @ grad (no scatter into the [n_c, h] weight row by row); in fp32
+        # backward is X.T @ grad (no scatter into the [n, h] weight row by row); in fp32
         # (CUDA has no bf16 sparse matmul), outside autocast
         with torch.autocast(hidden.device.type, enabled=False):
             picked = (torch.sparse.mm(target, weight.to(acc)) * hidden.to(acc)).sum(1) \
@@ -629,43 +478,54 @@ class LDiffRec(Recommender):
         return picked, total, chunked_logsumexp(hidden, weight, bias, chunk)
 
     def multinomial_nll(self, zhat0: torch.Tensor, inputs: list[ClusterInput]) -> torch.Tensor:
-        """[B] -sum_i x_i log_softmax(logits)_i over the whole catalogue, cluster by cluster."""
+        """[B] -sum_i x_i log_softmax(logits)_i over the whole catalogue, head by head and
+        (sharded) rank by rank; the same on every rank."""
         picked = total = 0
         lses = []
-        for c, inp in enumerate(inputs):
-            p, t, lse = self.multinomial_parts(self.cluster_hidden(c, zhat0),
-                                               *self.cluster_weight(c), inp)
+        for hidden, weight, bias, inp in self._heads(zhat0, inputs):
+            p, t, lse = self.multinomial_parts(hidden, weight, bias, inp)
             picked, total = picked + p, total + t
             lses.append(lse)
-        return combine_multinomial(picked, total, combine_logsumexp(lses))
+        lse = self.shard.logsumexp(combine_logsumexp(lses))
+        return combine_multinomial(self.shard.sum(picked), self.shard.sum(total), lse)
+
+    def _zhat0(self, z_r: torch.Tensor, splits: list[int], own: slice, step: int | None):
+        """(zhat0 [B, d], diffusion terms of the own rows or None): the latent rows go to
+        their owners, the denoiser runs on them (training: ``training_losses`` at ``step``'s
+        draws; eval: the reverse process ``p_sample``), and every rank gets all rows back."""
+        z = self.shard.to_owners(z_r, splits)
+        if step is None:
+            return self.shard.gather(self.diffusion.p_sample(
+                self.denoise, z, self.sampling_steps, self.sampling_noise), splits), None
+        t, weights, noise, keep = self.diffusion_draws(z_r.shape[0], step, z_r.device)
+        keep = None if keep is None else keep[own]
+        terms = self.diffusion.training_losses(lambda x_t, ts: self.denoise(x_t, ts, keep), z,
+                                               t[own], weights[own], noise[own])
+        self.sampler.update_with_local_losses(t[own], terms["raw"].detach())
+        return self.shard.gather(terms["pred_xstart"], splits), terms
 
     # ------------------------------------------------------------------ Recommender
     def training_loss(self, batch: SparseRows, progress: Progress) -> dict[str, torch.Tensor]:
-        device = batch.values.device
-        gens = [self.cluster_generator(progress.step, c, device)
-                for c in range(self.n_clusters)]
-        inputs, mu, logvar, z = self.encode(batch, gens)
-        kl = -0.5 * torch.mean(self.kl_sum(mu, logvar))
+        """{"loss": this process's share L_r of the batch loss (the whole loss in one
+        process; the module docstring's formula), "diffusion", "recon", "kl" (batch means
+        over all ranks), "lamda", "beta"}."""
+        device, b = batch.values.device, batch.batch_size
+        splits, own = self.shard.rows(b)
+        gens = [self.cluster_generator(progress.step, c, device) for c in self.clusters]
+        inputs, mu, logvar, z_r = self.encode(batch, gens)
+        zhat0, terms = self._zhat0(z_r, splits, own, progress.step)
+        nll = self.multinomial_nll(zhat0, inputs)
 
-        t, weights, noise, keep = self.diffusion_draws(batch.batch_size, progress.step, device)
-        terms = self.diffusion.training_losses(
-            lambda x_t, ts: self.denoiser(x_t, ts, keep), z, t, weights, noise)
-        self.sampler.update_with_local_losses(t, terms["raw"].detach())
-        diffusion = terms["loss"].mean()
-        recon = self.multinomial_nll(terms["pred_xstart"], inputs).mean()
-
+        diffusion, recon = terms["loss"].sum(), nll[own].sum()
+        kl = -0.5 * self.kl_sum(mu, logvar).sum()
         lamda = lamda_at(self.lcfg, progress.epoch)
         beta = beta_at(self.lcfg, progress.step)
-        vae = recon + beta * kl
         # main: ``if args.reweight: loss = lamda * elbo + vae_loss`` (always, type=bool)
-        loss = lamda * diffusion + vae if self.reweight else diffusion + lamda * vae
-        return {"loss": loss, "diffusion": diffusion.detach(), "recon": recon.detach(),
-                "kl": kl.detach(), "lamda": torch.tensor(lamda), "beta": torch.tensor(beta)}
-
-    def _zhat0(self, batch: SparseRows) -> torch.Tensor:
-        _, mu, _, _ = self.encode(batch)            # eval: no dropout, z = mu
-        return self.diffusion.p_sample(self.denoiser, mu, self.sampling_steps,
-                                       self.sampling_noise)
+        a, v = (lamda, 1.0) if self.reweight else (1.0, lamda)
+        loss = (a * diffusion + v * (recon + beta * kl)) / b
+        means = self.shard.sum(torch.stack([diffusion, recon, kl]).detach()) / b
+        return {"loss": loss, "diffusion": means[0], "recon": means[1], "kl": means[2],
+                "lamda": torch.tensor(lamda), "beta": torch.tensor(beta)}
 
     @contextlib.contextmanager
     def _eval_mode(self):
@@ -679,50 +539,44 @@ class LDiffRec(Recommender):
 
     @torch.no_grad()
     def query(self, batch: SparseRows) -> dict[str, torch.Tensor]:
+        """{head name: [B, h]} for the heads of ``item_heads`` (sharded: collective)."""
         with self._eval_mode():
-            zhat0 = self._zhat0(batch)
+            _, mu, _, _ = self.encode(batch)            # eval: no dropout, z = mu
+            splits, own = self.shard.rows(batch.batch_size)
+            zhat0, _ = self._zhat0(mu, splits, own, None)
             if self.global_decoder:
                 return {"items": zhat0}
-            return {f"cluster{c}": self.cluster_hidden(c, zhat0)
-                    for c in range(self.n_clusters)}
+            return {f"cluster{c}": self.cluster_hidden(c, zhat0) for c in self.clusters}
 
     def item_heads(self) -> list[ItemHead]:
+        """The owned items' heads: "items" (the global decoder's rows) or "cluster{c}"."""
         if self.global_decoder:
-            return [ItemHead("items", torch.arange(self.n_items, device=self.decoder.weight.device),
-                             self.decoder.weight.detach(), self.decoder.bias.detach())]
-        heads = []
-        for c in range(self.n_clusters):
-            last = self.decoders[c][-1]
-            heads.append(ItemHead(f"cluster{c}", self.items_of(c), last.weight.detach(),
-                                  last.bias.detach()))
-        return heads
+            return [ItemHead("items", self.decoder.items, self.decoder.weight.detach(),
+                             self.decoder.bias.detach())]
+        return [ItemHead(f"cluster{c}", self.items_of(c), self.decoders[c][-1].weight.detach(),
+                         self.decoders[c][-1].bias.detach()) for c in self.clusters]
 
     @torch.no_grad()
     def score(self, batch: SparseRows) -> torch.Tensor:
-        """[B, I] logits in global item order: query @ weight.T + bias per head."""
+        """[B, I] logits in global item order: query @ weight.T + bias per head (one
+        process)."""
         queries = self.query(batch)
-        heads = self.item_heads()
-        if len(heads) == 1 and heads[0].items.numel() == self.n_items and self.global_decoder:
-            h = heads[0]
-            return queries[h.name] @ h.weight.T + h.bias
         out = torch.empty(batch.batch_size, self.n_items, device=batch.values.device)
-        for h in heads:
+        for h in self.item_heads():
             out[:, h.items] = queries[h.name] @ h.weight.T + h.bias
         return out
 
     # ------------------------------------------------------------------ optimiser, counts
     def autoencoder_parameters(self) -> list[nn.Parameter]:
-        params = list(self.encoders.parameters())
-        params += list(self.decoder.parameters() if self.global_decoder
-                       else self.decoders.parameters())
-        return params
+        """The owned clusters' encoder and decoder parameters (rank-local when sharded)."""
+        decoder = self.decoder if self.global_decoder else self.decoders
+        return list(self.encoders.parameters()) + list(decoder.parameters())
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
         """Two AdamW groups, as main's optimizer1 / optimizer2: the autoencoder with
         ``ldiffrec.lr_vae`` / ``weight_decay_vae`` (None = lr / weight_decay), the denoiser
         with ``lr`` / ``weight_decay``."""
-        lr_vae = self.lcfg.get("lr_vae")
-        wd_vae = self.lcfg.get("weight_decay_vae")
+        lr_vae, wd_vae = self.lcfg.lr_vae, self.lcfg.weight_decay_vae
         return [
             {"name": "autoencoder", "params": self.autoencoder_parameters(),
              "lr": lr if lr_vae is None else float(lr_vae),
@@ -732,9 +586,10 @@ class LDiffRec(Recommender):
         ]
 
     def parameter_counts(self) -> dict[str, int]:
-        count = lambda ps: sum(p.numel() for p in ps)   # noqa: E731
-        enc = count(self.encoders.parameters())
-        dec = count(self.decoder.parameters() if self.global_decoder
-                    else self.decoders.parameters())
-        den = count(self.denoiser.parameters())
+        """{encoders, decoder, denoiser, total} over all clusters (sharded: collective)."""
+        count = lambda ps: sum(getattr(p, "ds_numel", p.numel()) for p in ps)  # noqa: E731
+        decoder = self.decoder if self.global_decoder else self.decoders
+        owned = self.shard.sum(torch.tensor([count(self.encoders.parameters()),
+                                             count(decoder.parameters())]))
+        enc, dec, den = int(owned[0]), int(owned[1]), count(self.denoiser.parameters())
         return {"encoders": enc, "decoder": dec, "denoiser": den, "total": enc + dec + den}

@@ -42,50 +42,44 @@ plan (what ``benchmarks/scaling.py`` checks against the measured peak).
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from ..device import chunk_items
-from ..models.ldiffrec import latent_dims
+from ..models.clusters import (CatalogueLinear, ClusterEncoder, decoder_dims,
+                               latent_dims, mlp)
 
 ZERO_BYTES = {0: lambda w: 16.0, 1: lambda w: 8 + 8 / w, 2: lambda w: 4 + 12 / w,
               3: lambda w: 16 / w}
 
 
+def _count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
 def cluster_parameters(cfg: dict, sizes) -> list[int]:
     """[C] parameters that live with each cluster: its encoder, plus its decoder (per-cluster
-    decoders) or its rows of the global linear decoder (out_dims == [])."""
+    decoders) or its rows of the global linear decoder (out_dims == []); the model's own
+    part classes (``models.clusters``) built on the meta device, nothing allocated."""
+    lcfg = cfg["ldiffrec"]
     sizes = [int(s) for s in sizes]
-    dims = latent_dims(sizes, cfg["ldiffrec"]["in_dims"])
+    dims = latent_dims(sizes, lcfg["in_dims"])
     latent = sum(d[-1] for d in dims)
-    out_dims = [int(d) for d in cfg["ldiffrec"]["out_dims"]]
-
-    def linear(widths):
-        return sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
-
     counts = []
-    for n_c, d in zip(sizes, dims):
-        enc_widths = list(d[:-1]) + [2 * d[-1]]
-        encoder = n_c * enc_widths[0] + enc_widths[0] + linear(enc_widths)
-        if not out_dims:
-            decoder = n_c * (latent + 1)
-        elif len(sizes) == 1:
-            decoder = linear([latent] + out_dims + [n_c])
-        else:
-            decoder = linear(list(d[::-1]) + [n_c])
-        counts.append(encoder + decoder)
+    with torch.device("meta"):
+        for n_c, d in zip(sizes, dims):
+            decoder = (CatalogueLinear(torch.empty(n_c, dtype=torch.long), latent)
+                       if not lcfg["out_dims"] else
+                       mlp(decoder_dims(d, n_c, lcfg["out_dims"], len(sizes)), lcfg["act"]))
+            counts.append(_count(ClusterEncoder(n_c, d, lcfg["act"])) + _count(decoder))
     return counts
 
 
 def denoiser_parameters(cfg: dict) -> int:
-    """Parameters of the latent denoiser that ``LDiffRec.from_config`` builds (counted on
-    the meta device: nothing is allocated)."""
-    import torch
-    from ..models.denoiser import Denoiser
-    latent = int(cfg["ldiffrec"]["in_dims"][0])
-    mlp = [int(d) for d in cfg["ldiffrec"]["mlp_dims"]]
+    """Parameters of the latent denoiser that ``LDiffRec.from_config`` builds (on the meta
+    device: nothing is allocated)."""
+    from ..models.ldiffrec import latent_denoiser
     with torch.device("meta"):
-        net = Denoiser([latent] + mlp[::-1], mlp + [latent], cfg["denoiser"]["emb_size"],
-                       cfg["denoiser"]["norm"], cfg["denoiser"]["dropout"])
-    return sum(p.numel() for p in net.parameters())
+        return _count(latent_denoiser(cfg))
 
 
 def _head_width(cfg: dict, dims: list[int], latent: int) -> int:

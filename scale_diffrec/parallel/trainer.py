@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -47,16 +47,15 @@ from ..config import absolute_paths
 from ..data import load_data
 from ..data.errors import ConfigError, DataError
 from ..finite import NonFiniteError
-from ..models.ldiffrec import latent_dims
+from ..models.clusters import latent_dims
 from ..partition import Partition
 from ..progress import format_seconds, log, peak_rss_mib, setup_logging
-from ..train import describe_metrics, headline, prepare_partition, seed_everything
+from ..train import finish, new_record, prepare_partition, run_epochs, seed_everything
 from .memory import cluster_parameters
 from .plan import Plan, plan_placement
 
 PLAN = runs.PLAN
 RAY_NAME = "ray"                  # Ray Train's run name: RUN_DIR/checkpoints/ray
-FAULT_ENV = "SCALE_DIFFREC_TEST_FAULT"   # test hook, see _fault_after_report
 
 
 # ============================================================================ the driver
@@ -127,15 +126,6 @@ def worker_error(err: BaseException):
     return None
 
 
-def worker_env(use_gpu: bool) -> dict[str, str]:
-    """Environment of the training workers: DeepSpeed's CPU accelerator without a GPU, and
-    the test fault hook when the driver has it."""
-    env = {} if use_gpu else {"DS_ACCELERATOR": "cpu"}
-    if os.environ.get(FAULT_ENV):
-        env[FAULT_ENV] = os.environ[FAULT_ENV]
-    return env
-
-
 def _prepare_run_dir(cfg: dict, run_dir: Path, n_workers: int, resume: bool,
                      overwrite: bool):
     """Validates the data, the partition and the plan, then writes config.yaml,
@@ -160,13 +150,15 @@ def _storage(run_dir: Path) -> Path:
 
 
 def train_distributed(cfg: dict, run_dir: str | Path, resume: bool = False,
-                      overwrite: bool = False, callbacks: tuple = (), test: bool = True
-                      ) -> dict:
+                      overwrite: bool = False, callbacks: tuple = (), test: bool = True,
+                      on_epoch: Callable[[dict, dict], None] | None = None) -> dict:
     """Train L-DiffRec on ``distributed.workers`` Ray Train workers; returns metrics.json.
     Nothing is written before the run directory, data, partition and plan are validated.
     ``callbacks``: Ray Train ``UserCallback``s (``tune`` passes ``TuneReportCallback``: rank
     0's per-epoch metrics, with ``tune.trial.evaluation_report``'s keys, go to Tune);
-    ``test=False`` computes no test metrics (as ``train.train``)."""
+    ``test=False`` computes no test metrics (as ``train.train``); ``on_epoch(entry,
+    record)``, a picklable function, runs on every worker after each epoch's report (as
+    ``train.train``'s)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     run_dir = Path(run_dir).resolve()
@@ -185,12 +177,12 @@ def train_distributed(cfg: dict, run_dir: str | Path, resume: bool = False,
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"cfg": cfg, "run_dir": str(run_dir), "plan": plan.to_dict(),
-                               "use_gpu": use_gpu, "test": test},
+                               "use_gpu": use_gpu, "test": test, "on_epoch": on_epoch},
             scaling_config=ScalingConfig(num_workers=n_workers, use_gpu=use_gpu),
             run_config=RunConfig(
                 name=RAY_NAME, storage_path=str(_storage(run_dir)),
                 failure_config=FailureConfig(max_failures=int(cfg["distributed"]["max_failures"])),
-                worker_runtime_env={"env_vars": worker_env(use_gpu)},
+                worker_runtime_env={"env_vars": {} if use_gpu else {"DS_ACCELERATOR": "cpu"}},
                 callbacks=list(callbacks)))
         try:
             trainer.fit()
@@ -207,97 +199,74 @@ def train_distributed(cfg: dict, run_dir: str | Path, resume: bool = False,
 
 
 # ============================================================================ each worker
-def _new_record() -> dict:
-    """The single-process trainer's record, plus the epochs training resumed at."""
-    return {"history": [], "best": -1.0, "best_epoch": 0, "valid": {}, "resumed_at": []}
+class ShardedCheckpoints:
+    """A rank's side of the run's checkpoints (``train.run_epochs`` / ``train.finish``):
+    every epoch's sharded checkpoint, complete (its manifest written) before the epoch is
+    reported to Ray; at the end last.pt / best.pt with the assembled one-process state and
+    every worker's peak memory for metrics.json."""
+
+    def __init__(self, run, run_dir: Path, config: dict, record: dict):
+        self.run, self.run_dir, self.config, self.record = run, run_dir, config, record
+
+    def save(self, progress, record: dict, improved: bool) -> None:
+        run, rank = self.run, self.run.rank
+        epoch = progress.epoch
+        name = checkpoint.part_name(rank)
+        checkpoint.save_part(self.run_dir, epoch, name, run.catalogue_state())
+        common = run.common_state()
+        if rank == 0:
+            checkpoint.save_part(self.run_dir, epoch, checkpoint.COMMON,
+                                 {**common, "record": record})
+        parts = [None] * run.world
+        dist.all_gather_object(parts, (name, run.clusters))     # every part is on disk
+        if rank == 0:
+            checkpoint.mark_complete(self.run_dir, epoch, dict(parts),
+                                     keep=(record["best_epoch"],))
+        dist.barrier()                                           # and the manifest
+
+    def load_epoch(self, epoch: int) -> None:
+        """last.pt (the state trained so far), then the best epoch's shards back in."""
+        run = self.run
+        last = run.full_model_state()
+        if run.rank == 0:      # written now, not held through the best epoch's evaluation
+            runs.save_checkpoint(self.run_dir, "last", {"model": last, "record": self.record,
+                                                        "epoch": run.progress.epoch,
+                                                        "step": run.progress.step})
+        del last
+        run.load_state(checkpoint.at_epoch(self.run_dir, epoch))
+        self.best_epoch = epoch
+
+    def final(self, record: dict, device) -> dict:
+        """best.pt; the plan, the workers and each one's peak memory. Collective."""
+        run = self.run
+        best = run.full_model_state()
+        memory = [None] * run.world
+        dist.all_gather_object(memory, {"rank": run.rank, **_peak_memory(device)})
+        if run.rank == 0:
+            runs.save_checkpoint(self.run_dir, "best", {"model": best, "record": record,
+                                                        "epoch": self.best_epoch})
+        plan = Plan.from_dict(self.config["plan"])
+        for m in memory:
+            m.update(clusters=plan.clusters(m["rank"]), items=plan.items(m["rank"]))
+        cfg = self.config["cfg"]
+        return {"resumed_at": record["resumed_at"],
+                "peak_rss_mib": max(m["peak_rss_mib"] for m in memory),
+                "distributed": {"workers": run.world, "use_gpu": self.config["use_gpu"],
+                                "zero_stage": cfg["distributed"]["zero_stage"],
+                                "placement": cfg["distributed"]["placement"]},
+                "plan": self.config["plan"], "per_worker": memory}
 
 
 def _restore(run, source, rank: int) -> dict:
     """Continue from ``source`` (the newest complete checkpoint; None: start); returns the
-    record."""
+    record (``train.new_record`` plus the epochs training resumed at)."""
     if source is None:
-        return _new_record()
+        return {**new_record(), "resumed_at": []}
     record = run.load_state(source)["record"]
     if rank == 0:
         log.info("resumed from %s at epoch %d", source.path, run.progress.epoch)
     record.setdefault("resumed_at", []).append(run.progress.epoch)
     return record
-
-
-def _save(run, record: dict, rank: int, run_dir: Path) -> None:
-    """This epoch's sharded checkpoint, complete (its manifest written) on return on every
-    rank."""
-    epoch = run.progress.epoch
-    name = checkpoint.part_name(rank)
-    checkpoint.save_part(run_dir, epoch, name, run.catalogue_state())
-    common = run.common_state()
-    if rank == 0:
-        checkpoint.save_part(run_dir, epoch, checkpoint.COMMON, {**common, "record": record})
-    parts = [None] * run.world
-    dist.all_gather_object(parts, (name, run.clusters))     # every part is on disk
-    if rank == 0:
-        checkpoint.mark_complete(run_dir, epoch, dict(parts), keep=(record["best_epoch"],))
-    dist.barrier()                                           # and the manifest
-
-
-def _report(run, record: dict, rank: int, entry: dict, run_dir: Path) -> None:
-    """The epoch's checkpoint, then its metrics to Ray."""
-    import ray.train
-    _save(run, record, rank, run_dir)
-    from ..tune.trial import evaluation_report
-    ray.train.report({"epoch": entry["epoch"], "loss": entry["loss"],
-                      **(evaluation_report(entry, record) or {})})
-    _fault_after_report(rank, entry["epoch"])
-
-
-def _stopped(record: dict, epochs_done: int, cfg: dict) -> bool:
-    """Early stopping: ``patience`` epochs since the best validation epoch."""
-    return record["best_epoch"] > 0 and epochs_done - record["best_epoch"] >= cfg["patience"]
-
-
-def _fault_after_report(rank: int, epoch: int) -> None:
-    """Test hook: with ``SCALE_DIFFREC_TEST_FAULT=RANK:EPOCH:MARKER`` rank RANK creates the
-    file MARKER and exits (os._exit(1)) right after reporting epoch EPOCH, unless MARKER
-    already exists: the run fails once, and Ray restarts it."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    fault_rank, fault_epoch, marker = spec.split(":", 2)
-    if (int(fault_rank), int(fault_epoch)) == (rank, epoch) and not os.path.exists(marker):
-        Path(marker).touch()
-        os._exit(1)
-
-
-def _epoch_loop(run, cfg: dict, record: dict, rank: int, run_dir: Path) -> None:
-    """The single-process trainer's epochs (train.train), sharded; updates ``record``."""
-    say = log.info if rank == 0 else (lambda *a: None)
-    metric = cfg["select_metric"]
-    started = time.perf_counter()
-    first_epoch = run.progress.epoch
-    for epoch in range(first_epoch, cfg["epochs"]):
-        if _stopped(record, epoch, cfg):
-            break
-        t0 = time.perf_counter()
-        loss = run.train_epoch(epoch)
-        seconds = time.perf_counter() - t0
-        run.progress.epoch = epoch + 1
-        entry = {"epoch": epoch + 1, "loss": loss, "seconds": seconds}
-        eta = (time.perf_counter() - started) / (epoch + 1 - first_epoch) * (
-            cfg["epochs"] - epoch - 1)
-        line = f"epoch {epoch + 1}/{cfg['epochs']} | loss {loss:.4f} | {seconds:.1f} s"
-        if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == cfg["epochs"]:
-            valid = run.evaluate("valid")
-            entry["valid"] = headline(valid, metric)
-            line += f" | valid {describe_metrics(entry['valid'])}"
-            if valid[metric] > record["best"]:
-                record.update(best=valid[metric], best_epoch=epoch + 1, valid=valid)
-                line += " *"
-        record["history"].append(entry)
-        say("%s | ETA %s | peak RSS %.0f MiB", line, format_seconds(eta), peak_rss_mib())
-        _report(run, record, rank, entry, run_dir)
-        if _stopped(record, epoch + 1, cfg):
-            say("early stop: no better valid %s for %d epochs (best epoch %d)",
-                metric, cfg["patience"], record["best_epoch"])
 
 
 def _peak_memory(device: torch.device) -> dict:
@@ -307,61 +276,14 @@ def _peak_memory(device: torch.device) -> dict:
     return out
 
 
-def _part_counts(state: dict) -> dict[str, int]:
-    """LDiffRec.parameter_counts from its state_dict (encoders, decoder, denoiser, total)."""
-    parts = {"encoders": ("encoders.",), "decoder": ("decoder.", "decoders."),
-             "denoiser": ("denoiser.",)}
-    counts = {name: sum(v.numel() for k, v in state.items() if k.startswith(prefixes))
-              for name, prefixes in parts.items()}
-    counts["total"] = sum(counts.values())
-    return counts
-
-
-def _finish(run, cfg: dict, record: dict, config: dict, rank: int, device,
-            data_name: str) -> None:
-    """last.pt, then the best epoch's shards back in: valid/test metrics, best.pt and
-    metrics.json (rank 0), with every worker's peak memory."""
-    run_dir = Path(config["run_dir"])
-    last = run.full_model_state()
-    if rank == 0:        # written now, not held through the best epoch's evaluation
-        runs.save_checkpoint(run_dir, "last", {"model": last, "epoch": run.progress.epoch,
-                                               "step": run.progress.step, "record": record})
-    del last
-    run.load_state(checkpoint.at_epoch(run_dir, record["best_epoch"]))
-    valid = run.evaluate("valid")
-    test = run.evaluate("test") if config["test"] else None
-    best = run.full_model_state()
-    memory = [None] * run.world
-    dist.all_gather_object(memory, {"rank": rank, **_peak_memory(device)})
-    if rank != 0:
-        return
-    runs.save_checkpoint(run_dir, "best", {"model": best, "epoch": record["best_epoch"],
-                                           "record": record})
-    plan = Plan.from_dict(config["plan"])
-    for m in memory:
-        m.update(clusters=plan.clusters(m["rank"]), items=plan.items(m["rank"]))
-    metrics = {
-        "model": cfg["model"], "data": data_name, "convention": cfg["convention"],
-        "best_epoch": record["best_epoch"], "valid": valid,
-        **({"test": test} if test is not None else {}),
-        "history": record["history"], "resumed_at": record["resumed_at"],
-        "parameters": _part_counts(best),
-        "peak_rss_mib": max(m["peak_rss_mib"] for m in memory),
-        "distributed": {"workers": run.world, "use_gpu": config["use_gpu"],
-                        "zero_stage": cfg["distributed"]["zero_stage"],
-                        "placement": cfg["distributed"]["placement"]},
-        "plan": config["plan"], "per_worker": memory,
-    }
-    runs.write_json(run_dir / runs.METRICS, metrics)
-    split, shown = ("test", test) if test is not None else ("valid", valid)
-    log.info("best epoch %d | %s %s | wrote %s", record["best_epoch"], split,
-             describe_metrics(headline(shown, cfg["select_metric"])), run_dir / runs.METRICS)
-
-
 def train_loop(config: dict) -> None:
-    """Ray Train's per-worker function (``config``: cfg, run_dir, plan, use_gpu)."""
+    """Ray Train's per-worker function (``config``: cfg, run_dir, plan, use_gpu, test,
+    on_epoch): the one-process epoch loop (``train.run_epochs``) and end (``train.finish``)
+    on this rank's ``ShardedRun``, each epoch reported to Ray once its checkpoint is
+    complete, then ``on_epoch(entry, record)`` when given."""
     import ray.train
     from ray.train.torch import get_device
+    from ..tune.trial import evaluation_report
     from .worker import ShardedRun
     setup_logging()
     cfg, run_dir = config["cfg"], Path(config["run_dir"])
@@ -373,5 +295,15 @@ def train_loop(config: dict) -> None:
     run = ShardedRun(cfg, data, partition, Plan.from_dict(config["plan"]), device)
     # a fresh run's storage was cleared: a checkpoint here is this run's (Ray restarted it)
     record = _restore(run, checkpoint.latest(run_dir), rank)
-    _epoch_loop(run, cfg, record, rank, run_dir)
-    _finish(run, cfg, record, config, rank, device, data.name)
+
+    def report(entry: dict, record: dict) -> None:
+        ray.train.report({"epoch": entry["epoch"], "loss": entry["loss"],
+                          **(evaluation_report(entry, record) or {})})
+        if config.get("on_epoch") is not None:
+            config["on_epoch"](entry, record)
+
+    checkpoints = ShardedCheckpoints(run, run_dir, config, record)
+    trained = run_epochs(run.model, run.optimizer, data, cfg, run.progress, record, device,
+                         checkpoints, report)
+    finish(run.model, data, cfg, run_dir, record, test=config["test"], trained=trained,
+           checkpoints=checkpoints)
