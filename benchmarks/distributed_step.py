@@ -51,7 +51,7 @@ def _worker(rank: int, world: int, config: str, overrides: list[str], epochs: in
         seconds.append(time.perf_counter() - t0)
     return {"rank": rank, "epoch_seconds": seconds, "collective_seconds": {k: v["seconds"] for k, v in meter.totals.items()},
             "peak_rss_mib": peak_rss_mib(), "clusters": run.clusters,
-            "items": int(len(run.own_items))}
+            "items": int(sum(len(run.model.items_of(c)) for c in run.clusters))}
 
 
 def main() -> None:

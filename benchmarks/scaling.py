@@ -78,7 +78,7 @@ def measure(point: dict, device=None) -> dict:
     seed_everything(cfg["seed"])
     plan = Plan.from_dict(point["plan"])
     run = ShardedRun(cfg, data, partition, plan, device)
-    run.model.train(), run.local.train(), run.engine.train()
+    run.model.train()
     order = epoch_order(data.n_users, cfg["seed"], 0)
     b = cfg["batch_size"]
     steps = point["warmup"] + point["steps"]
@@ -107,7 +107,7 @@ def measure(point: dict, device=None) -> dict:
                 _step(run, users, device)
         if prof is not None:
             table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
-    sharded = sum(t.numel() * t.element_size() for p in run.local.parameters()
+    sharded = sum(t.numel() * t.element_size() for p in run.optimizer.local_params
                   for t in [p] + ([p.grad] if p.grad is not None else []))
     sharded += sum(v.numel() * v.element_size() for s in run.local_optimizer.state.values()
                    for v in s.values() if torch.is_tensor(v))
@@ -130,7 +130,6 @@ def measure(point: dict, device=None) -> dict:
 def _step(run, users, device) -> None:
     import torch
     run.loss_and_backward(users)
-    run.optimizer_step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

@@ -224,9 +224,18 @@ def test_worker_killed_right_after_a_report_restarts_from_that_epoch_with_same_r
     marker = tmp_path / "killed"
     # rank 1 exits as soon as ray.train.report of epoch 2 returns: before Ray has
     # registered anything of it, so Ray's own latest checkpoint could be epoch 1's
-    monkeypatch.setenv(trainer.FAULT_ENV, f"1:2:{marker}")
+    marker_path = str(marker)
+
+    def exit_once(entry: dict, record: dict) -> None:     # a nested function: pickled by
+        import ray.train                                   # value into the Ray workers
+        rank = ray.train.get_context().get_world_rank()
+        if (rank, entry["epoch"]) == (1, 2) and not os.path.exists(marker_path):
+            Path(marker_path).touch()
+            os._exit(1)
+
     metrics = trainer.train_distributed(
-        _cfg(partition_file, "distributed.max_failures=1"), tmp_path / "run")
+        _cfg(partition_file, "distributed.max_failures=1"), tmp_path / "run",
+        on_epoch=exit_once)
     assert marker.is_file(), "the fault hook never fired"
     assert metrics["resumed_at"] == [2]
     assert metrics["best_epoch"] == reference["best_epoch"]

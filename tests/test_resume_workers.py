@@ -58,7 +58,7 @@ def _sharded(rank, world, cfg, run_dir, epochs):
     for epoch in range(started, epochs):
         run.train_epoch(epoch)
         run.progress.epoch = epoch + 1
-    trainer._save(run, record, rank, Path(run_dir))
+    trainer.ShardedCheckpoints(run, Path(run_dir), {}, record).save(run.progress, record, False)
     return started
 
 
