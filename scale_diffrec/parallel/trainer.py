@@ -49,7 +49,7 @@ from ..data.errors import ConfigError, DataError
 from ..finite import NonFiniteError
 from ..models.clusters import latent_dims
 from ..partition import Partition
-from ..progress import format_seconds, log, peak_rss_mib, setup_logging
+from ..progress import log, peak_rss_mib, setup_logging
 from ..train import finish, new_record, prepare_partition, run_epochs, seed_everything
 from .memory import cluster_parameters
 from .plan import Plan, plan_placement
