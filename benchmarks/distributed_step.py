@@ -5,9 +5,9 @@ memory, and the share of step time spent in collectives.
     python benchmarks/distributed_step.py --config configs/quickstart.yaml --workers 1 2
 
 Runs ``ShardedRun.train_epoch`` (the code Ray Train workers run) in W local processes
-(``parallel.testing.run_distributed``; no Ray start-up in the figures): one warm-up epoch,
+(``train.distributed.local.run_distributed``; no Ray start-up in the figures): one warm-up epoch,
 then ``--epochs`` timed ones. Collective time is the wall time inside torch.distributed's
-collectives (``parallel.profiling.meter_collectives``, ZeRO's gradient reductions
+collectives (``profiling.meter_collectives``, ZeRO's gradient reductions
 included), summed over the timed epochs, as a share of their wall time. With W processes
 on 2 cores, W > 2 measures oversubscription, not scaling. Writes
 benchmarks/results/distributed_step.json.
@@ -27,13 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 def _worker(rank: int, world: int, config: str, overrides: list[str], epochs: int) -> dict:
-    from scale_diffrec.parallel.profiling import meter_collectives
+    from scale_diffrec.profiling import meter_collectives
     meter = meter_collectives()
     import torch
     from scale_diffrec.config import absolute_paths, load_config
     from scale_diffrec.data import load_data
-    from scale_diffrec.parallel.trainer import build_plan
-    from scale_diffrec.parallel.worker import ShardedRun
+    from scale_diffrec.train.distributed.trainer import build_plan
+    from scale_diffrec.train.distributed.worker import ShardedRun
     from scale_diffrec.progress import peak_rss_mib
     from scale_diffrec.train import prepare_partition, seed_everything
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -55,7 +55,7 @@ def _worker(rank: int, world: int, config: str, overrides: list[str], epochs: in
 
 
 def main() -> None:
-    from scale_diffrec.parallel.testing import run_distributed
+    from scale_diffrec.train.distributed.local import run_distributed
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/ml1m-clean-ldiffrec.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[])

@@ -29,7 +29,8 @@ from scale_diffrec.data import load_data  # noqa: E402
 from scale_diffrec.models import Progress, build_model, parameter_groups  # noqa: E402
 from scale_diffrec.progress import peak_rss_mib  # noqa: E402
 from scale_diffrec.runs import write_json  # noqa: E402
-from scale_diffrec.train import (parameter_counts, prepare_partition, seed_everything,  # noqa: E402
+from scale_diffrec.train.loop import parameter_counts  # noqa: E402
+from scale_diffrec.train import (prepare_partition, seed_everything,  # noqa: E402
                                  train_epoch)
 
 

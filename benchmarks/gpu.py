@@ -159,7 +159,7 @@ def part_precisions(configs: dict, models: list[str], device: torch.device,
 def part_sharded(items: int, users: int, precisions: list[str], steps: int) -> dict:
     """``scaling.py``'s sharded measurement (NCCL, one process per GPU) per precision."""
     from scaling import prepare, run_local, summarize
-    from scale_diffrec.parallel.trainer import build_plan
+    from scale_diffrec.train.distributed.trainer import build_plan
     config = str(ROOT / "configs" / "synthetic-1m.yaml")
     workdir = Path(tempfile.mkdtemp(prefix="sdr-gpu-"))
     overrides, cfg, data = prepare(config, [], items, users, workdir)

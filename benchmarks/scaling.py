@@ -14,8 +14,8 @@ rank and step:
     (steps per epoch x median step: extrapolated), peak RSS and, on GPU, peak allocated
     memory, the exact bytes of the rank's catalogue-sharded tensors (its clusters'
     weights, gradients and AdamW moments), and the calls, bytes and seconds inside each
-    collective (``parallel.profiling``), per step;
-and the memory model's prediction for the rank (``parallel.memory.worker_terms``). Its
+    collective (``profiling``), per step;
+and the memory model's prediction for the rank (``memory_model.worker_terms``). Its
 constant term, the runtime (interpreter, torch, pyarrow, DeepSpeed and its engine, thread
 pools), is calibrated once per W: the smallest catalogue's measured peak minus its other
 terms; the larger catalogues then test the model (``measured_over_model``).
@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 # ------------------------------------------------------------------------- one rank
 def measure(point: dict, device=None) -> dict:
     """Inside a rank of an initialised process group: build, warm up, time the steps."""
-    from scale_diffrec.parallel.profiling import current_rss_mib, meter_collectives
+    from scale_diffrec.profiling import current_rss_mib, meter_collectives
     meter = meter_collectives()                  # before DeepSpeed binds the collectives
     import time
 
@@ -60,10 +60,10 @@ def measure(point: dict, device=None) -> dict:
     import torch.distributed as dist
     from scale_diffrec.config import load_config
     from scale_diffrec.data import load_data
-    from scale_diffrec.parallel.memory import worker_terms
-    from scale_diffrec.parallel.plan import Plan
-    from scale_diffrec.parallel.worker import ShardedRun
-    from scale_diffrec.parallel.zero import import_deepspeed
+    from scale_diffrec.memory_model import worker_terms
+    from scale_diffrec.shard.plan import Plan
+    from scale_diffrec.train.distributed.worker import ShardedRun
+    from scale_diffrec.train.distributed.zero import import_deepspeed
     from scale_diffrec.progress import peak_rss_mib
     from scale_diffrec.train import epoch_order, prepare_partition, seed_everything
     import_deepspeed()
@@ -151,7 +151,7 @@ def _ray_rank(point: dict) -> None:
 # ------------------------------------------------------------------------- launchers
 def run_local(point: dict, workers: int) -> list[dict]:
     import torch
-    from scale_diffrec.parallel.testing import run_distributed
+    from scale_diffrec.train.distributed.local import run_distributed
     gpus = torch.cuda.device_count()
     backend = "nccl" if gpus >= workers else "gloo"
     env = {} if backend == "nccl" else {"DS_ACCELERATOR": "cpu"}
@@ -164,7 +164,7 @@ def run_ray(point: dict, workers: int) -> list[dict]:
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    from scale_diffrec.parallel.trainer import resolve_use_gpu, worker_env
+    from scale_diffrec.train.distributed.trainer import resolve_use_gpu, worker_env
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
     use_gpu = resolve_use_gpu("auto", workers)
@@ -298,7 +298,7 @@ def main() -> None:
                                                         "a multi-node Ray cluster)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scaling.json"))
     args = parser.parse_args()
-    from scale_diffrec.parallel.trainer import build_plan
+    from scale_diffrec.train.distributed.trainer import build_plan
     from scale_diffrec.partition import Partition
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="sdr-scaling-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)

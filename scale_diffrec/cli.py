@@ -36,7 +36,7 @@ def cmd_train(args) -> int:
         raise ConfigError("--log-dir: TensorBoard logs are written by single-process runs "
                           "(and by every tune trial); not yet by distributed ones")
     if distributed:
-        from .parallel.trainer import train_distributed
+        from .train.distributed.trainer import train_distributed
         metrics = train_distributed(cfg, out, resume=args.resume, overwrite=args.overwrite)
     else:
         from .train import train
@@ -83,7 +83,7 @@ def cmd_prepare(args) -> int:
 def cmd_tune(args) -> int:
     from .tune.search import SearchFailed, Settings, run_search, saved
     from .tune.search import prepare as prepare_search
-    from .parallel.trainer import connect
+    from .train.distributed.trainer import connect
     out = Path(args.out).resolve()
     search_args = {"--config": args.config, "--space": args.space, "--trials": args.trials,
                    "--search": args.search, "--set": args.overrides or None,

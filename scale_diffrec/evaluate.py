@@ -30,7 +30,7 @@ from .data.dataset import InteractionData
 from .device import autocast, chunk_items, model_device
 from .metrics import CONVENTIONS, MetricAccumulator, _as_ks, _as_numpy_items
 from .models.base import Recommender
-from .parallel.collectives import all_reduce_sum
+from .shard.collectives import all_reduce_sum
 from .ranking import RunningTopK, linear_chunks, merge_ranks, seen_positions
 
 SPLITS = ("valid", "test")

@@ -1,7 +1,8 @@
 """Full-ranking top-K over large catalogues: score chunks folded into a running top-K.
 
-Every evaluator (``evaluate.accumulate`` in one process, ``parallel.worker.ShardedRun.topk``
-on each rank) ranks a batch of B users over its items the same way:
+The evaluator (``evaluate.accumulate``; in one process, or on each rank of a W-worker run,
+which then merges the ranks' lists with ``merge_ranks``) ranks a batch of B users over its
+items the same way:
 
 1. the items are scored ``chunk`` at a time, in a fixed order of *positions* 0 .. n - 1
    (``linear_chunks`` for a linear head: ``[query, 1] @ [weight, bias][chunk].T``, the

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scale_diffrec.parallel import collectives as C
-from scale_diffrec.parallel.testing import DistributedError, run_distributed
+from scale_diffrec.shard import collectives as C
+from scale_diffrec.train.distributed.local import DistributedError, run_distributed
 
 TOL = dict(rtol=1e-6, atol=1e-6)
 

@@ -245,8 +245,8 @@ def test_chunked_logsumexp_equals_logsumexp_with_gradients():
 def test_cluster_parts_built_alone_equal_the_whole_models(out_dims, owned):
     # a worker builds only its clusters' parts (a Shard of a 2-worker plan): the values
     # must be those of the model built whole, whatever the global RNG holds
-    from scale_diffrec.parallel.plan import Plan
-    from scale_diffrec.parallel.shard import Shard
+    from scale_diffrec.shard.plan import Plan
+    from scale_diffrec.shard.context import Shard
     model, cfg = make_model(f"ldiffrec.out_dims={out_dims}", seed=0)
     torch.manual_seed(123)
     rest = [c for c in range(3) if c not in owned]
@@ -505,8 +505,8 @@ def test_als_warm_start_parts_built_alone_equal_the_whole_models():
     train, _ = two_group_csr()
     cfg = make_cfg("ldiffrec.warm_start=als")
     model = LDiffRec.from_config(cfg, N_ITEMS, toy_partition(), train=train)
-    from scale_diffrec.parallel.plan import Plan
-    from scale_diffrec.parallel.shard import Shard
+    from scale_diffrec.shard.plan import Plan
+    from scale_diffrec.shard.context import Shard
     plan = Plan(toy_partition().sizes.tolist(), [[0, 2], [1]], latent_dims=model.latent_sizes)
     shell = LDiffRec.from_config(cfg, N_ITEMS, toy_partition(), train=train,
                                  shard=Shard(plan, 0))          # a worker: clusters 0 and 2

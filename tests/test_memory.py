@@ -4,7 +4,7 @@ import pytest
 
 from scale_diffrec.config import load_config
 from scale_diffrec.models.ldiffrec import LDiffRec
-from scale_diffrec.parallel.memory import ZERO_BYTES, predict, worker_terms
+from scale_diffrec.memory_model import ZERO_BYTES, predict, worker_terms
 from scale_diffrec.partition import Partition
 
 SIZES = [500, 300, 150, 50]

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from scale_diffrec.parallel.plan import Plan, plan_placement, split_rows
+from scale_diffrec.shard.plan import Plan, plan_placement, split_rows
 
 
 def test_hand_checked_lpt_assignment():

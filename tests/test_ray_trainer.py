@@ -1,4 +1,4 @@
-"""The Ray Train harness (scale_diffrec/parallel/trainer.py) on a tiny synthetic L-DiffRec.
+"""The Ray Train harness (scale_diffrec/train/distributed/trainer.py) on a tiny synthetic L-DiffRec.
 
 Without Ray: too many workers fail before anything starts; the plan's per-cluster parameter
 counts and latent widths are the model's. With Ray (marked ``ray``; about 3 minutes together, in the default suite):
@@ -31,9 +31,9 @@ from scale_diffrec.config import absolute_paths, load_config
 from scale_diffrec.data import load_data
 from scale_diffrec.data.errors import ConfigError
 from scale_diffrec.models import build_model
-from scale_diffrec.parallel.memory import cluster_parameters, denoiser_parameters
-from scale_diffrec.parallel import trainer
-from scale_diffrec.parallel.testing import free_port
+from scale_diffrec.memory_model import cluster_parameters, denoiser_parameters
+from scale_diffrec.train.distributed import trainer
+from scale_diffrec.train.distributed.local import free_port
 from scale_diffrec.partition import Partition
 from scale_diffrec.train import train
 

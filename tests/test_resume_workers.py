@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from scale_diffrec import checkpoint, runs
-from scale_diffrec.parallel.testing import run_distributed
+from scale_diffrec.train.distributed.local import run_distributed
 
 SIZES = [44, 30, 16, 6]
 BASE = ["model=ldiffrec", "data.source=synthetic", "data.synthetic.n_users=90",
@@ -45,8 +45,8 @@ def _sharded(rank, world, cfg, run_dir, epochs):
     """Resume a W-worker run from the newest checkpoint in ``run_dir`` (none: start), train
     to ``epochs`` and write its sharded checkpoint, as a Ray worker does."""
     from scale_diffrec.data import load_data
-    from scale_diffrec.parallel import trainer
-    from scale_diffrec.parallel.worker import ShardedRun
+    from scale_diffrec.train.distributed import trainer
+    from scale_diffrec.train.distributed.worker import ShardedRun
     from scale_diffrec.partition import Partition
     from scale_diffrec.train import seed_everything
     data = load_data(cfg)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from scale_diffrec.parallel.testing import run_distributed
+from scale_diffrec.train.distributed.local import run_distributed
 from scale_diffrec.samplers import LossSecondMomentResampler, UniformSampler
 
 

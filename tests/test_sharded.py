@@ -1,4 +1,4 @@
-"""The W-worker sharded L-DiffRec (parallel/worker.py) equals the single-process LDiffRec.
+"""The W-worker sharded L-DiffRec (models/ldiffrec.py with a Shard, wired by distributed/worker.py) equals the single-process LDiffRec.
 
 W gloo processes, unequal clusters (44/30/16/6 items), both decoder forms, dropout on
 (encoder input, reparameterisation noise, denoiser input): the global loss and the gradient
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from scale_diffrec.parallel.testing import run_distributed
+from scale_diffrec.train.distributed.local import run_distributed
 
 RTOL, ATOL = 1e-5, 1e-6
 SIZES = [44, 30, 16, 6]
@@ -29,7 +29,7 @@ FORMS = {"global-decoder": [], "cluster-decoders": ["ldiffrec.out_dims=[6]"],
 def _setup(overrides):
     from scale_diffrec.config import load_config
     from scale_diffrec.data import load_data
-    from scale_diffrec.parallel.trainer import build_plan
+    from scale_diffrec.train.distributed.trainer import build_plan
     from scale_diffrec.partition import Partition
     cfg = load_config(None, BASE + list(overrides))
     data = load_data(cfg)
@@ -47,7 +47,7 @@ def _single(cfg, data, partition):
 
 
 def _sharded(cfg, data, partition, build_plan, world):
-    from scale_diffrec.parallel.worker import ShardedRun
+    from scale_diffrec.train.distributed.worker import ShardedRun
     from scale_diffrec.train import seed_everything
     seed_everything(cfg["seed"])
     return ShardedRun(cfg, data, partition, build_plan(cfg, partition, world), "cpu")
@@ -57,7 +57,7 @@ def _sharded_step(rank, world, overrides):
     """(global loss, {name: gradient}, the rows of decoder.* on this rank or None) of the
     sharded step 0 on this rank (the gradients before the optimizer steps); names as in
     LDiffRec's state_dict, the same as one process's."""
-    from scale_diffrec.parallel.zero import gathered_grads
+    from scale_diffrec.train.distributed.zero import gathered_grads
     cfg, data, partition, build_plan = _setup(overrides)
     run = _sharded(cfg, data, partition, build_plan, world)
     grads = {}
@@ -172,7 +172,7 @@ def _resumed(rank, world, zero_stage, run_dir):
     from pathlib import Path
     from scale_diffrec import checkpoint
     from scale_diffrec import train
-    from scale_diffrec.parallel import trainer
+    from scale_diffrec.train.distributed import trainer
     cfg, data, partition, build_plan = _setup([f"distributed.zero_stage={zero_stage}"])
     straight = _sharded(cfg, data, partition, build_plan, world)
     for epoch in range(2):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from scale_diffrec.parallel.testing import run_distributed
+from scale_diffrec.train.distributed.local import run_distributed
 
 B = 7
 STAGES = (1, 2, 3)
@@ -85,9 +85,9 @@ def _hybrid_loss_single(enc, den, dec, x, noise):
 
 def _zero_worker(rank, world, stages):
     t0 = time.perf_counter()
-    from scale_diffrec.parallel import collectives as C
-    from scale_diffrec.parallel.plan import plan_placement, split_rows
-    from scale_diffrec.parallel.zero import (gathered_grads, gathered_state_dict, hybrid_backward,
+    from scale_diffrec.shard import collectives as C
+    from scale_diffrec.shard.plan import plan_placement, split_rows
+    from scale_diffrec.train.distributed.zero import (gathered_grads, gathered_state_dict, hybrid_backward,
                                              import_deepspeed, init_denoiser_engine)
     import_deepspeed()
     out = {"import_s": time.perf_counter() - t0, "init_s": {}}
@@ -239,8 +239,8 @@ def test_deepspeed_initialize_takes_seconds(zero_results):
 
 # ----------------------------------------------------------------------------- resharding
 def _mlp_steps(engine, world, rank, steps):
-    from scale_diffrec.parallel.plan import split_rows
-    from scale_diffrec.parallel.zero import hybrid_backward
+    from scale_diffrec.shard.plan import split_rows
+    from scale_diffrec.train.distributed.zero import hybrid_backward
     splits = split_rows(B, world)
     rows = slice(sum(splits[:rank]), sum(splits[:rank + 1]))
     for step in steps:
@@ -254,7 +254,7 @@ def _zero_saved_then_loaded(rank, world, stage, saved):
     world size) into a fresh engine and take 2 more steps. Returns (parameters, the whole
     AdamW state per parameter name), both from ``gathered_state_dict`` /
     ``full_optimizer_state``."""
-    from scale_diffrec.parallel.zero import (full_optimizer_state, gathered_state_dict,
+    from scale_diffrec.train.distributed.zero import (full_optimizer_state, gathered_state_dict,
                                              init_denoiser_engine, load_denoiser_state)
     # the resumed engine starts from other values than the saved ones
     engine = init_denoiser_engine(_mlp(seed=0 if saved is None else 1), OPT, stage)

@@ -37,7 +37,7 @@ reparameterisation) -> ``diffusion.p_sample(denoiser, mu, sampling_steps, sampli
 -> decoder -> logits.
 
 Sharded by construction (DESIGN.md, "Hybrid parallelism"). The model holds the parts of
-the clusters its ``shard`` owns (``parallel/shard.py``; every cluster in one process) and
+the clusters its ``shard`` owns (``shard/context.py``; every cluster in one process) and
 writes the loss once, with collectives that are identities in one process. Rank r of W,
 for a global batch of B users (the same on every rank; B_r = its consecutive block):
 
@@ -79,7 +79,7 @@ from ..config import Config, LDiffRecConfig
 from ..data.csr import CSR, SparseRows
 from ..device import chunk_items
 from ..diffusion import GaussianDiffusion
-from ..parallel.shard import Shard
+from ..shard.context import Shard
 from ..samplers import build_sampler
 from .base import ItemHead, Progress, Recommender
 from .clusters import (CatalogueLinear, ClusterInput, ClusterParts, PerCluster, latent_dims,

@@ -129,7 +129,7 @@ def prepare(config: str | Path, overrides: list[str], space_path: str | Path, ou
     elif not settings.trials or settings.trials < 1:
         raise ConfigError(f"--trials must be >= 1 for --search {settings.search}")
     if cfg["distributed"]["workers"] > 1:
-        from ..parallel.trainer import check_workers
+        from ..train.distributed.trainer import check_workers
         check_workers(cfg)
         space.check(config, overrides, check_cfg=check_workers)
     else:

@@ -13,8 +13,8 @@ would. After every epoch from the first evaluation on, the trial reports to Tune
                                      epoch (what ASHA and the searcher compare)
     best/recall@20, best/ndcg@20     the valid metrics of that best epoch
 
-A W-worker trial (``distributed.workers`` > 1, ``tune --workers-per-trial W``) is the
-distributed L-DiffRec run (parallel/trainer.py) launched from the trial; it restarts from its
+A W-worker trial (``train.distributed.workers`` > 1, ``tune --workers-per-trial W``) is the
+distributed L-DiffRec run (train/distributed/trainer.py) launched from the trial; it restarts from its
 run's Ray Train checkpoints. Its run directory gets best.pt only when the run ends, so a
 W-worker trial that ASHA cuts cannot be selected.
 
@@ -72,7 +72,7 @@ def run_trial(config: dict, out: str) -> None:
     resume = checkpoint.latest(run_dir) is not None
     if cfg["distributed"]["workers"] > 1:
         from ray.tune.integration.ray_train import TuneReportCallback
-        from ..parallel.trainer import train_distributed
+        from ..train.distributed.trainer import train_distributed
         train_distributed(cfg, run_dir, resume=resume, overwrite=not resume,
                           callbacks=[TuneReportCallback()], test=False)
     else:

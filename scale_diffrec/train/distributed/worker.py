@@ -22,13 +22,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import (FORMAT, load_optimizer_state, merge_catalogue, optimizer_state,
+from ...checkpoint import (FORMAT, load_optimizer_state, merge_catalogue, optimizer_state,
                           split_catalogue)
-from ..data.dataset import InteractionData
-from ..models import Progress, build_model
-from ..train import split_metrics, train_epoch, train_step
-from .plan import Plan
-from .shard import Shard
+from ...data.dataset import InteractionData
+from ...models import Progress, build_model
+from ..loop import split_metrics, train_epoch, train_step
+from ...shard.plan import Plan
+from ...shard.context import Shard
 from .zero import (full_optimizer_state, gathered_state_dict, hybrid_backward,
                    init_denoiser_engine, load_denoiser_state)
 

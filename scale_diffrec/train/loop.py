@@ -1,17 +1,19 @@
-"""Single-process training: the reference semantics every distributed run must equal.
+"""The one training loop: every run, one process or a rank of a W-worker run, trains,
+validates, selects, stops early, checkpoints and writes metrics.json through this code.
 
 One epoch = every user once, in a seeded order (``epoch_order``), in batches of
-``batch_size`` CSR rows. Validation every ``eval_every`` epochs on Recall@20 (the
-``select_metric``); training stops after ``patience`` epochs without improvement, and the
-test metrics are those of the best validation checkpoint (the reference's model selection).
-A ``FittedRecommender`` (the baselines) trains in one epoch, ``fit`` on the train matrix,
-with no optimizer; validation, checkpoints and metrics are the same.
+``batch_size`` CSR rows. Validation every ``eval_every`` epochs on the ``select_metric``
+(Recall@20); training stops after ``patience`` epochs without improvement, and the test
+metrics are those of the best validation checkpoint (the reference's model selection). A
+``FittedRecommender`` (the baselines) trains in one epoch, ``fit`` on the train matrix, with
+no optimizer; validation, checkpoints and metrics are the same. What differs between one
+process and a Ray worker is passed in: the optimizer (a torch optimizer, or the W-worker
+hybrid one that owns its backward) and the checkpoints (``LocalCheckpoints`` here,
+``train.distributed.trainer.ShardedCheckpoints`` for sharded ones reported to Ray).
 """
 from __future__ import annotations
 
 import json
-
-import random
 import time
 from pathlib import Path
 from typing import Callable
@@ -19,22 +21,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import checkpoint, runs
-from .choices import Model
-from .data import InteractionData, load_data
-from .device import (autocast, describe, model_device, peak_memory_mib, resolve_device,
-                     set_matmul_precision)
-from .evaluate import evaluate
-from .finite import check_finite
-from .models import FittedRecommender, Progress, build_model, parameter_groups
-from .parallel.collectives import all_reduce_sum, world
-from .progress import StepProgress, format_seconds, log, peak_rss_mib
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+from .. import checkpoint, runs
+from ..data import InteractionData
+from ..device import autocast, model_device, peak_memory_mib
+from ..evaluate import evaluate
+from ..finite import check_finite
+from ..models import FittedRecommender, Progress
+from ..progress import StepProgress, format_seconds, log, peak_rss_mib
+from ..shard.collectives import all_reduce_sum, world
 
 
 def epoch_order(n_users: int, seed: int, epoch: int) -> np.ndarray:
@@ -44,26 +38,6 @@ def epoch_order(n_users: int, seed: int, epoch: int) -> np.ndarray:
 
 def batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def prepare_partition(cfg: dict, data: InteractionData, run_dir: Path | None,
-                      rebuild: bool = False):
-    """L-DiffRec's item partition (None for other models), validated and not yet written:
-    ``ldiffrec.partition`` when given, else the run's own artifact when it matches the
-    config that would build it (``partition.check_made_by``; ``rebuild``: ignored), else
-    built from the data."""
-    if cfg["model"] != Model.ldiffrec:
-        return None
-    from .partition import Partition, build_partition, check_made_by
-    given = cfg["ldiffrec"]["partition"]
-    saved = Path(given) if given else (run_dir / runs.PARTITION if run_dir else None)
-    if saved is not None and (given or (saved.is_file() and not rebuild)):
-        partition = Partition.load(saved, n_items=data.n_items)
-        if given:
-            partition.made_by = None            # the user's artifact: only its shape counts
-        check_made_by(partition, cfg, saved)
-        return partition
-    return build_partition(cfg, data)
 
 
 def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
@@ -258,59 +232,6 @@ def run_epochs(model, optimizer, data: InteractionData, cfg: dict, progress: Pro
                 metric, cfg["patience"], record["best_epoch"])
             break
     return len(epochs) > 0
-
-
-def train(cfg: dict, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
-          on_epoch: Callable[[dict, dict], None] | None = None, test: bool = True) -> dict:
-    """Train per ``cfg`` in one process, writing checkpoints and metrics.json to
-    ``run_dir``; returns metrics.
-
-    Nothing is written until the run directory (``runs.check_run_dir``), the data, the
-    partition, the model and (``resume``) the last checkpoint have been validated.
-    ``on_epoch(entry, record)``: see ``run_epochs`` (``tune`` reports trials through it).
-    ``test=False`` leaves the test split untouched (a tuning trial: test metrics only for
-    the trial selected on valid).
-    """
-    run_dir = Path(run_dir)
-    runs.check_run_dir(run_dir, cfg, resume=resume, overwrite=overwrite)
-    seed_everything(cfg["seed"])
-    data = load_data(cfg)
-    device = resolve_device(cfg["device"])
-    set_matmul_precision(cfg["precision"])
-    partition = prepare_partition(cfg, data, run_dir, rebuild=overwrite)
-    model = build_model(cfg, data.n_items, partition,     # refuses a bad model config
-                        train=None if resume else data.train)
-    source = checkpoint.latest(run_dir) if resume else None   # last.pt or a W-worker run's
-    if resume and source is None:
-        raise FileNotFoundError(f"{run_dir / runs.CHECKPOINTS}: no checkpoint to resume from")
-    state = source.full(model) if resume else None              # read before anything is written
-    log.info("device %s (device: %s), precision %s", describe(device), cfg["device"],
-             cfg["precision"])
-    model = model.to(device)
-    optimizer = None if isinstance(model, FittedRecommender) else \
-        torch.optim.AdamW(parameter_groups(model, cfg))
-    progress, record = Progress(), new_record()
-    if resume:                     # last.pt, or a W-worker run's newest checkpoint
-        check_finite(state["model"], str(source.path))
-        runs.load_model_state(model, state["model"], source.path)
-        if optimizer is not None:
-            checkpoint.load_optimizer_state(optimizer, list(model.named_parameters()),
-                                            state["optimizer"])
-        progress = Progress(epoch=state["epoch"], step=state["step"])
-        record = state["record"]
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        log.info("resumed from %s at epoch %d", source.path, progress.epoch)
-    runs.start_run(run_dir, cfg, data, partition, resume=resume)
-    log.info("data %s: %d users x %d items, %d train interactions",
-             data.name, data.n_users, data.n_items, data.train.nnz)
-    log.info("model %s: %s", cfg["model"], describe_model(model))
-    checkpoints = LocalCheckpoints(run_dir, model, optimizer)
-    trained = run_epochs(model, optimizer, data, cfg, progress, record, device, checkpoints,
-                         on_epoch)
-    return finish(model, data, cfg, run_dir, record, test=test, trained=trained,
-                  checkpoints=checkpoints)
 
 
 PEAKS = ("peak_rss_mib", "peak_gpu_mib")

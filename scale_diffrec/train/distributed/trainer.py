@@ -3,8 +3,8 @@
 The driver (``train_distributed``) loads the data, builds the item partition and the
 placement plan (clusters -> workers, DESIGN.md "Hybrid parallelism"), writes them to the run
 directory, joins or starts a Ray cluster and runs a ``TorchTrainer`` with W workers. Each
-worker runs ``train_loop``: a ``ShardedRun`` (parallel/worker.py) with its clusters, the
-epoch loop of the single-process trainer (validation every ``eval_every`` epochs, early
+worker runs ``train_loop``: a ``ShardedRun`` (train/distributed/worker.py) with its clusters, the
+one epoch loop (train/loop.py) (validation every ``eval_every`` epochs, early
 stopping on ``select_metric``, test metrics of the best epoch) and one checkpoint per
 epoch, sharded by cluster (``scale_diffrec.checkpoint``): every rank writes its clusters'
 part, rank 0 the rest and, once every part is on disk, the manifest that makes it
@@ -42,17 +42,18 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .. import checkpoint, runs
-from ..config import absolute_paths
-from ..data import load_data
-from ..data.errors import ConfigError, DataError
-from ..finite import NonFiniteError
-from ..models.clusters import latent_dims
-from ..partition import Partition
-from ..progress import log, peak_rss_mib, setup_logging
-from ..train import finish, new_record, prepare_partition, run_epochs, seed_everything
-from .memory import cluster_parameters
-from .plan import Plan, plan_placement
+from ... import checkpoint, runs
+from ...config import absolute_paths
+from ...data import load_data
+from ...data.errors import ConfigError, DataError
+from ...finite import NonFiniteError
+from ...models.clusters import latent_dims
+from ...partition import Partition
+from ...progress import log, peak_rss_mib, setup_logging
+from ...memory_model import cluster_parameters
+from ..loop import finish, new_record, run_epochs
+from ..setup import prepare_partition, seed_everything
+from ...shard.plan import Plan, plan_placement
 
 PLAN = runs.PLAN
 RAY_NAME = "ray"                  # Ray Train's run name: RUN_DIR/checkpoints/ray
@@ -60,7 +61,7 @@ RAY_NAME = "ray"                  # Ray Train's run name: RUN_DIR/checkpoints/ra
 
 # ============================================================================ the driver
 def check_workers(cfg: dict) -> int:
-    """W from ``distributed.workers``; a ConfigError unless the model is L-DiffRec."""
+    """W from ``train.distributed.workers``; a ConfigError unless the model is L-DiffRec."""
     if cfg["model"] != "ldiffrec":
         raise ConfigError(f"config key 'model': distributed training shards L-DiffRec's "
                           f"catalogue; model '{cfg['model']}' trains in one process "
@@ -97,6 +98,11 @@ def connect(cfg: dict) -> bool:
         log.info("starting a local Ray instance with %d CPUs", cpus)
         ray.init(address="local", num_cpus=cpus, log_to_driver=True)
     return True
+
+
+def worker_env(use_gpu: bool) -> dict[str, str]:
+    """Environment of the training workers: DeepSpeed's CPU accelerator without a GPU."""
+    return {} if use_gpu else {"DS_ACCELERATOR": "cpu"}
 
 
 def resolve_use_gpu(setting, n_workers: int) -> bool:
@@ -152,7 +158,7 @@ def _storage(run_dir: Path) -> Path:
 def train_distributed(cfg: dict, run_dir: str | Path, resume: bool = False,
                       overwrite: bool = False, callbacks: tuple = (), test: bool = True,
                       on_epoch: Callable[[dict, dict], None] | None = None) -> dict:
-    """Train L-DiffRec on ``distributed.workers`` Ray Train workers; returns metrics.json.
+    """Train L-DiffRec on ``train.distributed.workers`` Ray Train workers; returns metrics.json.
     Nothing is written before the run directory, data, partition and plan are validated.
     ``callbacks``: Ray Train ``UserCallback``s (``tune`` passes ``TuneReportCallback``: rank
     0's per-epoch metrics, with ``tune.trial.evaluation_report``'s keys, go to Tune);
@@ -182,7 +188,7 @@ def train_distributed(cfg: dict, run_dir: str | Path, resume: bool = False,
             run_config=RunConfig(
                 name=RAY_NAME, storage_path=str(_storage(run_dir)),
                 failure_config=FailureConfig(max_failures=int(cfg["distributed"]["max_failures"])),
-                worker_runtime_env={"env_vars": {} if use_gpu else {"DS_ACCELERATOR": "cpu"}},
+                worker_runtime_env={"env_vars": worker_env(use_gpu)},
                 callbacks=list(callbacks)))
         try:
             trainer.fit()
@@ -283,7 +289,7 @@ def train_loop(config: dict) -> None:
     complete, then ``on_epoch(entry, record)`` when given."""
     import ray.train
     from ray.train.torch import get_device
-    from ..tune.trial import evaluation_report
+    from ...tune.trial import evaluation_report
     from .worker import ShardedRun
     setup_logging()
     cfg, run_dir = config["cfg"], Path(config["run_dir"])

@@ -1,0 +1,70 @@
+"""Training in one process: the reference semantics every distributed run must equal
+(the loop itself: ``train/loop.py``)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .. import checkpoint, runs
+from ..data import load_data
+from ..device import describe, resolve_device, set_matmul_precision
+from ..finite import check_finite
+from ..models import FittedRecommender, Progress, build_model, parameter_groups
+from ..progress import log
+from .loop import LocalCheckpoints, describe_model, finish, new_record, run_epochs
+from .setup import prepare_partition, seed_everything
+
+
+def train(cfg: dict, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
+          on_epoch: Callable[[dict, dict], None] | None = None, test: bool = True) -> dict:
+    """Train per ``cfg`` in one process, writing checkpoints and metrics.json to
+    ``run_dir``; returns metrics.
+
+    Nothing is written until the run directory (``runs.check_run_dir``), the data, the
+    partition, the model and (``resume``) the last checkpoint have been validated.
+    ``on_epoch(entry, record)``: see ``run_epochs`` (``tune`` reports trials through it).
+    ``test=False`` leaves the test split untouched (a tuning trial: test metrics only for
+    the trial selected on valid).
+    """
+    run_dir = Path(run_dir)
+    runs.check_run_dir(run_dir, cfg, resume=resume, overwrite=overwrite)
+    seed_everything(cfg["seed"])
+    data = load_data(cfg)
+    device = resolve_device(cfg["device"])
+    set_matmul_precision(cfg["precision"])
+    partition = prepare_partition(cfg, data, run_dir, rebuild=overwrite)
+    model = build_model(cfg, data.n_items, partition,     # refuses a bad model config
+                        train=None if resume else data.train)
+    source = checkpoint.latest(run_dir) if resume else None   # last.pt or a W-worker run's
+    if resume and source is None:
+        raise FileNotFoundError(f"{run_dir / runs.CHECKPOINTS}: no checkpoint to resume from")
+    state = source.full(model) if resume else None              # read before anything is written
+    log.info("device %s (device: %s), precision %s", describe(device), cfg["device"],
+             cfg["precision"])
+    model = model.to(device)
+    optimizer = None if isinstance(model, FittedRecommender) else \
+        torch.optim.AdamW(parameter_groups(model, cfg))
+    progress, record = Progress(), new_record()
+    if resume:                     # last.pt, or a W-worker run's newest checkpoint
+        check_finite(state["model"], str(source.path))
+        runs.load_model_state(model, state["model"], source.path)
+        if optimizer is not None:
+            checkpoint.load_optimizer_state(optimizer, list(model.named_parameters()),
+                                            state["optimizer"])
+        progress = Progress(epoch=state["epoch"], step=state["step"])
+        record = state["record"]
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        log.info("resumed from %s at epoch %d", source.path, progress.epoch)
+    runs.start_run(run_dir, cfg, data, partition, resume=resume)
+    log.info("data %s: %d users x %d items, %d train interactions",
+             data.name, data.n_users, data.n_items, data.train.nnz)
+    log.info("model %s: %s", cfg["model"], describe_model(model))
+    checkpoints = LocalCheckpoints(run_dir, model, optimizer)
+    trained = run_epochs(model, optimizer, data, cfg, progress, record, device, checkpoints,
+                         on_epoch)
+    return finish(model, data, cfg, run_dir, record, test=test, trained=trained,
+                  checkpoints=checkpoints)
