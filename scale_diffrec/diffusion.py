@@ -71,16 +71,15 @@ def named_betas(schedule: str, steps: int) -> np.ndarray:
                    exceeds 1 (T = 32: 0.013125 .. 0.635; DiffuRec's default)
         pw_lin     linspace(s 1e-4 + 0.01, s 1e-4, 10) ++ linspace(s 1e-4, s 0.02, T - 10)
 
-    Errors: ValueError for an unknown name, T < 1, or pw_lin with T < 10 (its first piece
-    alone has 10 steps).
+    Errors: ValueError for an unknown name, T < 1, pw_lin with T < 10 (its first piece
+    alone has 10 steps), or a beta outside (0, 1] (linear and pw_lin with T < 20; DiffuRec
+    asserts the same when it builds its model).
     """
     schedule = DiffuRecSchedule(schedule)
     if steps < 1 or (schedule == DiffuRecSchedule.pw_lin and steps < 10):
         raise ValueError(f"the {schedule} schedule needs at least "
                          f"{10 if schedule == DiffuRecSchedule.pw_lin else 1} steps, got {steps}")
     scale = 1000 / steps
-    if schedule == DiffuRecSchedule.linear:
-        return np.linspace(scale * 0.0001, scale * 0.02, steps, dtype=np.float64)
     if schedule == DiffuRecSchedule.cosine:
         return betas_for_alpha_bar(steps, lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2)
     if schedule == DiffuRecSchedule.sqrt:
@@ -89,9 +88,16 @@ def named_betas(schedule: str, steps: int) -> np.ndarray:
         return betas_for_alpha_bar_left(steps, lambda u: math.cos((u + 0.1) / 1.1 * math.pi / 2) ** 2)
     if schedule == DiffuRecSchedule.trunc_lin:
         return _trunc_lin(steps, cap_end=True)
-    first = np.linspace(scale * 0.0001 + 0.01, scale * 0.0001, 10, dtype=np.float64)
-    return np.concatenate([first, np.linspace(scale * 0.0001, scale * 0.02, steps - 10,
-                                              dtype=np.float64)])
+    if schedule == DiffuRecSchedule.linear:
+        betas = np.linspace(scale * 0.0001, scale * 0.02, steps, dtype=np.float64)
+    else:
+        first = np.linspace(scale * 0.0001 + 0.01, scale * 0.0001, 10, dtype=np.float64)
+        betas = np.concatenate([first, np.linspace(scale * 0.0001, scale * 0.02, steps - 10,
+                                                   dtype=np.float64)])
+    if not np.all((betas > 0) & (betas <= 1)):
+        raise ValueError(f"the {schedule} schedule with {steps} steps has beta_{steps - 1} = "
+                         f"{betas[-1]:g}: every beta must lie in (0, 1] (take T >= 20)")
+    return betas
 
 
 def make_betas(schedule: str, steps: int, noise_scale: float, noise_min: float,

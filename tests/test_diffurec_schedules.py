@@ -69,10 +69,19 @@ def test_pw_lin_T32_two_pieces():
                                 0.003125 + (0.625 - 0.003125) / 21, 0.625], rtol=1e-12)
 
 
-@pytest.mark.parametrize("name,steps", [("pw_lin", 9), ("linear", 0), ("quadratic", 32)])
-def test_bad_schedule_requests_are_errors(name, steps):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("name,steps,message", [
+    ("pw_lin", 9, "at least 10 steps"), ("linear", 0, "at least 1 steps"),
+    ("quadratic", 32, "not a valid"),
+    ("linear", 19, r"beta_18 = 1.05263: every beta must lie in \(0, 1\]"),   # 1000/19 * 0.02
+    ("pw_lin", 12, r"beta_11 = 1.66667"),
+])
+def test_bad_schedule_requests_are_errors(name, steps, message):
+    with pytest.raises(ValueError, match=message):
         named_betas(name, steps)
+
+
+def test_linear_at_T20_ends_at_one():
+    assert named_betas("linear", 20)[-1] == pytest.approx(1.0)
 
 
 def test_fixstep_weights_even_and_odd_T():
