@@ -6,7 +6,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from scale_diffrec.data.errors import DataError
-from scale_diffrec.data.sequences import load_sequence_log, sequences_from_interactions
+from scale_diffrec.data.prepare import load_prepare_config, prepare
+from scale_diffrec.data.sequences import (load_sequence_log, load_sequence_prepared,
+                                          sequences_from_interactions)
 
 # alice: 13 and 12 share t = 3 (13 is the earlier row), 10 comes back at t = 9;
 # bob: exactly 3 items; carol: 2 items (dropped: no train input for valid)
@@ -79,6 +81,13 @@ def test_leave_one_out_inputs_and_targets(seqs):
         seqs.eval_positions("train")
 
 
+def test_history_of_the_eval_inputs(seqs):
+    valid, test = seqs.history("valid"), seqs.history("test")
+    assert valid.shape == test.shape == (2, 9)
+    assert [valid.row(u).tolist() for u in range(2)] == [[1, 2, 3], [4]]
+    assert [test.row(u).tolist() for u in range(2)] == [[0, 1, 2, 3], [4, 5]]
+
+
 def test_batches_cover_shuffled_positions_once():
     rng = np.random.default_rng(0)
     users = rng.integers(0, 40, 600)
@@ -106,3 +115,25 @@ def test_bad_rows_are_named(tmp_path):
         load_sequence_log(write_log(tmp_path / "few.parquet", LOG[3:4] + LOG[8:9]))
     with pytest.raises(ValueError, match="min_items"):
         sequences_from_interactions(np.zeros(3, int), np.arange(3), 1, 3, min_items=2)
+
+
+def test_prepared_leave_one_out_directory(tmp_path):
+    # u1: 5 (t1), then 7 and 6 at t2 (7 logged first), 8 (t3); u2: 2 items (dropped);
+    # u3: 6, 5, 8 -> through `prepare` (dedupe, leave-one-out) and back as sequences
+    rows = [("u1", 5, 1), ("u2", 5, 1), ("u1", 7, 2), ("u3", 6, 1), ("u1", 6, 2),
+            ("u3", 5, 2), ("u1", 8, 3), ("u2", 6, 2), ("u3", 8, 3), ("u1", 5, 4)]
+    log = write_log(tmp_path / "log.parquet", rows)
+    prepare(log, tmp_path / "loo", load_prepare_config(None, ["split.rule=leave_one_out"]))
+    s = load_sequence_prepared(tmp_path / "loo")
+    # items 5, 6, 7, 8 -> 0..3; u1's repeated 5 (t4) is deduped to its first time
+    assert list(s.user_ids) == ["u1", "u3"] and list(s.item_ids) == [5, 6, 7, 8]
+    assert s.items.tolist() == [0, 2, 1, 3] + [1, 0, 3] and s.meta["dropped_users"] == 1
+    valid = pq.read_table(tmp_path / "loo" / "valid.parquet")
+    pq.write_table(valid.slice(1), tmp_path / "loo" / "valid.parquet")     # u1's row gone
+    with pytest.raises(DataError, match=r"valid.parquet: user 0 has 0 rows, leave-one-out"):
+        load_sequence_prepared(tmp_path / "loo")
+    prepare(log, tmp_path / "time", load_prepare_config(
+        None, ["split.rule=time", "split.valid=0.3", "split.test=0.3"]))
+    with pytest.raises(DataError, match=r"dataset.json, field 'config.split.rule': sequences "
+                                        r"need a leave-one-out split.*'time'"):
+        load_sequence_prepared(tmp_path / "time")

@@ -22,6 +22,11 @@ through the interaction path's validation and id codec (parquet.read_interaction
 DataError naming file, field and row; indexes = ranks of the original ids). Order within a
 user: timestamp, equal timestamps (and a log without timestamps) by row of the log.
 Repeated (user, item) rows are kept: a sequence may return to an item.
+
+``load_sequence_prepared`` reads a directory that ``scale-diffrec prepare`` wrote with
+``split.rule: leave_one_out`` (rating threshold, dedupe, k-core as configured there: the
+way to follow the released 5-core data from a raw log): a user's sequence is its train
+rows, then its valid row, then its test row, each file oldest first.
 """
 from __future__ import annotations
 
@@ -31,9 +36,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .csr import CSR
 from .errors import DataError
-from .parquet import BATCH_ROWS, read_interactions
+from .parquet import BATCH_ROWS, load_id_maps, read_interactions
 from .prepare import open_log, time_order
+from .prepared import MANIFEST, SPLIT_FILES, read_manifest, read_split
+from .split import SPLIT_NAMES
 
 MAX_LEN = 50          # DiffuRec's --max_len
 MIN_ITEMS = 3         # one train item, valid, test
@@ -72,10 +80,7 @@ class Sequences:
     def train_positions(self) -> np.ndarray:
         """[S] int64 positions of every training target, S = sum over users of (n_u - 3):
         each train item after the user's first, in (user, time) order."""
-        lengths = self.lengths()
-        per_user = lengths - 3
-        starts = np.repeat(self.offsets[:-1] + 1 - np.cumsum(per_user) + per_user, per_user)
-        return starts + np.arange(int(per_user.sum()), dtype=np.int64)
+        return _ranges(self.offsets[:-1] + 1, self.lengths() - 3)
 
     def eval_positions(self, split: str) -> np.ndarray:
         """[n_users] int64 position of each user's valid (second-to-last) or test (last)
@@ -83,6 +88,17 @@ class Sequences:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         return self.offsets[1:] - (2 if split == "valid" else 1)
+
+    def history(self, split: str) -> CSR:
+        """[n_users, n_items] CSR of the items each user's valid / test input holds (all
+        the items before the target, not only the last max_len; a repeated item once):
+        what the masked evaluation variant excludes from the ranking (a target equal to
+        an earlier item included)."""
+        starts = self.offsets[:-1]
+        lengths = self.eval_positions(split) - starts
+        users = np.repeat(np.arange(self.n_users, dtype=np.int64), lengths)
+        return CSR.from_pairs(users, self.items[_ranges(starts, lengths)], self.n_users,
+                              self.n_items)
 
     def batch(self, positions: np.ndarray, max_len: int = MAX_LEN
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,6 +119,14 @@ class Sequences:
         ``iter_batches(rng.permutation(seqs.train_positions()), 512)``."""
         for start in range(0, len(positions), batch_size):
             yield self.batch(positions[start:start + batch_size], max_len)
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """[sum(lengths)] int64: starts[0] .. starts[0] + lengths[0] - 1, then the next range."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    ends = np.cumsum(lengths)
+    return np.repeat(np.asarray(starts, dtype=np.int64) - ends + lengths, lengths) \
+        + np.arange(int(ends[-1]) if len(ends) else 0, dtype=np.int64)
 
 
 def sequences_from_interactions(users: np.ndarray, items: np.ndarray, n_users: int,
@@ -153,4 +177,34 @@ def load_sequence_log(path: str | Path, n_items: int | None = None,
                               f"leave-one-out split needs ({got['n_users']} users)")
     seqs.meta.update({"source": "log", "path": str(path), "rows": got["rows"],
                       "has_timestamp": got["has_timestamp"]})
+    return seqs
+
+
+def load_sequence_prepared(folder: str | Path, name: str | None = None) -> Sequences:
+    """Sequences of a prepared dataset directory split leave-one-out (module docstring),
+    original ids attached. Errors: DataError naming the manifest's ``config.split.rule``
+    for another split, or a split file, field and row (prepared.read_split); a user with
+    3 or more items must have one valid and one test row (file and user named)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    rule = (manifest.get("config") or {}).get("split", {}).get("rule")
+    if rule != "leave_one_out":
+        raise DataError(folder / MANIFEST, f"sequences need a leave-one-out split, the "
+                                           f"directory was prepared with {rule!r}",
+                        field="config.split.rule")
+    n_users, n_items = manifest["n_users"], manifest["n_items"]
+    parts = [read_split(folder / SPLIT_FILES[split], n_users, n_items)[:2]
+             for split in SPLIT_NAMES]
+    long_enough = sum(np.bincount(users, minlength=n_users) for users, _ in parts) >= MIN_ITEMS
+    for split, (users, _) in zip(SPLIT_NAMES[1:], parts[1:]):
+        wrong = np.flatnonzero(long_enough & (np.bincount(users, minlength=n_users) != 1))
+        if len(wrong):
+            raise DataError(folder / SPLIT_FILES[split], f"user {wrong[0]} has "
+                            f"{np.sum(users == wrong[0])} rows, leave-one-out has one")
+    user_ids, item_ids = load_id_maps(folder)
+    seqs = sequences_from_interactions(np.concatenate([u for u, _ in parts]),
+                                       np.concatenate([i for _, i in parts]), n_users,
+                                       n_items, name=name or folder.name, user_ids=user_ids,
+                                       item_ids=item_ids)
+    seqs.meta.update({"source": "dataset", "path": str(folder)})
     return seqs
