@@ -117,3 +117,22 @@ class Placement(Choice):
     """``distributed.placement``: balance item counts or parameter bytes over workers."""
     items = "items"
     params = "params"
+
+
+class DiffuRecSchedule(Choice):
+    """DiffuRec's noise schedules by their official names (diffusion.named_betas); its
+    "linear" is Ho et al.'s scaled to T steps, unlike ``Schedule.linear``."""
+    linear = "linear"
+    cosine = "cosine"
+    sqrt = "sqrt"
+    trunc_cos = "trunc_cos"
+    trunc_lin = "trunc_lin"
+    pw_lin = "pw_lin"
+
+
+class DiffuRecSampler(Choice):
+    """DiffuRec's step samplers by their official names (samplers.named_sampler):
+    uniform, lossaware (LossSecondMomentResampler) and fixstep (FixSampler)."""
+    uniform = "uniform"
+    lossaware = "lossaware"
+    fixstep = "fixstep"

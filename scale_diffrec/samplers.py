@@ -1,6 +1,7 @@
-"""Diffusion-step samplers: uniform, and importance sampling by the loss second moment.
+"""Diffusion-step samplers: uniform, importance sampling by the loss second moment, and
+DiffuRec's fixed two-level weights.
 
-Both return (t [B], weights [B]) with weights = 1 / (T p_t), so that
+All return (t [B], weights [B]) with weights = 1 / (T p_t), so that
 E_t[weights * loss_t] = mean_t loss_t: the importance-sampled loss stays unbiased.
 
 LossSecondMomentResampler (Nichol & Dhariwal 2021; DiffRec's only sampler): keeps the last
@@ -8,6 +9,9 @@ LossSecondMomentResampler (Nichol & Dhariwal 2021; DiffRec's only sampler): keep
 uniformly, then p_t ∝ sqrt(E[L_t^2]) mixed with a ``uniform_prob`` share of uniform.
 Distributed: ``update_with_local_losses`` all-gathers every rank's (t, loss) pairs and
 records them in rank order, so all ranks hold identical histories and sample identically.
+
+FixSampler (DiffuRec src/step_sample.py ``FixSampler``): p_t ∝ 1 for the first half of the
+steps and 0.5 for the rest. ``named_sampler`` builds the three by DiffuRec's names.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .choices import StepSampler
+from .choices import DiffuRecSampler, StepSampler
 
 
 class UniformSampler(nn.Module):
@@ -84,6 +88,18 @@ class LossSecondMomentResampler(UniformSampler):
         self.update_with_all_losses(pairs[:, 0].long().tolist(), pairs[:, 1].tolist())
 
 
+class FixSampler(UniformSampler):
+    """DiffuRec's "fixstep": fixed weights w_t = 1 for t < T // 2, 0.5 for t >= T // 2,
+    p_t = w_t / sum(w) (src/step_sample.py ``FixSampler``). For odd T the official array
+    has only T - 1 entries (it never draws step T - 1); here every step has its weight."""
+
+    def probabilities(self) -> torch.Tensor:
+        """[T] float64."""
+        w = torch.full((self.steps,), 0.5, dtype=torch.float64)
+        w[: self.steps // 2] = 1.0
+        return w / w.sum()
+
+
 def _all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's [n_r, k] rows in rank order (n_r may differ)."""
     device = torch.device("cuda", torch.cuda.current_device()) \
@@ -106,3 +122,14 @@ def build_sampler(dcfg: dict) -> UniformSampler:
         return LossSecondMomentResampler(dcfg["steps"], dcfg["history_per_step"],
                                          dcfg["uniform_prob"])
     return UniformSampler(dcfg["steps"])
+
+
+def named_sampler(name: str, steps: int) -> UniformSampler:
+    """A step sampler by DiffuRec's name (src/step_sample.py
+    ``create_named_schedule_sampler``): uniform, lossaware (LossSecondMomentResampler with
+    its defaults, history 10, uniform share 0.001) or fixstep. Errors: ValueError for
+    another name."""
+    name = DiffuRecSampler(name)
+    if name == DiffuRecSampler.lossaware:
+        return LossSecondMomentResampler(steps)
+    return FixSampler(steps) if name == DiffuRecSampler.fixstep else UniformSampler(steps)

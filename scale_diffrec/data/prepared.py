@@ -62,7 +62,7 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
-def _read_split(path: Path, n_users: int, n_items: int):
+def read_split(path: Path, n_users: int, n_items: int):
     """(users, items, times or None) of one split file, validated against the sizes."""
     log = ParquetLog(path)
     for field in (USER, ITEM):
@@ -112,7 +112,7 @@ def load_prepared(folder: str | Path, n_items: int | None = None,
             raise DataError(folder / what, f"{len(ids)} ids but {MANIFEST} declares {n}")
     mats, duplicates, train_times = {}, {}, None
     for split, file in SPLIT_FILES.items():
-        users, items, times = _read_split(folder / file, n_users, n_items_dir)
+        users, items, times = read_split(folder / file, n_users, n_items_dir)
         users, items, times, rows, dropped = dedupe_pairs(users, items, n_items_dir, times)
         mats[split] = sorted_pairs_to_csr(users, items, n_users, n_items_dir)
         duplicates[split] = int(dropped)
