@@ -27,7 +27,7 @@ from pydantic_core import PydanticCustomError
 from .choices import (Activation, Choice, Convention, DataSource, EmbeddingSource,
                       MeanType, Model, Placement, Precision, ReconTarget, Schedule,
                       SplitRule, StepSampler, WarmStart)
-from .data.errors import ConfigError
+from .errors import ConfigError
 
 
 # ------------------------------------------------------------------------- value types

@@ -24,7 +24,7 @@ import torch
 
 from .choices import EmbeddingSource
 from .data.csr import CSR
-from .data.errors import ConfigError, DataError
+from .errors import ConfigError, DataError
 
 
 

@@ -26,7 +26,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .data.errors import DataError, NoSpaceError
+from .errors import DataError, NoSpaceError
 from .data.parquet import default_mode
 
 SEAL = b"\nscale_diffrec sha256 "

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from .data.csr import CSR
-from .data.errors import ConfigError, DataError
+from .errors import ConfigError, DataError
 from .files import atomic_write
 from .optional import require_faiss
 

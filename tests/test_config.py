@@ -1,7 +1,7 @@
 import pytest
 
 from scale_diffrec.config import DEFAULTS, load_config, parse_override
-from scale_diffrec.data.errors import ConfigError
+from scale_diffrec.errors import ConfigError
 
 
 def test_overrides_apply_in_order_and_parse_yaml_values(tmp_path):

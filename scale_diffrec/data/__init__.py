@@ -8,9 +8,9 @@
     dataset      a directory written by ``scale-diffrec prepare``         -> prepared.py
 
 then, when ``data.time_weights`` is {w_min, w_max}, replaces the train values with
-T-DiffRec's time weights (time_weights.py). Bad input raises ``DataError`` (naming the
-file and the field / row), bad config ``ConfigError`` (naming the dotted key). Loaders
-never write anything.
+T-DiffRec's time weights (time_weights.py). Bad input raises ``errors.DataError`` (naming
+the file and the field / row), bad config ``errors.ConfigError`` (naming the dotted key).
+Loaders never write anything.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from ..choices import DataSource
 from .csr import CSR, SparseRows
 from .dataset import InteractionData
 from .diffrec_npy import load_diffrec_npy
-from .errors import ConfigError, DataError
 from .parquet import load_id_maps, load_parquet, save_id_maps
 from .prepared import load_prepared
 from .synthetic import item_clusters, load_synthetic, write_synthetic_parquet
@@ -26,7 +25,7 @@ from .time_weights import apply_time_weights, check_time_weights_config, time_we
 
 SOURCES = DataSource.values()
 
-__all__ = ["CSR", "SparseRows", "InteractionData", "DataError", "ConfigError", "load_data",
+__all__ = ["CSR", "SparseRows", "InteractionData", "load_data",
            "load_diffrec_npy", "load_parquet", "load_prepared", "load_synthetic", "write_synthetic_parquet",
            "item_clusters", "save_id_maps", "load_id_maps", "apply_time_weights", "time_weights",
            "check_time_weights_config", "SOURCES"]

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..choices import SplitRule
 from .csr import CSR
-from .errors import ConfigError
+from ..errors import ConfigError
 
 RULES = SplitRule.values()
 TRAIN, VALID, TEST = 0, 1, 2

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from .dataset import InteractionData
-from .errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
 from .parquet import default_mode as _default_mode
 from .split import check_split_config, split_interactions
 

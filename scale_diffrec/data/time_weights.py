@@ -18,7 +18,7 @@ import dataclasses
 import numpy as np
 
 from .csr import CSR
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def check_time_weights_config(tw) -> tuple[float, float]:

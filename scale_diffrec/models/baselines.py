@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..data.csr import CSR, SparseRows
-from ..data.errors import ConfigError
+from ..errors import ConfigError
 from .base import FittedRecommender, ItemHead
 
 

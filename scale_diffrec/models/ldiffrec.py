@@ -110,7 +110,7 @@ from torch import nn
 
 from ..choices import Activation, ReconTarget, WarmStart
 from ..data.csr import SparseRows
-from ..data.errors import ConfigError
+from ..errors import ConfigError
 from ..device import chunk_items
 from ..ranking import with_bias
 from .base import ItemHead, Progress, Recommender

@@ -39,7 +39,8 @@ from ..checkpoint import FORMAT, load_optimizer_state, merge_catalogue, optimize
 from ..data.dataset import InteractionData
 from ..device import autocast, chunk_items
 from ..evaluate import excluded_matrices, truth_matrix
-from ..finite import NonFiniteError, check_finite
+from ..errors import NonFiniteError
+from ..finite import check_finite
 from ..metrics import MetricAccumulator
 from ..models import Progress
 from ..models.ldiffrec import LDiffRec, beta_at, combine_logsumexp, lamda_at

@@ -28,7 +28,7 @@ import torch
 
 from ..config import load_config
 from ..data.csr import CSR
-from ..data.errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
 from ..data.time_weights import time_weights
 from ..device import model_device, resolve_device
 from ..models import build_model
