@@ -15,6 +15,7 @@ Loaders never write anything.
 from __future__ import annotations
 
 from ..choices import DataSource
+from ..config import DataConfig, validate_section
 from .csr import CSR, SparseRows
 from .dataset import InteractionData
 from .diffrec_npy import load_diffrec_npy
@@ -34,7 +35,6 @@ __all__ = ["CSR", "SparseRows", "InteractionData", "load_data",
 def load_data(cfg: dict) -> InteractionData:
     """The run's data, from the ``data`` section of a config (``config.DataConfig``: keys,
     types and ranges are validated there first, ConfigError naming the dotted key)."""
-    from ..config import DataConfig, validate_section
     d = validate_section(DataConfig, cfg.get("data") or {}, "data")
     source, n_items, name = d["source"], d["n_items"], d["name"]
     if source == DataSource.synthetic:

@@ -109,9 +109,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..choices import Activation, ReconTarget, WarmStart
+from ..config import Config, typed
 from ..data.csr import SparseRows
-from ..errors import ConfigError
 from ..device import chunk_items
+from ..errors import ConfigError
 from ..ranking import with_bias
 from .base import ItemHead, Progress, Recommender
 
@@ -408,23 +409,22 @@ class LDiffRec(Recommender):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config(cls, cfg: dict, n_items: int, partition,
+    def from_config(cls, cfg: Config | dict, n_items: int, partition,
                     build_parts: bool = True, train: CSR | None = None) -> "LDiffRec":
         from ..diffusion import GaussianDiffusion
         from ..samplers import build_sampler
         from .denoiser import Denoiser
-        lcfg, dcfg = cfg["ldiffrec"], cfg["denoiser"]
+        cfg = typed(cfg)
+        lcfg, d = cfg.ldiffrec, cfg.diffusion
         # the latent size is in_dims[0] (flag order); main "Build MLP"
-        latent = int(lcfg["in_dims"][0])
-        mlp = [int(d) for d in lcfg["mlp_dims"]]
-        denoiser = Denoiser([latent] + mlp[::-1], mlp + [latent], dcfg["emb_size"],
-                            dcfg["norm"], dcfg["dropout"])
-        return cls(n_items, partition, lcfg, GaussianDiffusion.from_config(cfg["diffusion"]),
-                   build_sampler(cfg["diffusion"]), denoiser,
-                   reweight=cfg["diffusion"]["reweight"],
-                   sampling_steps=cfg["diffusion"]["sampling_steps"],
-                   sampling_noise=cfg["diffusion"]["sampling_noise"], seed=cfg["seed"],
-                   build_parts=build_parts, chunk_mib=cfg.get("chunk_mib"), train=train)
+        latent = int(lcfg.in_dims[0])
+        mlp = [int(w) for w in lcfg.mlp_dims]
+        denoiser = Denoiser.from_config(cfg.denoiser, [latent] + mlp[::-1], mlp + [latent])
+        return cls(n_items, partition, lcfg.model_dump(mode="json"),
+                   GaussianDiffusion.from_config(d), build_sampler(d), denoiser,
+                   reweight=d.reweight, sampling_steps=d.sampling_steps,
+                   sampling_noise=d.sampling_noise, seed=cfg.seed,
+                   build_parts=build_parts, chunk_mib=cfg.chunk_mib, train=train)
 
     def items_of(self, c: int) -> torch.Tensor:
         return getattr(self, f"items_{c}")
