@@ -15,9 +15,10 @@ MODELS = Model.values()
 
 def build_model(cfg: Config | dict, n_items: int, partition=None, train=None) -> Recommender:
     """The config's ``model`` (``choices.Model``), built by its ``from_config(cfg: Config,
-    ...)`` (a dict is made ``typed`` first); L-DiffRec needs the item partition, and
-    ``train`` (CSR) is what its warm start is fitted on (``ldiffrec.warm_start``; None when
-    a checkpoint's weights follow)."""
+    ...)``; a dict is made ``config.typed`` first (ConfigError naming the key at fault).
+    L-DiffRec needs the item partition (ValueError without one), and ``train`` (CSR) is
+    what its warm start is fitted on (``ldiffrec.warm_start``; None when a checkpoint's
+    weights follow)."""
     cfg = typed(cfg)
     kind = cfg.model
     if kind == Model.diffrec:
