@@ -11,8 +11,7 @@ import math
 import sys
 from pathlib import Path
 
-from .data.errors import ConfigError, DataError
-from .finite import NonFiniteError
+from .errors import ConfigError, DataError, NonFiniteError
 from .progress import log, setup_logging
 
 

@@ -24,7 +24,7 @@ import re
 
 import torch
 
-from .data.errors import ConfigError
+from .errors import ConfigError
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 DEFAULT_CHUNK_MIB = {"cpu": 8, "cuda": 1024}

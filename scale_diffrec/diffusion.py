@@ -14,11 +14,15 @@ posterior means, as the DiffRec reference's ``p_sample`` does.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .choices import DiffuRecSchedule, MeanType, Schedule
+
+if TYPE_CHECKING:      # config's schedule check imports make_betas from here at import time
+    from .config import DiffusionConfig
 
 MAX_BETA = 0.999
 
@@ -100,7 +104,7 @@ def named_betas(schedule: str, steps: int) -> np.ndarray:
     return betas
 
 
-def make_betas(schedule: str, steps: int, noise_scale: float, noise_min: float,
+def make_betas(schedule: Schedule | str, steps: int, noise_scale: float, noise_min: float,
                noise_max: float) -> np.ndarray:
     """[T] float64 betas of the ``diffusion`` config section. linear / linear-var span
     noise_scale * [noise_min, noise_max] (DiffRec's meaning of "linear", not DiffuRec's);
@@ -124,12 +128,14 @@ def _gather(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.
 
 
 class GaussianDiffusion:
-    def __init__(self, steps: int, schedule: str = "linear-var", noise_scale: float = 0.005,
-                 noise_min: float = 0.005, noise_max: float = 0.01, mean_type: str = "x0",
+    def __init__(self, steps: int, schedule: Schedule | str = Schedule.linear_var,
+                 noise_scale: float = 0.005, noise_min: float = 0.005,
+                 noise_max: float = 0.01, mean_type: MeanType | str = MeanType.x0,
                  reweight: bool = True):
         """Arguments as the ``diffusion`` config section (ranges and cross-key rules:
-        ``config.DiffusionConfig``)."""
-        self.steps, self.mean_type, self.reweight = steps, mean_type, reweight
+        ``config.DiffusionConfig``); ``schedule`` and ``mean_type`` are ``choices`` members
+        or their values (ValueError for another value); ``mean_type`` is kept as a member."""
+        self.steps, self.mean_type, self.reweight = steps, MeanType(mean_type), reweight
         self.noise_scale = noise_scale
         betas = make_betas(schedule, steps, noise_scale, noise_min, noise_max)
         alphas = 1.0 - betas
@@ -146,11 +152,11 @@ class GaussianDiffusion:
         self.posterior_coef_xt = as_t((1.0 - alpha_bar_prev) * np.sqrt(alphas) / (1.0 - alpha_bar))
 
     @classmethod
-    def from_config(cls, dcfg: dict) -> "GaussianDiffusion":
-        return cls(steps=dcfg["steps"], schedule=dcfg["schedule"],
-                   noise_scale=dcfg["noise_scale"], noise_min=dcfg["noise_min"],
-                   noise_max=dcfg["noise_max"], mean_type=dcfg["mean_type"],
-                   reweight=dcfg["reweight"])
+    def from_config(cls, dcfg: DiffusionConfig) -> "GaussianDiffusion":
+        """The process of the ``diffusion`` section (``config.typed(cfg).diffusion``)."""
+        return cls(steps=dcfg.steps, schedule=dcfg.schedule, noise_scale=dcfg.noise_scale,
+                   noise_min=dcfg.noise_min, noise_max=dcfg.noise_max,
+                   mean_type=dcfg.mean_type, reweight=dcfg.reweight)
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """SNR(t) = alpha_bar_t / (1 - alpha_bar_t), [B] float64."""
@@ -214,7 +220,7 @@ class GaussianDiffusion:
             if self.noise_scale == 0:
                 m, a = 0.0, unit[i]
                 continue
-            if self.mean_type == "x0":
+            if self.mean_type == MeanType.x0:
                 pred_m, pred_a = 0.0, unit[i]
             else:
                 alpha, sigma = math.sqrt(self.alpha_bar[i]), math.sqrt(1 - self.alpha_bar[i])

@@ -7,10 +7,11 @@ when the loader remapped ids), or compute a built-in embedding from the train ma
 truncated SVD of the item x user matrix by a randomized range finder (Halko, Martinsson &
 Tropp 2011, algorithm 4.4 with power iterations), using only sparse x dense products.
 
-``cfg["ldiffrec"]["embeddings"]``:
-    file  the file at ``cfg["data"]["item_emb"]``, else the array the data loader read
-          (``data.item_emb``, e.g. the DiffRec authors' item_emb.npy); an error if neither
-    svd   the built-in SVD embedding, ``cfg["ldiffrec"]["emb_dim"]`` dimensions, rows
+Config key ``ldiffrec.embeddings``:
+    file  the file at config key ``data.item_emb``, else the array the data loader read
+          (``InteractionData.item_emb``, e.g. the DiffRec authors' item_emb.npy); an error
+          if neither
+    svd   the built-in SVD embedding, ``ldiffrec.emb_dim`` dimensions, rows
           normalised to unit length (so that k-means groups by taste, not popularity)
     auto  file when one is available, else svd
 """
@@ -23,8 +24,9 @@ import numpy as np
 import torch
 
 from .choices import EmbeddingSource
+from .config import Config, typed
 from .data.csr import CSR
-from .data.errors import ConfigError, DataError
+from .errors import ConfigError, DataError
 
 
 
@@ -189,10 +191,10 @@ def svd_item_embeddings(train: CSR, dim: int, seed: int = 0, n_power_iter: int =
     return out
 
 
-def item_embeddings(cfg: dict, data) -> tuple[np.ndarray, str]:
+def item_embeddings(cfg: Config | dict, data) -> tuple[np.ndarray, str]:
     """(embeddings [n_items, d] float32, a short description of where they came from)."""
-    kind = cfg["ldiffrec"]["embeddings"]
-    path = cfg["data"].get("item_emb")
+    cfg = typed(cfg)
+    kind, dim, path = cfg.ldiffrec.embeddings, cfg.ldiffrec.emb_dim, cfg.data.item_emb
     if kind in (EmbeddingSource.file, EmbeddingSource.auto):
         if path:
             return load_item_embeddings(path, data.n_items, data.item_ids), str(path)
@@ -203,13 +205,13 @@ def item_embeddings(cfg: dict, data) -> tuple[np.ndarray, str]:
             raise ConfigError("config key 'ldiffrec.embeddings' is 'file' but there are no "
                               "item embeddings: set 'data.item_emb' to a .npy or parquet "
                               "file, or use ldiffrec.embeddings=svd")
-    emb = svd_item_embeddings(data.train, int(cfg["ldiffrec"]["emb_dim"]), seed=cfg["seed"])
+    emb = svd_item_embeddings(data.train, dim, seed=cfg.seed)
     # rows scaled to unit length: an item's SVD norm mostly measures its popularity, which
     # would make k-means cut by popularity (one huge cluster of the long tail) rather than
     # by taste; items without train interactions stay at the origin
     norms = np.linalg.norm(emb, axis=1, keepdims=True)
     emb = np.divide(emb, norms, out=np.zeros_like(emb), where=norms > 0)
-    return emb, f"row-normalised svd({cfg['ldiffrec']['emb_dim']}) of the train matrix"
+    return emb, f"row-normalised svd({dim}) of the train matrix"
 
 
 def als_factors(train: CSR, dim: int, regularization: float, alpha: float,

@@ -26,8 +26,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from .data.errors import DataError, NoSpaceError
 from .data.parquet import default_mode
+from .errors import DataError, NoSpaceError
 
 SEAL = b"\nscale_diffrec sha256 "
 _DIGEST_LEN = 64

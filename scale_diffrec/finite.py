@@ -13,9 +13,7 @@ import math
 
 import torch
 
-
-class NonFiniteError(ValueError):
-    """A NaN or infinite loss, score or parameter; ``str(err)`` names what and where."""
+from .errors import NonFiniteError
 
 
 def check_finite(value, what: str, then: str = "") -> None:

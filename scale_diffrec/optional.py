@@ -7,7 +7,7 @@ run without it; exporting, recommending and L-DiffRec's k-means partition need i
 """
 from __future__ import annotations
 
-from .data.errors import ConfigError
+from .errors import ConfigError
 
 
 def require_faiss(purpose: str, alternative: str | None = None):

@@ -39,8 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import Config, typed
 from .data.csr import CSR
-from .data.errors import ConfigError, DataError
+from .errors import ConfigError, DataError
 from .files import atomic_write
 from .optional import require_faiss
 
@@ -53,22 +54,23 @@ MADE_BY = ("seed", "data.source", "data.path", "data.item_emb", "data.split",
            "ldiffrec.cluster_capacity")
 
 
-def made_by(cfg: dict) -> dict:
+def made_by(cfg: Config) -> dict:
     """{dotted key: value} of ``MADE_BY`` in ``cfg`` (JSON values)."""
-    out = {}
+    tree, out = cfg.model_dump(mode="json"), {}
     for key in MADE_BY:
-        value = cfg
+        value = tree
         for part in key.split("."):
             value = value[part]
         out[key] = value
-    return json.loads(json.dumps(out))
+    return out
 
 
-def check_made_by(partition: "Partition", cfg: dict, path) -> None:
+def check_made_by(partition: "Partition", cfg: Config | dict, path) -> None:
     """ConfigError unless ``partition`` (read from ``path``) is what ``cfg`` would build:
     the same ldiffrec.n_clusters and, when the artifact records them, the same ``MADE_BY``
     values."""
-    want = int(cfg["ldiffrec"]["n_clusters"])
+    cfg = typed(cfg)
+    want = cfg.ldiffrec.n_clusters
     if partition.n_clusters != want:
         raise ConfigError(f"{path}: the partition has {partition.n_clusters} clusters but "
                           f"config key 'ldiffrec.n_clusters' is {want} (pass --overwrite to "
@@ -316,19 +318,20 @@ def _canonical(assign: np.ndarray, n_clusters: int) -> np.ndarray:
     return new_of_old[assign]
 
 
-def build_partition(cfg: dict, data) -> Partition:
-    """The partition of ``data``'s items per ``cfg["ldiffrec"]`` (n_clusters, embeddings)."""
+def build_partition(cfg: Config | dict, data) -> Partition:
+    """The partition of ``data``'s items per the ``ldiffrec`` section (n_clusters,
+    embeddings, kmeans_niter, cluster_capacity)."""
     from .embeddings import item_embeddings
     from .progress import log
-    lcfg = cfg["ldiffrec"]
-    n_clusters = int(lcfg["n_clusters"])
+    cfg = typed(cfg)
+    lcfg = cfg.ldiffrec
+    n_clusters = lcfg.n_clusters
     if n_clusters == 1:
         partition = Partition.single(data.n_items)
     else:
         emb, source = item_embeddings(cfg, data)
-        partition = Partition.kmeans(emb, n_clusters, seed=cfg["seed"],
-                                     niter=lcfg["kmeans_niter"],
-                                     capacity=lcfg["cluster_capacity"])
+        partition = Partition.kmeans(emb, n_clusters, seed=cfg.seed, niter=lcfg.kmeans_niter,
+                                     capacity=lcfg.cluster_capacity)
         log.info("partition: k-means of %s (%d-d) into %d clusters, sizes %s", source,
                  emb.shape[1], n_clusters, partition.sizes.tolist())
     partition.made_by = made_by(cfg)

@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 
 from .config import load_config, save_config
-from .data import DataError, InteractionData, load_data
-from .data.errors import ConfigError
+from .data import InteractionData, load_data
+from .errors import ConfigError, DataError
 from .finite import check_finite
 from .device import resolve_device
 from .files import SEAL, atomic_write, check_sealed, write_sealed

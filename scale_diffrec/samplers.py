@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .choices import DiffuRecSampler, StepSampler
+from .config import DiffusionConfig
 
 
 class UniformSampler(nn.Module):
@@ -116,12 +117,12 @@ def _all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
     return torch.cat([g[: int(c.item())] for g, c in zip(gathered, counts)]).cpu()
 
 
-def build_sampler(dcfg: dict) -> UniformSampler:
-    """'importance' (LossSecondMomentResampler, the reference's choice) or 'uniform'."""
-    if dcfg["sampler"] == StepSampler.importance:
-        return LossSecondMomentResampler(dcfg["steps"], dcfg["history_per_step"],
-                                         dcfg["uniform_prob"])
-    return UniformSampler(dcfg["steps"])
+def build_sampler(dcfg: DiffusionConfig) -> UniformSampler:
+    """The ``diffusion`` section's ``sampler``: importance (LossSecondMomentResampler, the
+    reference's choice) or uniform."""
+    if dcfg.sampler == StepSampler.importance:
+        return LossSecondMomentResampler(dcfg.steps, dcfg.history_per_step, dcfg.uniform_prob)
+    return UniformSampler(dcfg.steps)
 
 
 def named_sampler(name: str, steps: int) -> UniformSampler:

@@ -11,7 +11,7 @@ import torch
 from scale_diffrec.cli import main
 from scale_diffrec.config import load_config
 from scale_diffrec.data.csr import CSR
-from scale_diffrec.data.errors import ConfigError
+from scale_diffrec.errors import ConfigError
 from scale_diffrec.evaluate import evaluate, topk_excluding
 from scale_diffrec.models import build_model
 from scale_diffrec.models.baselines import ALS, EASE, ItemKNN, MostPopular

@@ -9,7 +9,7 @@ import torch
 
 from scale_diffrec.config import load_config
 from scale_diffrec.data import load_data
-from scale_diffrec.data.errors import DataError
+from scale_diffrec.errors import DataError
 from scale_diffrec.models import build_model
 from scale_diffrec.retrieval import Retriever, export, resolve
 from scale_diffrec.retrieval import bundle

@@ -1,7 +1,7 @@
 import pytest
 
 from scale_diffrec.config import DEFAULTS, load_config, parse_override
-from scale_diffrec.data.errors import ConfigError
+from scale_diffrec.errors import ConfigError
 
 
 def test_overrides_apply_in_order_and_parse_yaml_values(tmp_path):
@@ -165,3 +165,30 @@ def test_invalid_yaml_is_one_line_naming_file_line_and_column(tmp_path, capsys, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {bad}: not valid YAML at line ")
     assert not any((tmp_path / name).exists() for name in ("run", "data", "search"))
+
+
+def test_typed_is_the_schema_object_with_choices_as_members():
+    from scale_diffrec.choices import (Convention, MeanType, Placement, Precision, ReconTarget,
+                                       Schedule, StepSampler)
+    from scale_diffrec.config import Config, typed
+    cfg = load_config(None, ["model=ldiffrec", "diffusion.schedule=cosine",
+                             "diffusion.mean_type=eps", "diffusion.sampler=uniform",
+                             "ldiffrec.recon_target=clean", "distributed.placement=params",
+                             "precision=bf16", "convention=users_with_truth", "device=cuda:1",
+                             "ldiffrec.in_dims=[40, 8]"])
+    c = typed(cfg)
+    assert isinstance(c, Config) and typed(c) is c
+    assert c.diffusion.schedule is Schedule.cosine and c.diffusion.mean_type is MeanType.eps
+    assert c.diffusion.sampler is StepSampler.uniform
+    assert c.ldiffrec.recon_target is ReconTarget.clean and c.ldiffrec.in_dims == [40, 8]
+    assert c.distributed.placement is Placement.params and c.precision is Precision.bf16
+    assert c.convention is Convention.users_with_truth
+    assert c.device == "cuda:1"                  # a validated string: cuda:N is open-ended
+    assert c.model_dump(mode="json") == cfg      # the same config in both forms
+    # a dict edited after loading is validated again: the error names the dotted key
+    cfg["diffusion"]["noise_min"] = -1
+    with pytest.raises(ConfigError, match=r"^config key 'diffusion.noise_min' must be > 0"):
+        typed(cfg)
+    cfg["diffusion"]["noise_min"], cfg["device"] = 0.005, "gpu"
+    with pytest.raises(ConfigError, match=r"^config key 'device' must be 'auto', 'cpu'"):
+        typed(cfg)

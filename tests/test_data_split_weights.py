@@ -2,9 +2,10 @@
 import numpy as np
 import pytest
 
-from scale_diffrec.data import CSR, ConfigError, InteractionData, apply_time_weights, time_weights
+from scale_diffrec.data import CSR, InteractionData, apply_time_weights, time_weights
 from scale_diffrec.data.split import (assign_splits, check_split_config, dedupe_pairs,
                                       holdout_counts, sorted_unique, split_interactions)
+from scale_diffrec.errors import ConfigError
 
 
 def test_holdout_counts_rounding_and_train_floor():

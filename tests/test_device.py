@@ -15,7 +15,7 @@ import torch
 
 from scale_diffrec.config import load_config
 from scale_diffrec.data import load_data
-from scale_diffrec.data.errors import ConfigError
+from scale_diffrec.errors import ConfigError
 from scale_diffrec.device import autocast, chunk_items, resolve_device
 from scale_diffrec.evaluate import evaluate
 from scale_diffrec.models import Progress, build_model

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from scale_diffrec.data.diffurec_release import load_diffurec_release
-from scale_diffrec.data.errors import DataError
+from scale_diffrec.errors import DataError
 
 # SCALE_DIFFREC_SHARED_DATA: the shared data folder when it is not at ../shared/data
 SHARED = Path(os.environ.get("SCALE_DIFFREC_SHARED_DATA",

@@ -79,3 +79,14 @@ def test_sampling_steps_beyond_schedule_is_an_error():
     d = GaussianDiffusion(4, "linear-var", 0.3, 0.01, 0.1)
     with pytest.raises(ValueError, match="sampling_steps"):
         d.p_sample(lambda x, t: x, torch.zeros(1, 2), 5)
+
+
+def test_choices_are_kept_as_members_and_other_values_refused():
+    from scale_diffrec.choices import MeanType
+    assert GaussianDiffusion(4, "linear", 0.1, 0.01, 0.2, mean_type="eps").mean_type \
+        is MeanType.eps
+    assert GaussianDiffusion(4).mean_type is MeanType.x0
+    with pytest.raises(ValueError, match="'x1' is not a valid MeanType"):
+        GaussianDiffusion(4, mean_type="x1")
+    with pytest.raises(ValueError, match="'quadratic' is not a valid Schedule"):
+        GaussianDiffusion(4, schedule="quadratic")

@@ -14,7 +14,7 @@ import torch
 from scale_diffrec.cli import main
 from scale_diffrec.config import load_config
 from scale_diffrec.data import load_data
-from scale_diffrec.data.errors import ConfigError
+from scale_diffrec.errors import ConfigError
 from scale_diffrec.choices import Schedule
 from scale_diffrec.evaluate import evaluate, evaluate_topk, topk_excluding
 from scale_diffrec.models import build_model

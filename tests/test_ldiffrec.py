@@ -527,7 +527,7 @@ def test_als_warm_start_parts_built_alone_equal_the_whole_models():
                                        (["ldiffrec.warm_start=als", "ldiffrec.als_iters=0"],
                                         "ldiffrec.als_iters")])
 def test_warm_start_config_errors_name_the_key(extra, key):
-    from scale_diffrec.data.errors import ConfigError
+    from scale_diffrec.errors import ConfigError
     train, _ = two_group_csr()
     with pytest.raises(ConfigError, match=key):
         LDiffRec.from_config(make_cfg(*extra), N_ITEMS, toy_partition(), train=train)

@@ -1,5 +1,6 @@
 """DiffRec and Mult-VAE: the retrieval identity, sparse == dense, losses by hand."""
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -92,3 +93,26 @@ def test_multvae_sparse_encoder_equals_dense_linear_and_loss_by_hand():
 def test_multvae_beta_anneals_to_its_cap():
     model = build_model(_cfg("multvae", "multvae.total_anneal_steps=100"), 30)
     assert model.beta(0) == 0.0 and model.beta(10) == 0.1 and model.beta(50) == 0.2 and model.beta(10**6) == 0.2
+
+
+def test_build_model_reads_the_typed_config_and_takes_its_dict_alike():
+    from scale_diffrec.choices import MeanType
+    from scale_diffrec.config import typed
+    from scale_diffrec.errors import ConfigError
+    from scale_diffrec.samplers import LossSecondMomentResampler, UniformSampler
+    cfg = _cfg("diffrec", "diffusion.mean_type=eps", "diffusion.sampler=uniform")
+    torch.manual_seed(0)
+    from_dict = build_model(cfg, 30)
+    torch.manual_seed(0)
+    from_typed = build_model(typed(cfg), 30)
+    assert from_dict.diffusion.mean_type is MeanType.eps
+    assert type(from_dict.sampler) is UniformSampler and from_dict.sampler.steps == 6
+    assert [layer.out_features for layer in from_dict.denoiser.out_layers] == [12, 30]
+    for name, value in from_typed.state_dict().items():
+        torch.testing.assert_close(value, from_dict.state_dict()[name], rtol=0, atol=0)
+    assert isinstance(build_model(_cfg("diffrec"), 30).sampler, LossSecondMomentResampler)
+    vae = build_model(_cfg("multvae", "multvae.total_anneal_steps=7"), 30)
+    assert vae.latent == 4 and vae.total_anneal_steps == 7
+    cfg["denoiser"]["dims"] = []                 # a dict edited by hand is validated
+    with pytest.raises(ConfigError, match="config key 'denoiser.dims' must not be empty"):
+        build_model(cfg, 30)

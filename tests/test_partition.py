@@ -9,7 +9,7 @@ import pytest
 from scale_diffrec.config import load_config
 from scale_diffrec.data.csr import CSR
 from scale_diffrec.data.dataset import InteractionData
-from scale_diffrec.data.errors import ConfigError, DataError
+from scale_diffrec.errors import ConfigError, DataError
 from scale_diffrec.embeddings import (item_embeddings, load_item_embeddings,
                                       svd_item_embeddings)
 from scale_diffrec.partition import META_KEY, Partition, build_partition

@@ -29,7 +29,7 @@ from scale_diffrec import checkpoint, runs
 from scale_diffrec.cli import main
 from scale_diffrec.config import absolute_paths, load_config
 from scale_diffrec.data import load_data
-from scale_diffrec.data.errors import ConfigError
+from scale_diffrec.errors import ConfigError
 from scale_diffrec.models import build_model
 from scale_diffrec.memory_model import cluster_parameters, denoiser_parameters
 from scale_diffrec.train.distributed import trainer
@@ -126,7 +126,7 @@ def test_a_workers_bad_input_reaches_the_cli_as_itself():
     from ray.exceptions import RayTaskError
     from ray.train.base_trainer import TrainingFailedError
     from ray.train.v2.api.exceptions import WorkerGroupError
-    from scale_diffrec.finite import NonFiniteError
+    from scale_diffrec.errors import NonFiniteError
     bad = NonFiniteError("training loss at epoch 2, step 3 is not finite (nan)")
     assert trainer.worker_error(WorkerGroupError("rank 1 failed", {1: bad})) is bad
     try:

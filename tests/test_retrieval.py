@@ -11,7 +11,7 @@ import torch
 
 from scale_diffrec.cli import main
 from scale_diffrec.config import load_config
-from scale_diffrec.data.errors import DataError
+from scale_diffrec.errors import DataError
 from scale_diffrec.evaluate import evaluate, evaluate_topk
 from scale_diffrec.retrieval import Retriever, export, resolve
 from scale_diffrec.retrieval.bundle import read_manifest, write_manifest

@@ -11,7 +11,7 @@ import torch
 from scale_diffrec import files, runs
 from scale_diffrec.cli import main
 from scale_diffrec.config import load_config
-from scale_diffrec.data.errors import DataError, NoSpaceError
+from scale_diffrec.errors import DataError, NoSpaceError
 from scale_diffrec.train import train
 
 TINY = ["data.source=synthetic", "data.synthetic.n_users=60", "data.synthetic.n_items=40",

@@ -5,10 +5,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from scale_diffrec.data.errors import DataError
 from scale_diffrec.data.prepare import load_prepare_config, prepare
 from scale_diffrec.data.sequences import (load_sequence_log, load_sequence_prepared,
                                           sequences_from_interactions)
+from scale_diffrec.errors import DataError
 
 # alice: 13 and 12 share t = 3 (13 is the earlier row), 10 comes back at t = 9;
 # bob: exactly 3 items; carol: 2 items (dropped: no train input for valid)

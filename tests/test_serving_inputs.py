@@ -10,7 +10,7 @@ import pytest
 
 from scale_diffrec.cli import main
 from scale_diffrec.config import load_config
-from scale_diffrec.data.errors import ConfigError, DataError
+from scale_diffrec.errors import ConfigError, DataError
 from scale_diffrec.retrieval import Retriever, export, resolve
 from scale_diffrec.runs import load_run
 from scale_diffrec.train import train

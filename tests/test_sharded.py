@@ -200,7 +200,7 @@ def test_checkpoint_round_trip_resumes_exactly(zero_stage, tmp_path):
 
 def _nan_evaluation(rank, world):
     """Rank 1's clusters score NaN: every rank must raise (none left in a collective)."""
-    from scale_diffrec.finite import NonFiniteError
+    from scale_diffrec.errors import NonFiniteError
     cfg, data, partition, build_plan = _setup(FORMS["global-decoder"])
     run = _sharded(cfg, data, partition, build_plan, world)
     if rank == 1:

@@ -164,6 +164,6 @@ def test_parquet_writer_string_ids(tmp_path):
     ({"popularity_exponent": -1}, "popularity_exponent"), ({"seed": 1.5}, "seed"),
 ])
 def test_bad_params_name_the_key(params, key):
-    from scale_diffrec.data import ConfigError
+    from scale_diffrec.errors import ConfigError
     with pytest.raises(ConfigError, match=f"'data.synthetic.{key}'"):
         load_synthetic(params)

@@ -291,7 +291,7 @@ def test_non_finite_parameters_are_refused_by_resume_evaluate_and_export(tmp_pat
 def test_evaluation_refuses_nan_scores():
     from scale_diffrec.data import load_data
     from scale_diffrec.evaluate import evaluate
-    from scale_diffrec.finite import NonFiniteError
+    from scale_diffrec.errors import NonFiniteError
     from scale_diffrec.config import load_config
     data = load_data(load_config(None, TINY))
 

@@ -8,17 +8,17 @@
     dataset      a directory written by ``scale-diffrec prepare``         -> prepared.py
 
 then, when ``data.time_weights`` is {w_min, w_max}, replaces the train values with
-T-DiffRec's time weights (time_weights.py). Bad input raises ``DataError`` (naming the
-file and the field / row), bad config ``ConfigError`` (naming the dotted key). Loaders
-never write anything.
+T-DiffRec's time weights (time_weights.py). Bad input raises ``errors.DataError`` (naming
+the file and the field / row), bad config ``errors.ConfigError`` (naming the dotted key).
+Loaders never write anything.
 """
 from __future__ import annotations
 
 from ..choices import DataSource
+from ..config import DataConfig, validate_section
 from .csr import CSR, SparseRows
 from .dataset import InteractionData
 from .diffrec_npy import load_diffrec_npy
-from .errors import ConfigError, DataError
 from .parquet import load_id_maps, load_parquet, save_id_maps
 from .prepared import load_prepared
 from .synthetic import item_clusters, load_synthetic, write_synthetic_parquet
@@ -26,7 +26,7 @@ from .time_weights import apply_time_weights, check_time_weights_config, time_we
 
 SOURCES = DataSource.values()
 
-__all__ = ["CSR", "SparseRows", "InteractionData", "DataError", "ConfigError", "load_data",
+__all__ = ["CSR", "SparseRows", "InteractionData", "load_data",
            "load_diffrec_npy", "load_parquet", "load_prepared", "load_synthetic", "write_synthetic_parquet",
            "item_clusters", "save_id_maps", "load_id_maps", "apply_time_weights", "time_weights",
            "check_time_weights_config", "SOURCES"]
@@ -35,7 +35,6 @@ __all__ = ["CSR", "SparseRows", "InteractionData", "DataError", "ConfigError", "
 def load_data(cfg: dict) -> InteractionData:
     """The run's data, from the ``data`` section of a config (``config.DataConfig``: keys,
     types and ranges are validated there first, ConfigError naming the dotted key)."""
-    from ..config import DataConfig, validate_section
     d = validate_section(DataConfig, cfg.get("data") or {}, "data")
     source, n_items, name = d["source"], d["n_items"], d["name"]
     if source == DataSource.synthetic:

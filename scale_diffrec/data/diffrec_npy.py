@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import DataError
 from .dataset import InteractionData
-from .errors import DataError
 from .split import SPLIT_NAMES, dedupe_pairs, sorted_pairs_to_csr
 
 SPLIT_FILES = {name: f"{name}_list.npy" for name in SPLIT_NAMES}

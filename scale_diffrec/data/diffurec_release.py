@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
 from .sequences import MIN_ITEMS, Sequences
 
 NPZ, PKL = "interactions.npz", "dataset.pkl"

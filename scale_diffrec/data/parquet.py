@@ -35,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import DataError
 from .dataset import InteractionData
-from .errors import DataError
 from .split import check_split_config, sorted_unique, split_interactions
 
 USER, ITEM, TIME, RATING = "user_id", "item_id", "timestamp", "rating"

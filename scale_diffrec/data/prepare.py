@@ -64,9 +64,9 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ..errors import ConfigError, DataError
 from ..progress import log, peak_rss_mib
 from .csv_log import CsvLog
-from .errors import ConfigError, DataError
 from .parquet import BATCH_ROWS, RATING, TIME, ParquetLog, read_interactions, write_id_maps
 from .prepared import FORMAT, ITEM, MANIFEST, SPLIT_FILES, STATS, USER, VERSION
 from .split import (SPLIT_NAMES, assign_splits, holdout_counts, label_tails,

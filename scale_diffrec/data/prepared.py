@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ConfigError, DataError
 from .dataset import InteractionData
-from .errors import ConfigError, DataError
 from .parquet import TIME, ParquetLog, id_kind, id_values, load_id_maps, time_kind, time_values
 from .split import SPLIT_NAMES, dedupe_pairs, sorted_pairs_to_csr
 

@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import DataError
 from .csr import CSR
-from .errors import DataError
 from .parquet import BATCH_ROWS, load_id_maps, read_interactions
 from .prepare import open_log, time_order
 from .prepared import MANIFEST, SPLIT_FILES, read_manifest, read_split

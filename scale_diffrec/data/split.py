@@ -23,8 +23,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..choices import SplitRule
+from ..config import SplitConfig, validate_section
+from ..errors import ConfigError
 from .csr import CSR
-from .errors import ConfigError
 
 RULES = SplitRule.values()
 TRAIN, VALID, TEST = 0, 1, 2
@@ -34,7 +35,6 @@ SPLIT_NAMES = ("train", "valid", "test")
 def check_split_config(split: dict) -> tuple[str, float, float, int]:
     """(rule, valid, test, seed) from ``data.split`` (``config.SplitConfig``: defaults,
     ranges, valid + test < 1), or a ConfigError naming the key."""
-    from ..config import SplitConfig, validate_section
     s = validate_section(SplitConfig, split, "data.split")
     return s["rule"], s["valid"], s["test"], s["seed"]
 

@@ -37,8 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import SyntheticConfig, validate_section
+from ..errors import ConfigError, DataError
 from .dataset import InteractionData
-from .errors import ConfigError, DataError
 from .parquet import default_mode as _default_mode
 from .split import check_split_config, split_interactions
 
@@ -51,7 +52,6 @@ MEAN_GAP = 86400.0                  # mean seconds between a user's interactions
 def check_synthetic_params(params: dict | None, prefix: str = "data.synthetic") -> dict:
     """The generator's parameters (``config.SyntheticConfig``: defaults and ranges) with
     ``params`` applied, or a ConfigError naming the key under ``prefix``."""
-    from ..config import SyntheticConfig, validate_section
     return validate_section(SyntheticConfig, params or {}, prefix)
 
 

@@ -17,13 +17,13 @@ import dataclasses
 
 import numpy as np
 
+from ..config import TimeWeights, validate_section
+from ..errors import ConfigError
 from .csr import CSR
-from .errors import ConfigError
 
 
 def check_time_weights_config(tw) -> tuple[float, float]:
     """(w_min, w_max) from ``data.time_weights`` (``config.TimeWeights``), or a ConfigError."""
-    from ..config import TimeWeights, validate_section
     w = validate_section(TimeWeights, tw, "data.time_weights")
     return w["w_min"], w["w_max"]
 

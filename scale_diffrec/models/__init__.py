@@ -7,19 +7,22 @@ T-DiffRec and LT-DiffRec are DiffRec and L-DiffRec trained on time-weighted inte
 from __future__ import annotations
 
 from ..choices import Model
+from ..config import Config, typed
 from .base import FittedRecommender, ItemHead, Progress, Recommender
 
 MODELS = Model.values()
 
 
-def build_model(cfg: dict, n_items: int, partition=None, train=None,
+def build_model(cfg: Config | dict, n_items: int, partition=None, train=None,
                 shard=None) -> Recommender:
-    """The ``model`` of a validated config (``choices.Model``); L-DiffRec needs the item
-    partition, and ``train`` (CSR) is what its warm start is fitted on
-    (``ldiffrec.warm_start``; None when a checkpoint's weights follow); ``shard``
-    (``parallel.shard.Shard``): the clusters this process owns in a W-worker run (None:
-    all)."""
-    kind = Model(cfg["model"])
+    """The config's ``model`` (``choices.Model``), built by its ``from_config(cfg: Config,
+    ...)``; a dict is made ``config.typed`` first (ConfigError naming the key at fault).
+    L-DiffRec needs the item partition (ValueError without one), ``train`` (CSR) is what
+    its warm start is fitted on (``ldiffrec.warm_start``; None when a checkpoint's weights
+    follow), and ``shard`` (``shard.Shard``) the clusters this process owns in a W-worker
+    run (None: all)."""
+    cfg = typed(cfg)
+    kind = cfg.model
     if kind == Model.diffrec:
         from .diffrec import DiffRec
         return DiffRec.from_config(cfg, n_items)
@@ -38,12 +41,14 @@ def build_model(cfg: dict, n_items: int, partition=None, train=None,
     return LDiffRec.from_config(cfg, n_items, partition, train=train, shard=shard)
 
 
-def parameter_groups(model: Recommender, cfg: dict) -> list[dict]:
-    """Optimizer groups: the model's own split (L-DiffRec: autoencoder vs denoiser) or one."""
+def parameter_groups(model: Recommender, cfg: Config | dict) -> list[dict]:
+    """Optimizer groups: the model's own split (L-DiffRec: autoencoder vs denoiser) or one,
+    at the config's ``lr`` and ``weight_decay``."""
+    cfg = typed(cfg)
     if hasattr(model, "param_groups"):
-        return model.param_groups(cfg["lr"], cfg["weight_decay"])
-    return [{"params": list(model.parameters()), "lr": cfg["lr"],
-             "weight_decay": cfg["weight_decay"]}]
+        return model.param_groups(cfg.lr, cfg.weight_decay)
+    return [{"params": list(model.parameters()), "lr": cfg.lr,
+             "weight_decay": cfg.weight_decay}]
 
 
 __all__ = ["FittedRecommender", "ItemHead", "Progress", "Recommender", "build_model", "parameter_groups", "MODELS"]

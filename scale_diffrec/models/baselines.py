@@ -26,8 +26,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..config import Config
 from ..data.csr import CSR, SparseRows
-from ..data.errors import ConfigError
+from ..errors import ConfigError
 from .base import FittedRecommender, ItemHead
 
 
@@ -82,9 +83,8 @@ class ItemKNN(FittedRecommender):
         self.register_buffer("neighbour_weights", torch.zeros(0))
 
     @classmethod
-    def from_config(cls, cfg: dict, n_items: int) -> "ItemKNN":
-        c = cfg["itemknn"]
-        return cls(n_items, c["k"], c["shrink"])          # ranges: config.ItemKNNConfig
+    def from_config(cls, cfg: Config, n_items: int) -> "ItemKNN":
+        return cls(n_items, cfg.itemknn.k, cfg.itemknn.shrink)  # ranges: config.ItemKNNConfig
 
     def fit(self, train: CSR) -> None:
         """sim = X^T X / (norms outer + shrink), k best per item, computed for blocks of
@@ -165,16 +165,15 @@ class EASE(FittedRecommender):
         self.register_buffer("weights", torch.zeros(0, 0))
 
     @classmethod
-    def from_config(cls, cfg: dict, n_items: int) -> "EASE":
-        c = cfg["ease"]
-        max_items = c["max_items"]                         # ranges: config.EASEConfig
+    def from_config(cls, cfg: Config, n_items: int) -> "EASE":
+        max_items = cfg.ease.max_items                     # ranges: config.EASEConfig
         if n_items > max_items:
             raise ConfigError(
                 f"config key 'ease.max_items': the catalogue has {n_items:,} items, more than "
                 f"{max_items:,}; EASE inverts a dense {n_items:,} x {n_items:,} matrix "
                 f"({8 * n_items ** 2 / 2 ** 30:.1f} GiB in float64): raise ease.max_items "
                 f"if that fits, or use itemknn")
-        return cls(n_items, c["lamda"])
+        return cls(n_items, cfg.ease.lamda)
 
     def fit(self, train: CSR) -> None:
         x = torch_csr(train).to(torch.float64)
@@ -205,10 +204,10 @@ class ALS(FittedRecommender):
         self._solver = None
 
     @classmethod
-    def from_config(cls, cfg: dict, n_items: int) -> "ALS":
-        c = cfg["als"]
-        return cls(n_items, c["factors"], c["regularization"], c["iterations"],   # ranges:
-                   c["alpha"], c["use_gpu"], int(cfg["seed"]))             # config.ALSConfig
+    def from_config(cls, cfg: Config, n_items: int) -> "ALS":
+        a = cfg.als                                        # ranges: config.ALSConfig
+        return cls(n_items, a.factors, a.regularization, a.iterations, a.alpha, a.use_gpu,
+                   cfg.seed)
 
     def _implicit(self, use_gpu: bool):
         """An unfitted ``implicit`` ALS of our settings (made with numpy's BLAS at one

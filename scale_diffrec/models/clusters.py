@@ -64,8 +64,8 @@ from torch import nn
 
 from ..choices import Activation, ReconTarget
 from ..data.csr import SparseRows
-from ..data.errors import ConfigError
 from ..embeddings import als_warm_start
+from ..errors import ConfigError
 
 ACTIVATIONS = {Activation.tanh: nn.Tanh, Activation.relu: nn.ReLU,
                Activation.sigmoid: nn.Sigmoid, Activation.leaky_relu: nn.LeakyReLU}

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import DenoiserConfig
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
     """[B] -> [B, dim]: cos then sin of t * max_period^(-i / (dim/2)) (improved-diffusion)."""
@@ -49,6 +51,13 @@ class Denoiser(nn.Module):
         self.drop = nn.Dropout(dropout)
         for layer in [self.emb_layer, *self.in_layers, *self.out_layers]:
             reference_init(layer)
+
+    @classmethod
+    def from_config(cls, ncfg: DenoiserConfig, in_dims: list[int],
+                    out_dims: list[int]) -> "Denoiser":
+        """The ``denoiser`` section's MLP (emb_size, norm, dropout) between the caller's
+        widths (DiffRec: over items; L-DiffRec: over the latent)."""
+        return cls(in_dims, out_dims, ncfg.emb_size, ncfg.norm, ncfg.dropout)
 
     @property
     def last_layer(self) -> nn.Linear:

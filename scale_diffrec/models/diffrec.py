@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ..config import Config
 from ..data.csr import SparseRows
 from ..diffusion import GaussianDiffusion
 from ..samplers import build_sampler
@@ -30,13 +31,13 @@ class DiffRec(Recommender):
         self.sampling_steps, self.sampling_noise = sampling_steps, sampling_noise
 
     @classmethod
-    def from_config(cls, cfg: dict, n_items: int) -> "DiffRec":
+    def from_config(cls, cfg: Config, n_items: int) -> "DiffRec":
         """Reference main.py: out_dims = dims + [I], in_dims = out_dims reversed."""
-        d, n = cfg["diffusion"], cfg["denoiser"]
-        out_dims = list(n["dims"]) + [n_items]
-        denoiser = Denoiser(out_dims[::-1], out_dims, n["emb_size"], n["norm"], n["dropout"])
+        d = cfg.diffusion
+        out_dims = list(cfg.denoiser.dims) + [n_items]
+        denoiser = Denoiser.from_config(cfg.denoiser, out_dims[::-1], out_dims)
         return cls(n_items, GaussianDiffusion.from_config(d), build_sampler(d), denoiser,
-                   d["sampling_steps"], d["sampling_noise"])
+                   d.sampling_steps, d.sampling_noise)
 
     def training_loss(self, batch: SparseRows, progress: Progress) -> dict[str, torch.Tensor]:
         x0 = batch.dense()                                   # [B, I]: the noise is dense

@@ -75,12 +75,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..choices import WarmStart
-from ..config import Config, LDiffRecConfig
+from ..config import Config, LDiffRecConfig, typed
 from ..data.csr import CSR, SparseRows
 from ..device import chunk_items
 from ..diffusion import GaussianDiffusion
-from ..shard.context import Shard
 from ..samplers import build_sampler
+from ..shard.context import Shard
 from .base import ItemHead, Progress, Recommender
 from .clusters import (CatalogueLinear, ClusterInput, ClusterParts, PerCluster, latent_dims,
                        unallocated)
@@ -106,11 +106,9 @@ def latent_denoiser(cfg: Config | dict) -> Denoiser:
     """The denoiser on z (main "Build MLP"): DNN(in_dims=[d] + mlp_dims[::-1],
     out_dims=mlp_dims + [d], emb_size, time_type cat, norm), d = ``in_dims[0]`` (flag
     order)."""
-    cfg = cfg if isinstance(cfg, Config) else Config.model_validate(cfg)
-    lcfg, dcfg = cfg.ldiffrec, cfg.denoiser
-    latent = lcfg.in_dims[0]
-    return Denoiser([latent] + lcfg.mlp_dims[::-1], lcfg.mlp_dims + [latent],
-                    dcfg.emb_size, dcfg.norm, dcfg.dropout)
+    cfg = typed(cfg)
+    latent, mlp = cfg.ldiffrec.in_dims[0], cfg.ldiffrec.mlp_dims
+    return Denoiser.from_config(cfg.denoiser, [latent] + mlp[::-1], mlp + [latent])
 
 
 class LDiffRec(PerCluster, Recommender):
@@ -188,12 +186,11 @@ class LDiffRec(PerCluster, Recommender):
     @classmethod
     def from_config(cls, cfg: Config | dict, n_items: int, partition, train: CSR | None = None,
                     shard: Shard | None = None) -> "LDiffRec":
-        cfg = cfg if isinstance(cfg, Config) else Config.model_validate(cfg)
-        diff = cfg.diffusion
-        plain = diff.model_dump(mode="json")
-        return cls(n_items, partition, cfg.ldiffrec, GaussianDiffusion.from_config(plain),
-                   build_sampler(plain), latent_denoiser(cfg), reweight=diff.reweight,
-                   sampling_steps=diff.sampling_steps, sampling_noise=diff.sampling_noise,
+        cfg = typed(cfg)
+        d = cfg.diffusion
+        return cls(n_items, partition, cfg.ldiffrec, GaussianDiffusion.from_config(d),
+                   build_sampler(d), latent_denoiser(cfg), reweight=d.reweight,
+                   sampling_steps=d.sampling_steps, sampling_noise=d.sampling_noise,
                    seed=cfg.seed, chunk_mib=cfg.chunk_mib, train=train, shard=shard)
 
     def decoder_rows(self, c: int) -> torch.Tensor:

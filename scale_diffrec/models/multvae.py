@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import Config
 from ..data.csr import SparseRows
 from .base import ItemHead, Progress, Recommender
 
@@ -56,9 +57,9 @@ class MultVAE(Recommender):
             nn.init.normal_(layer.bias, 0.0, 0.001)
 
     @classmethod
-    def from_config(cls, cfg: dict, n_items: int) -> "MultVAE":
-        m = cfg["multvae"]
-        return cls(n_items, m["dims"], m["dropout"], m["anneal_cap"], m["total_anneal_steps"])
+    def from_config(cls, cfg: Config, n_items: int) -> "MultVAE":
+        m = cfg.multvae                                    # ranges: config.MultVAEConfig
+        return cls(n_items, m.dims, m.dropout, m.anneal_cap, m.total_anneal_steps)
 
     def encode(self, batch: SparseRows) -> tuple[torch.Tensor, torch.Tensor]:
         """Sparse rows [B, I] -> mu, logvar [B, d]."""

@@ -43,8 +43,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.errors import ConfigError, DataError
 from ..data.parquet import ITEM, id_table, read_id_map
+from ..errors import ConfigError, DataError
 from ..files import (atomic_write, check_digest, default_mode, read_sealed, sha256,
                      write_errors, write_sealed)
 from .index import (L2_KINDS, build_index, faiss, index_dim, item_vectors, mips_norm,

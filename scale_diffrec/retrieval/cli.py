@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.csr import CSR
-from ..data.errors import ConfigError
+from ..errors import ConfigError
 from ..progress import log
 
 

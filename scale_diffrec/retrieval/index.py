@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..data.csr import CSR
-from ..data.errors import ConfigError
+from ..errors import ConfigError
 from ..optional import require_faiss
 from .params import DEFAULTS, INDEX_TYPES, SEARCH_PARAMS, check_params, check_setting
 

@@ -17,7 +17,7 @@ import operator
 
 import numpy as np
 
-from ..data.errors import ConfigError
+from ..errors import ConfigError
 
 INDEX_TYPES = ("flat", "ivf", "hnsw", "ivfpq")
 DEFAULTS = {

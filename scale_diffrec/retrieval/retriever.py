@@ -28,9 +28,9 @@ import torch
 
 from ..config import load_config
 from ..data.csr import CSR
-from ..data.errors import ConfigError, DataError
 from ..data.time_weights import time_weights
 from ..device import model_device, resolve_device
+from ..errors import ConfigError, DataError
 from ..models import build_model
 from ..runs import first_line, load_model_state
 from .bundle import (CONFIG, ITEM_IDS, MANIFEST, PARTITION, TOWER, read_item_ids, read_manifest,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .. import runs
 from ..config import absolute_paths, load_config, save_config
-from ..data.errors import ConfigError
+from ..errors import ConfigError
 from ..progress import log
 from . import results
 from .space import Space, load_space

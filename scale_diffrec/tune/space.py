@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from ..config import load_config, read_yaml_mapping
-from ..data.errors import ConfigError
+from ..errors import ConfigError
 
 SEARCHES = ("grid", "random", "optuna")
 SCHEDULER_KEYS = ("grace_period", "reduction_factor")

@@ -45,8 +45,7 @@ import torch.distributed as dist
 from ... import checkpoint, runs
 from ...config import absolute_paths
 from ...data import load_data
-from ...data.errors import ConfigError, DataError
-from ...finite import NonFiniteError
+from ...errors import ConfigError, DataError, NonFiniteError
 from ...models.clusters import latent_dims
 from ...partition import Partition
 from ...progress import log, peak_rss_mib, setup_logging

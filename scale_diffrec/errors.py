@@ -1,4 +1,7 @@
-"""Errors for bad input: every message names the file and the field or row at fault."""
+"""The errors that stop a command with one line 'error: ...' and exit status 2 (cli.py):
+bad input data, a bad config, a full disk, and non-finite numbers. Every message names
+what is at fault: the file and the field or row, the dotted config key, or the loss /
+scores / parameter (``finite.check_finite`` raises ``NonFiniteError``)."""
 from __future__ import annotations
 
 
@@ -26,3 +29,7 @@ class NoSpaceError(DataError):
     def __init__(self, path):
         self.path, self.field, self.row = str(path), None, None
         ValueError.__init__(self, f"no space left on {path}")
+
+
+class NonFiniteError(ValueError):
+    """A NaN or infinite loss, score or parameter; ``str(err)`` names what and where."""
