@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from scale_diffrec.diffusion import make_betas, named_betas
-from scale_diffrec.samplers import (FixSampler, LossSecondMomentResampler, UniformSampler,
+from scale_diffrec.models.diffusion import make_betas, named_betas
+from scale_diffrec.models.samplers import (FixSampler, LossSecondMomentResampler, UniformSampler,
                                     named_sampler)
 
 

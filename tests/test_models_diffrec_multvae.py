@@ -99,7 +99,7 @@ def test_build_model_reads_the_typed_config_and_takes_its_dict_alike():
     from scale_diffrec.choices import MeanType
     from scale_diffrec.config import typed
     from scale_diffrec.errors import ConfigError
-    from scale_diffrec.samplers import LossSecondMomentResampler, UniformSampler
+    from scale_diffrec.models.samplers import LossSecondMomentResampler, UniformSampler
     cfg = _cfg("diffrec", "diffusion.mean_type=eps", "diffusion.sampler=uniform")
     torch.manual_seed(0)
     from_dict = build_model(cfg, 30)

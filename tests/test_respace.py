@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from scale_diffrec.diffusion import named_betas
-from scale_diffrec.respace import model_timesteps, respaced_betas, space_timesteps
+from scale_diffrec.models.diffusion import named_betas
+from scale_diffrec.models.respace import model_timesteps, respaced_betas, space_timesteps
 
 
 @pytest.mark.parametrize("steps,counts,expected", [

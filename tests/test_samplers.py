@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from scale_diffrec.train.distributed.local import run_distributed
-from scale_diffrec.samplers import LossSecondMomentResampler, UniformSampler
+from scale_diffrec.models.samplers import LossSecondMomentResampler, UniformSampler
 
 
 def test_uniform_before_warm_up_then_second_moment_weights():

@@ -16,8 +16,8 @@ import torch
 
 from ..config import Config
 from ..data.csr import SparseRows
-from ..diffusion import GaussianDiffusion
-from ..samplers import build_sampler
+from .diffusion import GaussianDiffusion
+from .samplers import build_sampler
 from .base import ItemHead, Progress, Recommender
 from .denoiser import Denoiser
 

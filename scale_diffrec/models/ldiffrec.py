@@ -78,8 +78,8 @@ from ..choices import WarmStart
 from ..config import Config, LDiffRecConfig, typed
 from ..data.csr import CSR, SparseRows
 from ..device import chunk_items
-from ..diffusion import GaussianDiffusion
-from ..samplers import build_sampler
+from .diffusion import GaussianDiffusion
+from .samplers import build_sampler
 from ..shard.context import Shard
 from .base import ItemHead, Progress, Recommender
 from .clusters import (CatalogueLinear, ClusterInput, ClusterParts, PerCluster, latent_dims,

@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .choices import DiffuRecSampler, StepSampler
-from .config import DiffusionConfig
+from ..choices import DiffuRecSampler, StepSampler
+from ..config import DiffusionConfig
 
 
 class UniformSampler(nn.Module):

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .choices import DiffuRecSchedule, MeanType, Schedule
+from ..choices import DiffuRecSchedule, MeanType, Schedule
 
 if TYPE_CHECKING:      # config's schedule check imports make_betas from here at import time
-    from .config import DiffusionConfig
+    from ..config import DiffusionConfig
 
 MAX_BETA = 0.999
 
