@@ -167,7 +167,7 @@ class DiffusionConfig(_Section):
     def _schedule_is_a_diffusion(self):
         """noise_min < noise_max (linear schedules), every beta in (0, 1) as
         ``diffusion.make_betas`` computes them, sampling_steps <= steps."""
-        from .models.diffusion import make_betas
+        from .schedules import make_betas
         linear = self.schedule in (Schedule.linear, Schedule.linear_var)
         if linear and self.noise_min >= self.noise_max:
             raise key_error("noise_min", f"({self.noise_min}) must be < '{{s}}.noise_max' "

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from scale_diffrec.models.diffusion import make_betas, named_betas
+from scale_diffrec.schedules import make_betas, named_betas
 from scale_diffrec.models.samplers import (FixSampler, LossSecondMomentResampler, UniformSampler,
                                     named_sampler)
 

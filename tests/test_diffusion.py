@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from scale_diffrec.models.diffusion import GaussianDiffusion, make_betas
+from scale_diffrec.models.diffusion import GaussianDiffusion
+from scale_diffrec.schedules import make_betas
 
 
 def test_linear_var_schedule_by_hand():

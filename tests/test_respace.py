@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from scale_diffrec.models.diffusion import named_betas
+from scale_diffrec.schedules import named_betas
 from scale_diffrec.models.respace import model_timesteps, respaced_betas, space_timesteps
 
 
