@@ -9,11 +9,11 @@ linear heads is scored head by head from its queries, so no [B, I] matrix is bui
 other model gives its own blocks (``Recommender.score_chunks``). Users without ground
 truth in the split still count in the "reference" convention's denominator.
 
-Three entry points:
+Two entry points:
 
-* ``evaluate(model, data, split, ...)`` -> metrics dict (what train and the CLI call);
-* ``accumulate(model, data, split, ..., users=...)`` -> ``MetricAccumulator``, for a
-  subset of users (a distributed evaluator all-reduces ``acc.to_array()``);
+* ``evaluate(model, data, split, ...)`` -> metrics dict (what train and the CLI call; on a
+  rank of a W-worker run each rank scores its own items and the ranks' top-K lists merge,
+  ``ranking.merge_ranks``, so every rank returns the same metrics);
 * ``evaluate_topk(topk, data, split, ...)`` -> metrics of precomputed top-K lists (e.g.
   from the FAISS index), which must equal ``evaluate``'s for the same rankings.
 """
@@ -101,22 +101,26 @@ def score_chunks(model: Recommender, batch, heads: list | None, chunk: int):
         yield from linear_chunks(queries[h.name], h.weight, h.bias, h.items, chunk)
 
 
-def accumulate(model: Recommender, data: InteractionData, split: str = "valid",
-               ks: Iterable[int] = (10, 20, 50, 100), batch_size: int = 1000,
-               device: torch.device | str | None = None,
-               users: np.ndarray | None = None, precision: str = "fp32",
-               chunk_mib: float | None = None) -> MetricAccumulator:
-    """Metric sums of ``model`` over ``users`` (default: all users, in order); the forward
-    pass in ``precision`` (``device.autocast``), the ranking on fp32 scores, made a
-    ``chunk_mib`` block of items at a time (``device.chunk_items``; ``score_chunks``)
-    into a ``ranking.RunningTopK``."""
+def evaluate(model: Recommender, data: InteractionData, split: str = "valid",
+             ks: Iterable[int] = (10, 20, 50, 100), convention: str = "reference",
+             batch_size: int = 1000, device: torch.device | str | None = None,
+             precision: str = "fp32", chunk_mib: float | None = None) -> dict:
+    """Full-ranking metrics of ``model`` on ``split`` ("valid" or "test") over all users.
+
+    Returns {"recall@K", "ndcg@K", "precision@K", "mrr@K" for K in ks, "n_users",
+    "n_users_with_truth", "convention"}. ``device``: where batches go (default: the
+    model's device). The forward pass in ``precision`` (``device.autocast``), the ranking
+    on fp32 scores, made a ``chunk_mib`` block of items at a time (``device.chunk_items``;
+    ``score_chunks``) into a ``ranking.RunningTopK``. The model's train/eval mode is
+    restored afterwards. NonFiniteError when a score is NaN or infinite.
+    """
     _check_split(split)
+    _check_convention(convention)
     ks = _as_ks(ks)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = model_device(model) if device is None else torch.device(device)
-    users = (np.arange(data.n_users, dtype=np.int64) if users is None
-             else np.asarray(users, dtype=np.int64))
+    users = np.arange(data.n_users, dtype=np.int64)
     exclude = excluded_matrices(data, split)
     truth = truth_matrix(data, split)
     acc = MetricAccumulator(ks)
@@ -155,22 +159,6 @@ def accumulate(model: Recommender, data: InteractionData, split: str = "valid",
                         truth.take_rows(rows))
     finally:
         model.train(was_training)
-    return acc
-
-
-def evaluate(model: Recommender, data: InteractionData, split: str = "valid",
-             ks: Iterable[int] = (10, 20, 50, 100), convention: str = "reference",
-             batch_size: int = 1000, device: torch.device | str | None = None,
-             precision: str = "fp32", chunk_mib: float | None = None) -> dict:
-    """Full-ranking metrics of ``model`` on ``split`` ("valid" or "test") over all users.
-
-    Returns {"recall@K", "ndcg@K", "precision@K", "mrr@K" for K in ks, "n_users",
-    "n_users_with_truth", "convention"}. ``device``: where batches go (default: the
-    model's device). The model's train/eval mode is restored afterwards.
-    """
-    _check_convention(convention)
-    acc = accumulate(model, data, split, ks, batch_size, device, precision=precision,
-                     chunk_mib=chunk_mib)
     return acc.result(convention)
 
 
@@ -202,5 +190,5 @@ def evaluate_topk(topk_items, data: InteractionData, split: str = "valid",
     return acc.result(convention)
 
 
-__all__ = ["evaluate", "accumulate", "evaluate_topk", "topk_excluding", "score_chunks",
+__all__ = ["evaluate", "evaluate_topk", "topk_excluding", "score_chunks",
            "has_linear_heads", "excluded_matrices", "truth_matrix", "SPLITS"]

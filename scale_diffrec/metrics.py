@@ -22,9 +22,8 @@ Users with empty ground truth contribute nothing to the sums. Two averaging conv
 
 The reference rounds each value to 4 decimals; nothing is rounded here.
 
-Accumulate, then finalize: ``MetricAccumulator.add`` sums per-user values batch by batch,
-and ``merge`` / ``to_array`` + ``from_array`` combine accumulators of different batches or
-workers (a distributed evaluator all-reduces ``to_array()``, a float64 vector, with SUM).
+Accumulate, then finalize: ``MetricAccumulator.add`` sums per-user values batch by batch
+(a W-worker evaluation merges the ranks' top-K lists first, so every rank adds the same).
 
 A ranked list is an int array [B, W] with W >= max(ks); entries < 0 are padding (a user
 with fewer than W rankable items) and never count as hits.
@@ -156,34 +155,6 @@ class MetricAccumulator:
         self.n_users += int(n_truth.shape[0])
         self.n_users_with_truth += int((n_truth > 0).sum())
         return self
-
-    def merge(self, other: "MetricAccumulator") -> "MetricAccumulator":
-        if other.ks != self.ks:
-            raise ValueError(f"cannot merge accumulators with ks {self.ks} and {other.ks}")
-        self.sums += other.sums
-        self.n_users += other.n_users
-        self.n_users_with_truth += other.n_users_with_truth
-        return self
-
-    def to_array(self) -> np.ndarray:
-        """Flat float64 [len(METRICS) * len(ks) + 2]: sums, n_users, n_users_with_truth.
-        Element-wise SUM of these arrays (e.g. an all-reduce) merges accumulators."""
-        return np.concatenate([self.sums.reshape(-1),
-                               [float(self.n_users), float(self.n_users_with_truth)]])
-
-    @classmethod
-    def from_array(cls, ks: Iterable[int], array) -> "MetricAccumulator":
-        acc = cls(ks)
-        if isinstance(array, torch.Tensor):
-            array = array.detach().cpu().numpy()
-        array = np.asarray(array, dtype=np.float64).reshape(-1)
-        if array.size != acc.sums.size + 2:
-            raise ValueError(f"expected {acc.sums.size + 2} values for ks {acc.ks}, "
-                             f"got {array.size}")
-        acc.sums = array[:-2].reshape(acc.sums.shape).copy()
-        acc.n_users = int(round(array[-2]))
-        acc.n_users_with_truth = int(round(array[-1]))
-        return acc
 
     def result(self, convention: str = "reference") -> dict:
         """{"recall@K", "ndcg@K", "precision@K", "mrr@K" for each K, "n_users",

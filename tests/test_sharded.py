@@ -171,8 +171,8 @@ def _resumed(rank, world, zero_stage, run_dir):
     a new ShardedRun -> one more epoch: (parameters after both, on rank 0)."""
     from pathlib import Path
     from scale_diffrec import checkpoint
-    from scale_diffrec import train
     from scale_diffrec.train.distributed import trainer
+    from scale_diffrec.train.loop import new_record
     cfg, data, partition, build_plan = _setup([f"distributed.zero_stage={zero_stage}"])
     straight = _sharded(cfg, data, partition, build_plan, world)
     for epoch in range(2):
@@ -181,7 +181,7 @@ def _resumed(rank, world, zero_stage, run_dir):
     first = _sharded(cfg, data, partition, build_plan, world)
     first.train_epoch(0)
     first.progress.epoch = 1
-    record = {**train.new_record(), "resumed_at": []}
+    record = {**new_record(), "resumed_at": []}
     trainer.ShardedCheckpoints(first, Path(run_dir), {}, record).save(first.progress, record,
                                                                       False)
     second = _sharded(cfg, data, partition, build_plan, world)
