@@ -9,7 +9,7 @@ import torch
 
 from scale_diffrec.data.csr import CSR
 from scale_diffrec.data.dataset import InteractionData
-from scale_diffrec.evaluate import accumulate, evaluate, evaluate_topk, topk_excluding
+from scale_diffrec.evaluate import evaluate, evaluate_topk, topk_excluding
 from scale_diffrec.metrics import MetricAccumulator
 from scale_diffrec.models.base import Recommender
 
@@ -204,18 +204,7 @@ def test_evaluate_topk_of_precomputed_lists_equals_evaluate(split):
             for key, value in direct.items():
                 assert other[key] == (pytest.approx(value, abs=1e-12)
                                       if isinstance(value, float) else value), key
-    # a subset of users, accumulated separately and merged, equals the whole
-    users = np.arange(data.n_users)
-    halves = np.array_split(users, 2)
-    acc = MetricAccumulator((10, 20, 50, 100))
-    for h in halves:
-        model = FixedScores(scores[h])                     # the model sees only its users
-        acc.merge(accumulate(model, data, split, users=h, batch_size=9))
-    whole = evaluate(FixedScores(scores), data, split)
-    merged = acc.result("reference")
-    for key, value in whole.items():
-        assert merged[key] == (pytest.approx(value, abs=1e-12)
-                               if isinstance(value, float) else value), key
+
 
 
 def test_bad_arguments():
@@ -330,9 +319,8 @@ def test_heads_in_any_item_order_rank_like_the_score_matrix():
         pass
     for split in ("valid", "test"):
         for chunk_mib in (3e-4, None):           # 4 items at a time, or every item at once
-            acc = accumulate(model, data, split, batch_size=17, chunk_mib=chunk_mib)
+            got = evaluate(model, data, split, batch_size=17, chunk_mib=chunk_mib)
             ref = evaluate(Plain(scores), data, split)
-            got = acc.result("reference")
             for key, value in ref.items():
                 assert got[key] == (pytest.approx(value, abs=1e-12)
                                     if isinstance(value, float) else value), key

@@ -119,7 +119,7 @@ def test_list_must_be_at_least_max_k_wide():
 
 
 # --------------------------------------------------------------------------------------
-# accumulate, merge, all-reduce form
+# accumulate
 
 def _random_case(rng, n_users=300, n_items=80, width=25, p_empty=0.2):
     ranks = np.stack([rng.permutation(n_items)[:width] for _ in range(n_users)])
@@ -130,28 +130,6 @@ def _random_case(rng, n_users=300, n_items=80, width=25, p_empty=0.2):
         else:
             truth.append(sorted(rng.choice(n_items, rng.integers(1, 30), replace=False)))
     return ranks, truth
-
-
-def test_merge_and_array_roundtrip_equal_one_pass():
-    rng = np.random.default_rng(0)
-    ranks, truth = _random_case(rng)
-    ks = (1, 5, 10, 20)
-    whole = MetricAccumulator(ks).add(ranks, truth)
-    parts = [MetricAccumulator(ks).add(ranks[s:s + 70], truth[s:s + 70])
-             for s in range(0, len(ranks), 70)]
-    merged = MetricAccumulator(ks)
-    for p in parts:
-        merged.merge(p)
-    reduced = MetricAccumulator.from_array(ks, sum(p.to_array() for p in parts))
-    for conv in ("reference", "users_with_truth"):
-        r = whole.result(conv)
-        for other in (merged.result(conv), reduced.result(conv)):
-            assert other.keys() == r.keys()
-            for key in r:
-                assert other[key] == (pytest.approx(r[key], abs=1e-12)
-                                      if isinstance(r[key], float) else r[key]), key
-    with pytest.raises(ValueError, match="merge"):
-        whole.merge(MetricAccumulator((1, 5)))
 
 
 def test_result_keys_and_empty_accumulator():
