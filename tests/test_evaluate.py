@@ -10,7 +10,6 @@ import torch
 from scale_diffrec.data.csr import CSR
 from scale_diffrec.data.dataset import InteractionData
 from scale_diffrec.evaluate import evaluate, evaluate_topk, topk_excluding
-from scale_diffrec.metrics import MetricAccumulator
 from scale_diffrec.models.base import Recommender
 
 DIFFREC_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "diffrec"
