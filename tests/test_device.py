@@ -71,7 +71,7 @@ def test_cuda_without_gpu_is_one_line_error_before_anything_is_written(tmp_path)
 
 
 def test_bf16_logsumexp_accumulates_in_fp32():
-    from scale_diffrec.models.ldiffrec import chunked_logsumexp
+    from scale_diffrec.models.linear_logsumexp import chunked_logsumexp
     g = torch.Generator().manual_seed(0)
     h = torch.randn(6, 8, generator=g, requires_grad=True)
     w = torch.randn(50, 8, generator=g, requires_grad=True)

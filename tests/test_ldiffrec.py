@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from scale_diffrec.config import LDiffRecConfig, load_config
 from scale_diffrec.data.csr import CSR
 from scale_diffrec.models import Progress, build_model, parameter_groups
-from scale_diffrec.models.ldiffrec import (LDiffRec, beta_at, combine_logsumexp,
-                                           combine_multinomial, lamda_at, latent_dims)
+from scale_diffrec.models.clusters import latent_dims
+from scale_diffrec.models.ldiffrec import LDiffRec, beta_at, lamda_at
+from scale_diffrec.models.linear_logsumexp import combine_logsumexp, combine_multinomial
 from scale_diffrec.partition import Partition
 
 ML1M = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "diffrec" / "ml-1m_clean"
@@ -225,7 +226,7 @@ def test_multinomial_loss_cluster_by_cluster_equals_log_softmax(out_dims, chunk)
 
 
 def test_chunked_logsumexp_equals_logsumexp_with_gradients():
-    from scale_diffrec.models.ldiffrec import chunked_logsumexp
+    from scale_diffrec.models.linear_logsumexp import chunked_logsumexp
     g = torch.Generator().manual_seed(0)
     h = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(23, 3, generator=g, dtype=torch.float64, requires_grad=True)

@@ -85,7 +85,7 @@ from .base import ItemHead, Progress, Recommender
 from .clusters import (CatalogueLinear, ClusterInput, ClusterParts, PerCluster, latent_dims,
                        unallocated)
 from .denoiser import Denoiser
-from .linear_logsumexp import chunked_logsumexp, combine_logsumexp, combine_multinomial
+from .linear_logsumexp import catalogue_nll, softmax_parts
 
 
 def lamda_at(lcfg: LDiffRecConfig, epochs_done: int) -> float:
@@ -262,37 +262,22 @@ class LDiffRec(PerCluster, Recommender):
     def multinomial_parts(self, hidden: torch.Tensor, weight: torch.Tensor,
                           bias: torch.Tensor, inp: ClusterInput):
         """(picked [B], total [B], lse [B]) of one head whose logits are
-        hidden [B, h] @ weight[n, h].T + bias [n]: sum of target * logit over the head's
-        entries (``inp.local``: columns of the head; sparse products with the targets),
-        sum of targets, the logsumexp over the head's items (``chunked_logsumexp``)."""
-        b, n = inp.batch_size, weight.shape[0]
-        acc = torch.promote_types(hidden.dtype, torch.float32)   # fp32 under bf16 autocast
-        target = torch.sparse_coo_tensor(torch.stack([inp.rows, inp.local]),
-                                         inp.target.to(acc), (b, n), device=hidden.device,
-                                         is_coalesced=True,        # [B, n], row-major
-                                         check_invariants=False)
-        # sum_i x_bi logit_bi = sum_j (X W)_bj hidden_bj + (X b)_b: sparse products, whose
-        # backward is X.T @ grad (no scatter into the [n, h] weight row by row); in fp32
-        # (CUDA has no bf16 sparse matmul), outside autocast
-        with torch.autocast(hidden.device.type, enabled=False):
-            picked = (torch.sparse.mm(target, weight.to(acc)) * hidden.to(acc)).sum(1) \
-                + torch.sparse.mm(target, bias.to(acc)[:, None]).squeeze(1)
-        total = torch.zeros(b, dtype=acc, device=hidden.device).index_add(0, inp.rows,
-                                                                         inp.target.to(acc))
-        chunk = self.logit_chunk or chunk_items(b, hidden.device, self.chunk_mib)
-        return picked, total, chunked_logsumexp(hidden, weight, bias, chunk)
+        hidden [B, h] @ weight[n, h].T + bias [n], with the targets ``inp`` at the head's
+        columns ``inp.local`` (``linear_logsumexp.softmax_parts``)."""
+        return softmax_parts(hidden, weight, bias, inp.rows, inp.local, inp.target,
+                             self._chunk(hidden))
 
     def multinomial_nll(self, zhat0: torch.Tensor, inputs: list[ClusterInput]) -> torch.Tensor:
         """[B] -sum_i x_i log_softmax(logits)_i over the whole catalogue, head by head and
-        (sharded) rank by rank; the same on every rank."""
-        picked = total = 0
-        lses = []
-        for hidden, weight, bias, inp in self._heads(zhat0, inputs):
-            p, t, lse = self.multinomial_parts(hidden, weight, bias, inp)
-            picked, total = picked + p, total + t
-            lses.append(lse)
-        lse = self.shard.logsumexp(combine_logsumexp(lses))
-        return combine_multinomial(self.shard.sum(picked), self.shard.sum(total), lse)
+        (sharded) rank by rank; the same on every rank (``linear_logsumexp.catalogue_nll``)."""
+        heads = [(hidden, weight, bias, inp.rows, inp.local, inp.target)
+                 for hidden, weight, bias, inp in self._heads(zhat0, inputs)]
+        return catalogue_nll(heads, self.shard, self._chunk(zhat0))
+
+    def _chunk(self, hidden: torch.Tensor) -> int:
+        """Items per chunk of the training logsumexp: ``ldiffrec.logit_chunk``, else as many
+        as fit ``chunk_mib`` for this batch and device (``device.chunk_items``)."""
+        return self.logit_chunk or chunk_items(hidden.shape[0], hidden.device, self.chunk_mib)
 
     def _zhat0(self, z_r: torch.Tensor, splits: list[int], own: slice, step: int | None):
         """(zhat0 [B, d], diffusion terms of the own rows or None): the latent rows go to

@@ -106,4 +106,44 @@ def combine_multinomial(picked: torch.Tensor, total: torch.Tensor,
     return total * lse - picked
 
 
-__all__ = ["LinearLogSumExp", "chunked_logsumexp", "combine_logsumexp", "combine_multinomial"]
+def softmax_parts(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                  rows: torch.Tensor, cols: torch.Tensor, target: torch.Tensor, chunk: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(picked [B], total [B], lse [B]) of one head whose logits are
+    hidden [B, h] @ weight [n, h].T + bias [n]: picked_b = sum of target * logit over the
+    entries (rows [m], cols [m] < n, row-major and unique; target [m]), total_b = sum of
+    targets, lse_b = the logsumexp over the head's n items (``chunked_logsumexp``, ``chunk``
+    items at a time). picked is a sparse product with the targets (O(m h)), never the
+    [B, n] logits; in fp32 under autocast (CUDA has no bf16 sparse matmul)."""
+    b, n = hidden.shape[0], weight.shape[0]
+    acc = torch.promote_types(hidden.dtype, torch.float32)     # fp32 under bf16 autocast
+    x = torch.sparse_coo_tensor(torch.stack([rows, cols]), target.to(acc), (b, n),
+                                device=hidden.device, is_coalesced=True,   # row-major
+                                check_invariants=False)
+    # sum_i x_bi logit_bi = sum_j (X W)_bj hidden_bj + (X b)_b: sparse products, whose
+    # backward is X.T @ grad (no scatter into the [n, h] weight row by row)
+    with torch.autocast(hidden.device.type, enabled=False):
+        picked = (torch.sparse.mm(x, weight.to(acc)) * hidden.to(acc)).sum(1) \
+            + torch.sparse.mm(x, bias.to(acc)[:, None]).squeeze(1)
+    total = torch.zeros(b, dtype=acc, device=hidden.device).index_add(0, rows, target.to(acc))
+    return picked, total, chunked_logsumexp(hidden, weight, bias, chunk)
+
+
+def catalogue_nll(heads: list, shard, chunk: int) -> torch.Tensor:
+    """[B] multinomial NLL -sum_i x_bi log_softmax(logits_b)_i over the WHOLE catalogue,
+    from this process's ``heads`` [(hidden, weight, bias, rows, cols, target)]
+    (``softmax_parts``) and the other ranks' (``shard``: ``shard.context.Shard``, whose
+    ``sum`` / ``logsumexp`` are identities in one process); the same on every rank. The
+    catalogue softmax of L-DiffRec's decoder and of DiffuRec's item table."""
+    picked = total = 0
+    lses = []
+    for hidden, weight, bias, rows, cols, target in heads:
+        p, t, lse = softmax_parts(hidden, weight, bias, rows, cols, target, chunk)
+        picked, total = picked + p, total + t
+        lses.append(lse)
+    lse = shard.logsumexp(combine_logsumexp(lses))
+    return combine_multinomial(shard.sum(picked), shard.sum(total), lse)
+
+
+__all__ = ["LinearLogSumExp", "chunked_logsumexp", "combine_logsumexp", "combine_multinomial",
+           "softmax_parts", "catalogue_nll"]
