@@ -49,7 +49,7 @@ def seen_positions(exclude: CSR | Sequence[CSR] | None, n_rows: int,
     for csr in csrs:
         if csr.n_rows != n_rows:
             raise ValueError(f"exclude matrix has {csr.n_rows} rows, scores {n_rows}")
-        rows.append(np.repeat(np.arange(n_rows, dtype=np.int64), csr.row_lengths()))
+        rows.append(csr.row_ids())
         cols.append(csr.indices.astype(np.int64, copy=False))
     r = torch.from_numpy(np.concatenate(rows) if rows else np.zeros(0, np.int64)).to(device)
     p = torch.from_numpy(np.concatenate(cols) if cols else np.zeros(0, np.int64)).to(device)
