@@ -1,27 +1,35 @@
 """Full-ranking top-K over large catalogues: score chunks folded into a running top-K.
 
-The evaluator (``evaluate.accumulate``; in one process, or on each rank of a W-worker run,
-which then merges the ranks' lists with ``merge_ranks``) ranks a batch of B users over its
-items the same way:
+The evaluator (``evaluate.evaluate``; in one process, or on each rank of a W-worker run,
+which then merges the ranks' lists with ``merge_ranks``; the retriever's brute force
+through ``evaluate.topk_excluding``) ranks a batch of B users over its items the same way:
 
 1. the items are scored ``chunk`` at a time, in a fixed order of *positions* 0 .. n - 1
-   (``linear_chunks`` for a linear head: ``[query, 1] @ [weight, bias][chunk].T``, the
-   bias folded into the product so that no [B, chunk] bias copy is made, and the score
-   block stays [B, chunk]; a model without linear heads gives blocks of its own);
+   (``linear_chunks`` for a linear head: ``torch.addmm(bias, query, weight.T)``, the
+   product ``F.linear`` makes, written into one [B, chunk] buffer reused by every block;
+   a model without linear heads gives blocks of its own);
 2. the excluded (seen) entries of the chunk are set to -inf by one scatter at their
    (row, position) pairs, sorted by position once per batch (no dense [B, I] mask);
-3. ``RunningTopK.add`` takes the chunk's top k per row (``torch.topk``) and merges it
-   into the running lists (top k of [B, 2k]).
+3. ``RunningTopK.add`` ranks the chunk only for the entries that can enter the running
+   lists (those above a row's k-th best so far): ``torch.topk`` for a guessed m, checked
+   on its [B, m] result and doubled when short, then the gaining entries are merged (top
+   k of [B, k + m]).
 
-Profile of a pass on Epinions (242k items, ALS with 64 factors, 1,000 users, chunks of
-16,384 items, before these choices): ``addmm`` 37% (half of it the bias copy), ``nonzero``
-of a threshold filter 15%, the compare 8%, ``topk`` 5%: CPU ``nonzero`` is slower than
-``topk`` itself, so every chunk is ranked by ``topk``. Scores of -inf (excluded items, or a model's
-own -inf) are never ranked: slots that only such items could fill are padding, item -1 and
-score -inf. Among exactly tied scores the choice is arbitrary, as with ``torch.topk``.
+Why (CPU, one thread, CPU seconds per score of a [1000, chunk] block, 2026-11, on a
+shared 2-core machine): ``torch.topk`` with k = 100 on a 2,097-item chunk (the 8 MiB
+default ``chunk_mib`` at B = 1000) costs 10.5 ns (k * 64 > n: a full nth_element per
+row), with k = 10 2.3 ns; after the first chunks m is a few to a few dozen. Counting the
+entries above the k-th best over the whole chunk (``(scores > kth).sum(1)``) costs
+1.1-4.4 ns, more than the small top-m itself, so m is guessed and verified instead; a
+``nonzero`` threshold filter was slower still. A new [B, chunk] tensor per block costs
+page faults once it is above the allocator's mmap threshold (16,384 items: addmm 3.7 ns
+into a new tensor, 1.9 ns into the reused buffer). Scores of -inf (excluded items, or a
+model's own -inf) are never ranked: slots that only such items could fill are padding,
+item -1 and score -inf. Among exactly tied scores the choice is arbitrary, as with
+``torch.topk``.
 
-The bound of one pass (benchmarks/catalogue.py): the scoring matmul, 2 B n (d + 1) FLOP
-per batch, plus one read of the [B, n] scores for the top-k.
+The bound of one pass (benchmarks/ranking.py, benchmarks/catalogue.py): the scoring
+matmul, 2 B n (d + 1) FLOP per batch, plus ``torch.topk`` over the [B, n] scores.
 """
 from __future__ import annotations
 
