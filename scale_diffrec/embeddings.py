@@ -271,7 +271,7 @@ def _logit_gain(train: CSR, user_f: torch.Tensor, item_f: torch.Tensor,
     users = np.flatnonzero(train.row_lengths() > 0)[:n_users]
     rows = train.take_rows(users)
     scores = (user_f[torch.from_numpy(users)] @ item_f.T).float()        # [n, items]
-    row_of = torch.from_numpy(np.repeat(np.arange(len(users)), rows.row_lengths()))
+    row_of = torch.from_numpy(rows.row_ids())
     values = torch.from_numpy(rows.values.astype(np.float32))
     picked = torch.zeros(len(users)).index_add_(
         0, row_of, values * scores[row_of, torch.from_numpy(rows.indices.astype(np.int64))])

@@ -67,7 +67,7 @@ def _truth_keys(truth_rows, n_rows: int) -> tuple[np.ndarray, np.ndarray, int]:
             raise ValueError(f"ground truth has {truth_rows.n_rows} rows, top-K lists {n_rows}")
         lengths = truth_rows.row_lengths()
         cols = truth_rows.indices.astype(np.int64, copy=False)
-        rows = np.repeat(np.arange(n_rows, dtype=np.int64), lengths)
+        rows = truth_rows.row_ids()
         stride = max(int(truth_rows.n_cols), int(cols.max()) + 1 if cols.size else 1)
     else:
         truth_rows = list(truth_rows)

@@ -127,7 +127,7 @@ class Partition:
 
     def cluster_columns(self, matrix: CSR, c: int) -> CSR:
         """[rows, n_c] cluster c's columns of ``matrix`` [rows, n_items], in local order."""
-        row_of = np.repeat(np.arange(matrix.n_rows), matrix.row_lengths())
+        row_of = matrix.row_ids()
         keep = self.cluster_of[matrix.indices] == c
         return CSR.from_pairs(row_of[keep], self.local_of[matrix.indices[keep]],
                               matrix.n_rows, int(self.sizes[c]), matrix.values[keep])

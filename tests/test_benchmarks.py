@@ -59,3 +59,22 @@ def test_catalogue_benchmark_filters_ratings_tunes_on_valid_and_times_passes(tmp
     table = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "catalogue.py"), "--table",
                             "--out", str(out)], check=True, capture_output=True, text=True).stdout
     assert table.count("\n| ") == 2 and f"| {pop['test']['recall@20']:.4f} |" in table
+
+
+def test_ranking_benchmark_checks_the_pass_and_times_it_beside_its_bound(tmp_path):
+    out = tmp_path / "ranking.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ranking.py"), "--users", "250",
+                    "--items", "3000", "--batch", "100", "--chunk-mib", "default", "0.1",
+                    "--repeats", "1", "--out", str(out)],
+                   check=True, cwd=tmp_path, timeout=300, capture_output=True)
+    result = json.loads(out.read_text())
+    default, small = result["rows"]
+    assert (default["chunk_mib"], small["chunk_mib"]) == (None, 0.1)
+    assert default["chunk_items"] == 20971 and small["chunk_items"] == 262  # 8, 0.1 MiB / 400 B
+    for row in result["rows"]:
+        assert row["check_first_batch"] == {"values_equal": True, "items_scored_so": True}
+        assert row["pass_seconds"] > 0 and row["pass_over_bound"] == pytest.approx(
+            row["pass_seconds"] / (result["bound_matmul_seconds"][0]
+                                   + result["bound_topk_seconds"][0]))      # one repeat
+    assert result["scoring_gflop"] == pytest.approx(2 * 250 * 3000 * 65 / 1e9)
+    assert len(result["bound_matmul_seconds"]) == len(result["bound_topk_seconds"]) == 1

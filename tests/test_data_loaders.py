@@ -56,6 +56,18 @@ def write_npy_folder(folder: Path, train, valid, test, emb=None):
     return folder
 
 
+def test_csr_row_ids_and_transpose():
+    # rows 0 and 2 hold entries, row 1 is empty, row 3 holds one entry
+    m = CSR.from_pairs([2, 0, 3, 0], [1, 4, 0, 2], 4, 5, [3.0, 1.0, 4.0, 2.0])
+    ids = m.row_ids()
+    assert ids.dtype == np.int64 and ids.tolist() == [0, 0, 2, 3]
+    assert CSR.from_pairs([], [], 3, 2).row_ids().tolist() == []
+    t = m.transpose()
+    assert t.shape == (5, 4)
+    assert pairs_of(t) == {(4, 0), (2, 0), (1, 2), (0, 3)}
+    assert t.values.tolist() == [4.0, 3.0, 2.0, 1.0]     # rows 0, 1, 2, 4 of the transpose
+
+
 def test_npy_small_folder_exact(tmp_path):
     train = [[0, 3], [0, 1], [1, 2], [0, 1], [2, 0], [2, 4]]     # (0, 1) repeated
     valid = [[0, 2], [2, 1]]

@@ -471,7 +471,7 @@ def test_als_warm_start_ranks_each_users_own_group_first(n_clusters, out_dims):
             logits = torch.empty(train.n_rows, N_ITEMS)
             for c in range(n_clusters):
                 logits[:, model.items_of(c)] = model.cluster_logits(c, mu)
-        unseen_own = torch.from_numpy(own & (train.dense_block().numpy() == 0)).float()
+        unseen_own = torch.from_numpy(own & (train.to_torch().dense().numpy() == 0)).float()
         other = torch.from_numpy(~own).float()
         mean_own = (logits * unseen_own).sum(1) / unseen_own.sum(1)
         mean_other = (logits * other).sum(1) / other.sum(1)
@@ -484,7 +484,7 @@ def test_als_warm_start_scales_and_gain():
     train, _ = two_group_csr(n_users=80)
     enc, dec = als_warm_start(train, 4, 0.1, 10.0, 15, seed=0)
     assert enc.shape == dec.shape == (N_ITEMS, 4)
-    pre = train.dense_block().numpy() @ enc                    # tanh's input, [users, 4]
+    pre = train.to_torch().dense().numpy() @ enc                    # tanh's input, [users, 4]
     assert np.sqrt((pre ** 2).mean()) == pytest.approx(0.5, rel=0.25)
     # the decoder is the item factors times one gain: parallel rows, and a gain that is the
     # best of the grid (halving or doubling it raises the multinomial loss)
@@ -494,7 +494,7 @@ def test_als_warm_start_scales_and_gain():
 
     def loss(scale):
         logits = torch.from_numpy(x @ y.T).double() * scale
-        return float(-(torch.from_numpy(train.dense_block().numpy()).double()
+        return float(-(torch.from_numpy(train.to_torch().dense().numpy()).double()
                        * torch.log_softmax(logits, 1)).sum(1).mean())
     from scale_diffrec.embeddings import _logit_gain
     g = _logit_gain(train, torch.from_numpy(x).double(), torch.from_numpy(y).double(), 256)

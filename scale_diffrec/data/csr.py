@@ -1,8 +1,8 @@
 """Compressed sparse rows: the one in-memory form of a users x items matrix.
 
 Nothing in scale_diffrec builds a dense users x items matrix. Training reads a batch of
-rows (``CSR.take_rows``) and, where a layer needs it, densifies only that B x I_r block
-(``CSR.dense_block``), where I_r is the column range one worker owns.
+rows (``CSR.take_rows``) as torch tensors (``CSR.to_torch``: ``SparseRows``, the input of
+sparse first layers).
 
 Shapes: ``indptr`` [n_rows + 1] int64, ``indices`` [nnz] int64 (sorted per row),
 ``values`` [nnz] float32 (1.0 for implicit feedback, or time weights for T-DiffRec).
@@ -36,6 +36,10 @@ class CSR:
 
     def row_lengths(self) -> np.ndarray:
         return np.diff(self.indptr)
+
+    def row_ids(self) -> np.ndarray:
+        """[nnz] int64 row index of every stored entry (entry j lies in row row_ids()[j])."""
+        return np.repeat(np.arange(self.n_rows, dtype=np.int64), self.row_lengths())
 
     def row(self, r: int) -> np.ndarray:
         """Column indices of row r."""
@@ -71,36 +75,9 @@ class CSR:
         pos = np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1])
         return CSR(indptr, self.indices[pos], self.values[pos], self.n_cols)
 
-    def column_range(self, start: int, end: int) -> "CSR":
-        """Columns [start, end) re-based to 0 (clusters are contiguous column ranges)."""
-        keep = (self.indices >= start) & (self.indices < end)
-        row_of = np.repeat(np.arange(self.n_rows), self.row_lengths())
-        indptr = np.zeros(self.n_rows + 1, np.int64)
-        np.add.at(indptr, row_of[keep] + 1, 1)
-        np.cumsum(indptr, out=indptr)
-        return CSR(indptr, self.indices[keep] - start, self.values[keep], end - start)
-
-    def permute_columns(self, new_of_old: np.ndarray) -> "CSR":
-        """Relabel column j as new_of_old[j] (rows re-sorted)."""
-        row_of = np.repeat(np.arange(self.n_rows), self.row_lengths())
-        return CSR.from_pairs(row_of, new_of_old[self.indices], self.n_rows, self.n_cols,
-                              self.values)
-
     def transpose(self) -> "CSR":
-        row_of = np.repeat(np.arange(self.n_rows), self.row_lengths())
-        return CSR.from_pairs(self.indices, row_of, self.n_cols, self.n_rows, self.values)
-
-    def dense_block(self, start: int = 0, end: int | None = None,
-                    device: torch.device | str | None = None) -> torch.Tensor:
-        """Dense [n_rows, end - start] float32 tensor of columns [start, end)."""
-        end = self.n_cols if end is None else end
-        out = torch.zeros(self.n_rows, end - start, dtype=torch.float32, device=device)
-        row_of = np.repeat(np.arange(self.n_rows), self.row_lengths())
-        keep = (self.indices >= start) & (self.indices < end)
-        r = torch.from_numpy(row_of[keep]).to(out.device)
-        c = torch.from_numpy(self.indices[keep] - start).to(out.device)
-        out[r, c] = torch.from_numpy(self.values[keep]).to(out.device)
-        return out
+        return CSR.from_pairs(self.indices, self.row_ids(), self.n_cols, self.n_rows,
+                              self.values)
 
     def to_torch(self, device: torch.device | str | None = None) -> "SparseRows":
         """The rows as torch tensors on ``device`` (default: the CPU, sharing memory).

@@ -131,8 +131,7 @@ def load_diffrec_npy(folder: str | Path, n_items: int | None = None,
         duplicates[s] = int(dropped)
         if s == "train":
             train_times = rows               # file position = the authors' time order
-    keys = {s: m.indices + np.repeat(np.arange(n_users, dtype=np.int64) * n_items,
-                                     m.row_lengths()) for s, m in mats.items()}
+    keys = {s: m.row_ids() * n_items + m.indices for s, m in mats.items()}
     overlaps = {f"{a}&{b}": int(len(np.intersect1d(keys[a], keys[b], assume_unique=True)))
                 for a, b in (("train", "valid"), ("train", "test"), ("valid", "test"))}
 

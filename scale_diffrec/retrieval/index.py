@@ -264,7 +264,7 @@ class SearchUnit:
 
 def seen_counts(seen: CSR, unit_of: np.ndarray, n_units: int) -> np.ndarray:
     """[B, n_units] how many of each row's seen items lie in each unit."""
-    rows = np.repeat(np.arange(seen.n_rows, dtype=np.int64), seen.row_lengths())
+    rows = seen.row_ids()
     flat = np.bincount(rows * n_units + unit_of[seen.indices], minlength=seen.n_rows * n_units)
     return flat.reshape(seen.n_rows, n_units)
 
@@ -272,7 +272,7 @@ def seen_counts(seen: CSR, unit_of: np.ndarray, n_units: int) -> np.ndarray:
 def is_seen(items: np.ndarray, seen: CSR) -> np.ndarray:
     """[B, C] bool: items[b, c] is one of row b's seen items."""
     n_cols = max(seen.n_cols, 1)
-    rows = np.repeat(np.arange(seen.n_rows, dtype=np.int64), seen.row_lengths())
+    rows = seen.row_ids()
     seen_keys = rows * n_cols + seen.indices
     keys = np.arange(items.shape[0], dtype=np.int64)[:, None] * n_cols + items
     return np.isin(keys, seen_keys) & (items >= 0)

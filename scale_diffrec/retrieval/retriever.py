@@ -9,7 +9,8 @@ tower (the model rebuilt from the bundle's config and weights) turns the histori
 query per head; FAISS searches each unit for ``k`` plus the most seen items any user of the
 batch has in that unit, so after dropping seen items at least ``k`` candidates remain per
 unit, and the merged top-``k`` is exact for flat indexes (``index.search_units``).
-``brute_force=True`` ranks the model's full output instead, for checking. With seen items
+``brute_force=True`` ranks the model's full output instead, for checking, by the
+evaluator's ranking (``evaluate.topk_excluding``: ``ranking.RunningTopK``). With seen items
 kept (``exclude_seen=False``) a model whose held items score off its heads (``seen_scale``:
 DiffRec predicting the noise) has them scored exactly here and merged.
 
@@ -31,7 +32,9 @@ from ..data.csr import CSR
 from ..data.time_weights import time_weights
 from ..device import model_device, resolve_device
 from ..errors import ConfigError, DataError
+from ..evaluate import topk_excluding
 from ..models import build_model
+from ..ranking import with_bias
 from ..runs import first_line, load_model_state
 from .bundle import (CONFIG, ITEM_IDS, MANIFEST, PARTITION, TOWER, read_item_ids, read_manifest,
                      resolve)
@@ -216,12 +219,8 @@ class Retriever:
         batch = rows.to_torch(model_device(self.model))
         seen = exclude if exclude is not None else (rows if exclude_seen else None)
         if brute_force:
-            scores = self.model.score(batch).float().cpu()
-            if seen is not None:
-                r = np.repeat(np.arange(seen.n_rows), seen.row_lengths())
-                scores[torch.from_numpy(r), torch.from_numpy(seen.indices)] = -torch.inf
-            top, items = torch.topk(scores, min(k, self.n_items), dim=1)
-            items = torch.where(torch.isfinite(top), items, -1)
+            items, top = topk_excluding(self.model.score(batch).float().cpu(), seen,
+                                        min(k, self.n_items))
             return items.numpy(), top.numpy()
         queries = {name: query_vectors(q.cpu().float().numpy(), self.head_dims[name])
                    for name, q in self.model.query(batch).items()}
@@ -237,22 +236,22 @@ class Retriever:
     def _held_candidates(self, rows: CSR, queries: dict) -> tuple[np.ndarray, np.ndarray]:
         """Each row's own items [B, L] (-1 padding) with their exact scores [B, L]."""
         lengths = rows.row_lengths()
-        r = np.repeat(np.arange(rows.n_rows), lengths)
+        r = rows.row_ids()
         cols = rows.indices.astype(np.int64)
         scores = np.zeros(len(cols), np.float32)
         for head in self.model.item_heads():
             row_of = np.full(self.n_items, -1, np.int64)
             row_of[head.items.cpu().numpy()] = np.arange(len(head.items))
             sel = row_of[cols] >= 0
-            vectors = torch.cat([head.weight, head.bias[:, None]], 1).cpu().float().numpy()
-            vectors = vectors[row_of[cols[sel]]]
+            vectors = with_bias(head.weight, head.bias, 0, len(head.items)).cpu().float()
+            vectors = vectors.numpy()[row_of[cols[sel]]]
             scores[sel] = np.einsum("ij,ij->i", queries[head.name][r[sel], :vectors.shape[1]],
                                     vectors)
         scores += np.float32(self.model.seen_scale) * rows.values.astype(np.float32)
         width = int(lengths.max(initial=0))
         items = np.full((rows.n_rows, width), -1, np.int64)
         padded = np.full((rows.n_rows, width), -np.inf, np.float32)
-        col = np.arange(len(cols)) - np.repeat(rows.indptr[:-1], lengths)
+        col = np.arange(len(cols)) - rows.indptr[r]
         items[r, col], padded[r, col] = cols, scores
         return items, padded
 
