@@ -73,7 +73,8 @@ def generate_step(path: str, rows: int, users: int, items: int, seed: int = 0) -
 
 def prepare_step(path: str, out: str, config: str | None, sets: list[str]) -> dict:
     """Child process: run prepare on ``path`` into ``out``."""
-    from scale_diffrec.data.prepare import load_prepare_config, prepare
+    from scale_diffrec.data.prepare import prepare
+    from scale_diffrec.data.prepare_config import load_prepare_config
     from scale_diffrec.progress import peak_rss_mib
     cfg = load_prepare_config(config, sets)
     base = peak_rss_mib()

@@ -1,4 +1,4 @@
-"""Every enumerated config value, as a named type (the config schema in ``config.py`` uses
+"""Every enumerated config value, as a named type (the config schema in ``schema.py`` uses
 them; code compares config values against their members).
 
 Each choice is a ``str`` subclass whose members equal, hash and format as their values

@@ -14,6 +14,9 @@ from pathlib import Path
 from .errors import ConfigError, DataError, NonFiniteError
 from .progress import log, setup_logging
 
+# start-up: each command imports the modules it needs (torch, ray, deepspeed, faiss, pandas)
+# inside its function, so that --help and argument errors answer at once
+
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML config (see configs/)")
@@ -71,7 +74,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from .data.prepare import load_prepare_config, prepare
+    from .data.prepare import prepare
+    from .data.prepare_config import load_prepare_config
     cfg = load_prepare_config(args.config, args.overrides)
     stats = prepare(args.input, args.out, cfg, overwrite=args.overwrite)
     print(json.dumps({k: stats[k] for k in ("users", "items", "interactions", "noise",

@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 from .choices import EmbeddingSource
-from .config import Config, typed
+from .config import typed
 from .data.csr import CSR
 from .errors import ConfigError, DataError
+from .schema import Config
 
 
 
@@ -226,7 +227,7 @@ def als_factors(train: CSR, dim: int, regularization: float, alpha: float,
     except ImportError:
         raise ConfigError("config key 'ldiffrec.warm_start' is 'als' but the package "
                           "'implicit' is not installed (pip install implicit)") from None
-    from .models.baselines import ALS
+    from .models.baselines import ALS   # cycle: models (ldiffrec's clusters) import this module
     als = ALS(train.n_cols, int(dim), float(regularization), int(iterations), float(alpha),
               use_gpu=False, seed=int(seed))
     als.fit(train)

@@ -26,13 +26,20 @@ import os
 import tempfile
 from pathlib import Path
 
-from .data.parquet import default_mode
 from .errors import DataError, NoSpaceError
 
 SEAL = b"\nscale_diffrec sha256 "
 _DIGEST_LEN = 64
 _BLOCK = 1 << 20
 _NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def default_mode(path, directory: bool = False) -> None:
+    """Give a mkstemp file (0600) or mkdtemp folder (0700) the mode a plain open() or
+    mkdir() would: 0666 (folders 0777) minus the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
 
 
 @contextlib.contextmanager

@@ -47,6 +47,7 @@ import torch
 from .device import chunk_items
 from .models.clusters import (CatalogueLinear, ClusterEncoder, decoder_dims,
                                latent_dims, mlp)
+from .models.ldiffrec import latent_denoiser
 
 ZERO_BYTES = {0: lambda w: 16.0, 1: lambda w: 8 + 8 / w, 2: lambda w: 4 + 12 / w,
               3: lambda w: 16 / w}
@@ -77,7 +78,6 @@ def cluster_parameters(cfg: dict, sizes) -> list[int]:
 def denoiser_parameters(cfg: dict) -> int:
     """Parameters of the latent denoiser that ``LDiffRec.from_config`` builds (on the meta
     device: nothing is allocated)."""
-    from .models.ldiffrec import latent_denoiser
     with torch.device("meta"):
         return _count(latent_denoiser(cfg))
 

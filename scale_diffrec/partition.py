@@ -39,11 +39,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config, typed
+from .config import typed
 from .data.csr import CSR
+from .embeddings import item_embeddings
 from .errors import ConfigError, DataError
 from .files import atomic_write
 from .optional import require_faiss
+from .progress import log
+from .schema import Config
 
 META_KEY = b"scale_diffrec.partition"
 FORMAT_VERSION = 1
@@ -321,8 +324,6 @@ def _canonical(assign: np.ndarray, n_clusters: int) -> np.ndarray:
 def build_partition(cfg: Config | dict, data) -> Partition:
     """The partition of ``data``'s items per the ``ldiffrec`` section (n_clusters,
     embeddings, kmeans_niter, cluster_capacity)."""
-    from .embeddings import item_embeddings
-    from .progress import log
     cfg = typed(cfg)
     lcfg = cfg.ldiffrec
     n_clusters = lcfg.n_clusters

@@ -42,6 +42,7 @@ from .finite import check_finite
 from .device import resolve_device
 from .files import SEAL, atomic_write, check_sealed, write_sealed
 from .models import build_model
+from .partition import Partition
 
 CONFIG = "config.yaml"
 METRICS = "metrics.json"
@@ -235,7 +236,6 @@ def load_partition_of(run_dir: Path, cfg: dict, data: InteractionData):
     """The run's saved partition (L-DiffRec) or None for models without clusters."""
     if cfg["model"] != "ldiffrec":
         return None
-    from .partition import Partition
     return Partition.load(Path(run_dir) / PARTITION, n_items=data.n_items)
 
 

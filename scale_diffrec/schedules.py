@@ -98,7 +98,7 @@ def make_betas(schedule: Schedule | str, steps: int, noise_scale: float, noise_m
     """[T] float64 betas of the ``diffusion`` config section. linear / linear-var span
     noise_scale * [noise_min, noise_max] (DiffRec's meaning of "linear", not DiffuRec's);
     cosine and sqrt are ``named_betas``'; trunc_lin is ``named_betas``' without DiffuRec's
-    fallback end for T <= 20 (the config schema, ``config.DiffusionConfig``, refuses those
+    fallback end for T <= 20 (the config schema, ``schema.DiffusionConfig``, refuses those
     T: every beta must lie in (0, 1))."""
     schedule = Schedule(schedule)
     if schedule in (Schedule.linear, Schedule.linear_var):

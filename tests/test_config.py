@@ -1,7 +1,8 @@
 import pytest
 
-from scale_diffrec.config import DEFAULTS, load_config, parse_override
+from scale_diffrec.config import load_config, parse_override
 from scale_diffrec.errors import ConfigError
+from scale_diffrec.schema import DEFAULTS
 
 
 def test_overrides_apply_in_order_and_parse_yaml_values(tmp_path):
@@ -134,7 +135,7 @@ def test_every_shipped_config_validates():
     from scale_diffrec.choices import Model
     configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
     assert len(configs) >= 9
-    from scale_diffrec.data.prepare import load_prepare_config
+    from scale_diffrec.data.prepare_config import load_prepare_config
     for path in configs:            # training configs, and the prepare command's own
         if path.name.endswith("-prepare.yaml"):
             load_prepare_config(path)
@@ -170,7 +171,8 @@ def test_invalid_yaml_is_one_line_naming_file_line_and_column(tmp_path, capsys, 
 def test_typed_is_the_schema_object_with_choices_as_members():
     from scale_diffrec.choices import (Convention, MeanType, Placement, Precision, ReconTarget,
                                        Schedule, StepSampler)
-    from scale_diffrec.config import Config, typed
+    from scale_diffrec.config import typed
+    from scale_diffrec.schema import Config
     cfg = load_config(None, ["model=ldiffrec", "diffusion.schedule=cosine",
                              "diffusion.mean_type=eps", "diffusion.sampler=uniform",
                              "ldiffrec.recon_target=clean", "distributed.placement=params",

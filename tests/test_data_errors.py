@@ -8,12 +8,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from scale_diffrec.config import DEFAULTS
 from scale_diffrec.data import (load_data, load_diffrec_npy, load_id_maps, load_parquet,
                                 save_id_maps)
 from scale_diffrec.data import synthetic as synthetic_module
 from scale_diffrec.data.synthetic import write_synthetic_parquet
 from scale_diffrec.errors import ConfigError, DataError
+from scale_diffrec.schema import DEFAULTS
 
 GOOD = {"train": [[0, 0], [0, 1], [1, 2], [1, 0], [2, 1], [2, 2]],
         "valid": [[0, 2], [1, 1]],

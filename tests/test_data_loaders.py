@@ -9,11 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from scale_diffrec.config import DEFAULTS
 from scale_diffrec.data import (CSR, InteractionData, load_data, load_diffrec_npy, load_id_maps,
                                 load_parquet, save_id_maps)
 from scale_diffrec.data.parquet import read_interactions
 from scale_diffrec.errors import DataError
+from scale_diffrec.schema import DEFAULTS
 
 ML1M = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "diffrec" / "ml-1m_clean"
 needs_ml1m = pytest.mark.skipif(not (ML1M / "train_list.npy").is_file(),

@@ -7,13 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scale_diffrec.config import LDiffRecConfig, load_config
+from scale_diffrec.config import load_config
 from scale_diffrec.data.csr import CSR
 from scale_diffrec.models import Progress, build_model, parameter_groups
 from scale_diffrec.models.clusters import latent_dims
 from scale_diffrec.models.ldiffrec import LDiffRec, beta_at, lamda_at
 from scale_diffrec.models.linear_logsumexp import combine_logsumexp, combine_multinomial
 from scale_diffrec.partition import Partition
+from scale_diffrec.schema import LDiffRecConfig
 
 ML1M = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "diffrec" / "ml-1m_clean"
 N_USERS, N_ITEMS = 40, 30

@@ -16,8 +16,8 @@ import pytest
 from scale_diffrec.cli import main
 from scale_diffrec.config import load_config
 from scale_diffrec.data import load_data
-from scale_diffrec.data.prepare import (PrepareConfig, kcore, load_prepare_config,
-                                        prepare)
+from scale_diffrec.data.prepare import kcore, prepare
+from scale_diffrec.data.prepare_config import PrepareConfig, load_prepare_config
 from scale_diffrec.errors import ConfigError, DataError
 
 SPLITS = ("train", "valid", "test")

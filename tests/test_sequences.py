@@ -5,7 +5,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from scale_diffrec.data.prepare import load_prepare_config, prepare
+from scale_diffrec.data.prepare import prepare
+from scale_diffrec.data.prepare_config import load_prepare_config
 from scale_diffrec.data.sequences import (load_sequence_log, load_sequence_prepared,
                                           sequences_from_interactions)
 from scale_diffrec.errors import DataError

@@ -7,9 +7,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from scale_diffrec.config import DEFAULTS
 from scale_diffrec.data import load_data, load_parquet, load_synthetic, write_synthetic_parquet
 from scale_diffrec.data import synthetic as syn
+from scale_diffrec.schema import DEFAULTS
 
 
 def default_cfg(**synthetic):

@@ -15,11 +15,13 @@ Loaders never write anything.
 from __future__ import annotations
 
 from ..choices import DataSource
-from ..config import DataConfig, validate_section
+from ..config import validate_section
+from ..schema import DataConfig
 from .csr import CSR, SparseRows
 from .dataset import InteractionData
 from .diffrec_npy import load_diffrec_npy
-from .parquet import load_id_maps, load_parquet, save_id_maps
+from .id_maps import load_id_maps, save_id_maps
+from .parquet import load_parquet
 from .prepared import load_prepared
 from .synthetic import item_clusters, load_synthetic, write_synthetic_parquet
 from .time_weights import apply_time_weights, check_time_weights_config, time_weights
@@ -33,7 +35,7 @@ __all__ = ["CSR", "SparseRows", "InteractionData", "load_data",
 
 
 def load_data(cfg: dict) -> InteractionData:
-    """The run's data, from the ``data`` section of a config (``config.DataConfig``: keys,
+    """The run's data, from the ``data`` section of a config (``schema.DataConfig``: keys,
     types and ranges are validated there first, ConfigError naming the dotted key)."""
     d = validate_section(DataConfig, cfg.get("data") or {}, "data")
     source, n_items, name = d["source"], d["n_items"], d["name"]

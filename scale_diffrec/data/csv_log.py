@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import DataError
-from .parquet import ITEM, USER, cast_column
+from .columns import ITEM, USER, cast_column
 
 BLOCK_BYTES = 16 << 20
 

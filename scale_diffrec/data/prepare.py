@@ -3,10 +3,10 @@
 
 Input: a parquet log, or CSV (``.csv``, ``.csv.gz``, ``.csv.bz2``; csv_log.py), with
 ``user_id``, ``item_id`` and optionally ``rating`` and ``timestamp``, validated row by row
-as the parquet source validates its input (parquet.py): bad input is a DataError naming
+as the parquet source validates its input (columns.py): bad input is a DataError naming
 the file, the field and the 0-based row, raised before anything is written.
 
-The steps, in this order; each is a key of the prepare config (``PrepareConfig``; RecBole's
+The steps, in this order; each is a key of the prepare config (prepare_config.py; RecBole's
 nearest option in brackets):
 
 1. read: two streaming passes over record batches (parquet row groups / CSV blocks): the
@@ -59,15 +59,17 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import ConfigError, DataError
+from ..files import default_mode
 from ..progress import log, peak_rss_mib
+from .columns import RATING, TIME
 from .csv_log import CsvLog
-from .parquet import BATCH_ROWS, RATING, TIME, ParquetLog, read_interactions, write_id_maps
+from .id_maps import write_id_maps
+from .parquet import BATCH_ROWS, ParquetLog, read_interactions
+from .prepare_config import PrepareConfig, SplitConfig
 from .prepared import FORMAT, ITEM, MANIFEST, SPLIT_FILES, STATS, USER, VERSION
 from .split import (SPLIT_NAMES, assign_splits, holdout_counts, label_tails,
                     leave_one_out_counts)
@@ -75,79 +77,6 @@ from .split import (SPLIT_NAMES, assign_splits, holdout_counts, label_tails,
 CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2")
 PERCENTILES = (0, 25, 50, 75, 90, 99, 100)
 
-
-# ----------------------------------------------------------------------------- config
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class KCore(_Strict):
-    """Iterative k-core bounds (0: off)."""
-    users: int = Field(0, ge=0)
-    items: int = Field(0, ge=0)
-
-
-class SplitConfig(_Strict):
-    """Per-user split; fractions of each user's interactions (train = the rest)."""
-    rule: Literal["random", "time", "leave_one_out"] = "random"
-    valid: float = Field(0.1, gt=0, lt=1)
-    test: float = Field(0.2, gt=0, lt=1)
-    seed: int = Field(0, ge=0)
-
-    @model_validator(mode="after")
-    def _fractions_fit(self):
-        if self.valid + self.test >= 1:
-            raise ValueError(f"split.valid + split.test must be < 1, got {self.valid} + "
-                             f"{self.test}")
-        return self
-
-
-class PrepareConfig(_Strict):
-    """The prepare config (module docstring); every key optional."""
-    rating_threshold: float | None = None
-    dedupe: Literal["first", "last"] = "first"
-    kcore: KCore = Field(default_factory=KCore)
-    split: SplitConfig = Field(default_factory=SplitConfig)
-    natural_noise: bool = False
-
-    @model_validator(mode="after")
-    def _noise_needs_threshold(self):
-        if self.natural_noise and self.rating_threshold is None:
-            raise ValueError("natural_noise needs rating_threshold (the noise is the pairs "
-                             "rated below it)")
-        return self
-
-
-def load_prepare_config(path: str | Path | None = None,
-                        overrides: list[str] = ()) -> PrepareConfig:
-    """PrepareConfig from a YAML file and dotted ``key=value`` overrides (values parse as
-    YAML); ConfigError naming the file and the dotted key otherwise."""
-    from ..config import parse_override, read_yaml_mapping
-    raw = {} if path is None else read_yaml_mapping(path)
-    where = "" if path is None else f"{path}: "
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = raw
-        for i, key in enumerate(keys[:-1]):
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"prepare config key '{'.'.join(keys[:i + 1])}' is not "
-                                  f"a mapping")
-        node[keys[-1]] = value
-    try:
-        return PrepareConfig.model_validate(raw)
-    except ValidationError as err:
-        first = err.errors()[0]
-        key = ".".join(str(part) for part in first["loc"])
-        msg = first["msg"].removeprefix("Value error, ")
-        if not key:
-            raise ConfigError(f"{where}prepare config: {msg}") from None
-        got = "" if first["type"] == "missing" else f", got {first.get('input')!r}"
-        raise ConfigError(f"{where}prepare config key '{key}': {msg}{got}") from None
-
-
-# ------------------------------------------------------------------------------ steps
 
 def open_log(path: str | Path):
     """CsvLog for .csv / .csv.gz / .csv.bz2, else ParquetLog (DataError if unreadable)."""
@@ -309,9 +238,7 @@ def _write(out: Path, cols: dict, which: np.ndarray, user_ids, item_ids, manifes
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     old = None
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)            # mkdtemp's 0700 -> what mkdir would give
+        default_mode(tmp, directory=True)        # mkdtemp's 0700 -> what mkdir would give
         order = time_order(cols)
         split_of = which[order]
         names = {"user": USER, "item": ITEM, "time": TIME, "rating": RATING}  # file columns

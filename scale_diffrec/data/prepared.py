@@ -8,7 +8,7 @@ Layout (format ``scale_diffrec.dataset``, version 1):
     DIR/train.parquet     user (int32 index), item (int32 index), [timestamp], [rating]
     DIR/valid.parquet     the same columns
     DIR/test.parquet      the same columns
-    DIR/user_ids.parquet  index -> original user_id   (parquet.save_id_maps' format)
+    DIR/user_ids.parquet  index -> original user_id   (id_maps.save_id_maps' format)
     DIR/item_ids.parquet  index -> original item_id
     DIR/stats.json        what prepare did and what it made (prepare.py)
 
@@ -27,8 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from .columns import TIME, id_kind, id_values, time_kind, time_values
 from .dataset import InteractionData
-from .parquet import TIME, ParquetLog, id_kind, id_values, load_id_maps, time_kind, time_values
+from .id_maps import load_id_maps
+from .parquet import ParquetLog
 from .split import SPLIT_NAMES, dedupe_pairs, sorted_pairs_to_csr
 
 FORMAT, VERSION = "scale_diffrec.dataset", 1

@@ -38,7 +38,8 @@ import torch
 
 from ..errors import DataError
 from .csr import CSR
-from .parquet import BATCH_ROWS, load_id_maps, read_interactions
+from .id_maps import load_id_maps
+from .parquet import BATCH_ROWS, read_interactions
 from .prepare import open_log, time_order
 from .prepared import MANIFEST, SPLIT_FILES, read_manifest, read_split
 from .split import SPLIT_NAMES

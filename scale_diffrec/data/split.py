@@ -23,8 +23,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..choices import SplitRule
-from ..config import SplitConfig, validate_section
+from ..config import validate_section
 from ..errors import ConfigError
+from ..schema import SplitConfig
 from .csr import CSR
 
 RULES = SplitRule.values()
@@ -33,7 +34,7 @@ SPLIT_NAMES = ("train", "valid", "test")
 
 
 def check_split_config(split: dict) -> tuple[str, float, float, int]:
-    """(rule, valid, test, seed) from ``data.split`` (``config.SplitConfig``: defaults,
+    """(rule, valid, test, seed) from ``data.split`` (``schema.SplitConfig``: defaults,
     ranges, valid + test < 1), or a ConfigError naming the key."""
     s = validate_section(SplitConfig, split, "data.split")
     return s["rule"], s["valid"], s["test"], s["seed"]

@@ -37,10 +37,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import SyntheticConfig, validate_section
+from ..config import validate_section
 from ..errors import ConfigError, DataError
+from ..files import default_mode
+from ..schema import SyntheticConfig
 from .dataset import InteractionData
-from .parquet import default_mode as _default_mode
 from .split import check_split_config, split_interactions
 
 USER_BLOCK = 8192
@@ -50,7 +51,7 @@ MEAN_GAP = 86400.0                  # mean seconds between a user's interactions
 
 
 def check_synthetic_params(params: dict | None, prefix: str = "data.synthetic") -> dict:
-    """The generator's parameters (``config.SyntheticConfig``: defaults and ranges) with
+    """The generator's parameters (``schema.SyntheticConfig``: defaults and ranges) with
     ``params`` applied, or a ConfigError naming the key under ``prefix``."""
     return validate_section(SyntheticConfig, params or {}, prefix)
 
@@ -290,7 +291,7 @@ def write_synthetic_parquet(path: str | Path, n_users: int, n_items: int,
     os.close(fd)
     rows = groups = 0
     try:
-        _default_mode(tmp)
+        default_mode(tmp)
         with pq.ParquetWriter(tmp, schema, compression=compression) as writer:
             def write(cols, lo, hi):
                 nonlocal rows, groups

@@ -17,13 +17,14 @@ import dataclasses
 
 import numpy as np
 
-from ..config import TimeWeights, validate_section
+from ..config import validate_section
 from ..errors import ConfigError
+from ..schema import TimeWeights
 from .csr import CSR
 
 
 def check_time_weights_config(tw) -> tuple[float, float]:
-    """(w_min, w_max) from ``data.time_weights`` (``config.TimeWeights``), or a ConfigError."""
+    """(w_min, w_max) from ``data.time_weights`` (``schema.TimeWeights``), or a ConfigError."""
     w = validate_section(TimeWeights, tw, "data.time_weights")
     return w["w_min"], w["w_max"]
 

@@ -7,8 +7,13 @@ T-DiffRec and LT-DiffRec are DiffRec and L-DiffRec trained on time-weighted inte
 from __future__ import annotations
 
 from ..choices import Model
-from ..config import Config, typed
+from ..config import typed
+from ..schema import Config
+from . import baselines
 from .base import FittedRecommender, ItemHead, Progress, Recommender
+from .diffrec import DiffRec
+from .ldiffrec import LDiffRec
+from .multvae import MultVAE
 
 MODELS = Model.values()
 
@@ -24,18 +29,14 @@ def build_model(cfg: Config | dict, n_items: int, partition=None, train=None,
     cfg = typed(cfg)
     kind = cfg.model
     if kind == Model.diffrec:
-        from .diffrec import DiffRec
         return DiffRec.from_config(cfg, n_items)
     if kind == Model.multvae:
-        from .multvae import MultVAE
         return MultVAE.from_config(cfg, n_items)
     if kind in (Model.mostpop, Model.itemknn, Model.ease, Model.als):
-        from . import baselines
         if kind == Model.mostpop:
             return baselines.MostPopular(n_items)
         return {Model.itemknn: baselines.ItemKNN, Model.ease: baselines.EASE,
                 Model.als: baselines.ALS}[kind].from_config(cfg, n_items)
-    from .ldiffrec import LDiffRec
     if partition is None:
         raise ValueError("model 'ldiffrec' needs an item partition")
     return LDiffRec.from_config(cfg, n_items, partition, train=train, shard=shard)

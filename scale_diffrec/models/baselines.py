@@ -26,9 +26,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..config import Config
 from ..data.csr import CSR, SparseRows
 from ..errors import ConfigError
+from ..schema import Config
 from .base import FittedRecommender, ItemHead
 
 
@@ -84,7 +84,7 @@ class ItemKNN(FittedRecommender):
 
     @classmethod
     def from_config(cls, cfg: Config, n_items: int) -> "ItemKNN":
-        return cls(n_items, cfg.itemknn.k, cfg.itemknn.shrink)  # ranges: config.ItemKNNConfig
+        return cls(n_items, cfg.itemknn.k, cfg.itemknn.shrink)  # ranges: schema.ItemKNNConfig
 
     def fit(self, train: CSR) -> None:
         """sim = X^T X / (norms outer + shrink), k best per item, computed for blocks of
@@ -166,7 +166,7 @@ class EASE(FittedRecommender):
 
     @classmethod
     def from_config(cls, cfg: Config, n_items: int) -> "EASE":
-        max_items = cfg.ease.max_items                     # ranges: config.EASEConfig
+        max_items = cfg.ease.max_items                     # ranges: schema.EASEConfig
         if n_items > max_items:
             raise ConfigError(
                 f"config key 'ease.max_items': the catalogue has {n_items:,} items, more than "
@@ -205,7 +205,7 @@ class ALS(FittedRecommender):
 
     @classmethod
     def from_config(cls, cfg: Config, n_items: int) -> "ALS":
-        a = cfg.als                                        # ranges: config.ALSConfig
+        a = cfg.als                                        # ranges: schema.ALSConfig
         return cls(n_items, a.factors, a.regularization, a.iterations, a.alpha, a.use_gpu,
                    cfg.seed)
 

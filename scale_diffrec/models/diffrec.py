@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from ..config import Config
 from ..data.csr import SparseRows
+from ..schema import Config
 from .diffusion import GaussianDiffusion
 from .samplers import build_sampler
 from .base import ItemHead, Progress, Recommender

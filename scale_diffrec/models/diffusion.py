@@ -14,16 +14,14 @@ posterior means, as the DiffRec reference's ``p_sample`` does.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ..choices import MeanType, Schedule
 from ..schedules import make_betas
+from ..schema import DiffusionConfig
 
-if TYPE_CHECKING:      # config imports schedules, models import config: only the name
-    from ..config import DiffusionConfig
 
 def _gather(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """values[t] as [B, 1, ...] broadcastable against ``like`` [B, ...], in like's dtype."""
@@ -37,7 +35,7 @@ class GaussianDiffusion:
                  noise_max: float = 0.01, mean_type: MeanType | str = MeanType.x0,
                  reweight: bool = True):
         """Arguments as the ``diffusion`` config section (ranges and cross-key rules:
-        ``config.DiffusionConfig``); ``schedule`` and ``mean_type`` are ``choices`` members
+        ``schema.DiffusionConfig``); ``schedule`` and ``mean_type`` are ``choices`` members
         or their values (ValueError for another value); ``mean_type`` is kept as a member."""
         self.steps, self.mean_type, self.reweight = steps, MeanType(mean_type), reweight
         self.noise_scale = noise_scale

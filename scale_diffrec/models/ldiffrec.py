@@ -75,9 +75,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..choices import WarmStart
-from ..config import Config, LDiffRecConfig, typed
+from ..config import typed
 from ..data.csr import CSR, SparseRows
 from ..device import chunk_items
+from ..schema import Config, LDiffRecConfig
 from .diffusion import GaussianDiffusion
 from .samplers import build_sampler
 from ..shard.context import Shard

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config
 from ..data.csr import SparseRows
+from ..schema import Config
 from .base import ItemHead, Progress, Recommender
 
 
@@ -58,7 +58,7 @@ class MultVAE(Recommender):
 
     @classmethod
     def from_config(cls, cfg: Config, n_items: int) -> "MultVAE":
-        m = cfg.multvae                                    # ranges: config.MultVAEConfig
+        m = cfg.multvae                                    # ranges: schema.MultVAEConfig
         return cls(n_items, m.dims, m.dropout, m.anneal_cap, m.total_anneal_steps)
 
     def encode(self, batch: SparseRows) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..choices import DiffuRecSampler, StepSampler
-from ..config import DiffusionConfig
+from ..schema import DiffusionConfig
 
 
 class UniformSampler(nn.Module):

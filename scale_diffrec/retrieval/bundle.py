@@ -11,7 +11,7 @@ A bundle is a folder of immutable versions and a pointer to the current one:
                                        diffusion's denoiser, decoder hidden layers (and, for
                                        --brute-force checks, the output layer FAISS also holds)
     INDEX_DIR/VERSION/item_ids.parquet index -> original item id (integers or strings; the
-                                       run directory's id-map codec, ``data.parquet``)
+                                       run directory's id-map codec, ``data.id_maps``)
     INDEX_DIR/VERSION/partition.parquet  item -> cluster (L-DiffRec only)
     INDEX_DIR/VERSION/units/U.faiss    one FAISS index per search unit (a head, or a shard)
     INDEX_DIR/VERSION/units/U.items.npy  [n_U] the item index of each row of unit U
@@ -43,8 +43,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.parquet import ITEM, id_table, read_id_map
+from .. import __version__
+from ..config import save_config
+from ..data.columns import ITEM
+from ..data.id_maps import id_table, read_id_map
 from ..errors import ConfigError, DataError
+from ..evaluate import has_linear_heads
 from ..files import (atomic_write, check_digest, default_mode, read_sealed, sha256,
                      write_errors, write_sealed)
 from .index import (L2_KINDS, build_index, faiss, index_dim, item_vectors, mips_norm,
@@ -60,7 +64,6 @@ REQUIRED = {"n_items": int, "heads": list, "files": dict, "model": str}
 
 
 def versions() -> dict:
-    from .. import __version__
     return {"scale_diffrec": __version__, "faiss": faiss.__version__, "torch": torch.__version__}
 
 
@@ -86,7 +89,6 @@ def export(run, out: str | Path, kind: str = "flat", params: dict | None = None,
     (ItemKNN, EASE) or a setting out of range, DataError for an ``out`` that is not a
     bundle, NoSpaceError.
     """
-    from ..evaluate import has_linear_heads
     out = Path(out)
     reason = run.model.export_error()
     if reason is not None:
@@ -134,7 +136,6 @@ def export(run, out: str | Path, kind: str = "flat", params: dict | None = None,
 def _write_version(run, folder: Path, kind: str, params: dict | None, shards: int,
                    gpu: bool) -> None:
     """Every file of one version, the manifest last."""
-    from ..config import save_config
     (folder / "units").mkdir()
     heads = []
     for head in run.model.item_heads():

@@ -4,17 +4,22 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..data.csr import CSR
 from ..errors import ConfigError
 from ..progress import log
+from .params import DEFAULTS, INDEX_TYPES, SEARCH_PARAMS, check_params, check_setting, option
+
+# start-up: the modules that load torch, pyarrow or faiss are imported by the command that
+# needs them, so that ``scale-diffrec --help`` and argument errors answer at once
+if TYPE_CHECKING:
+    from ..data.csr import CSR
 
 
 def cmd_export(args) -> int:
     from ..runs import load_run
-    from .params import DEFAULTS, check_params, check_setting
     given = {key for params in DEFAULTS.values() for key in params}
     params = check_params(args.index, {key: getattr(args, key) for key in given
                                        if getattr(args, key, None) is not None})
@@ -32,9 +37,10 @@ def cmd_export(args) -> int:
 
 def read_histories(path: Path, retriever) -> tuple[np.ndarray, CSR]:
     """(user ids [U], histories CSR [U, I]) from a parquet of user_id, item_id (+ timestamp)
-    rows, validated by the training reader's rules (``data.parquet``); an item
+    rows, validated by the training reader's rules (``data.columns``); an item
     the bundle does not know names the file, field and row. No rows: no users."""
-    from ..data.parquet import ITEM, check_columns, open_parquet, read_interactions
+    from ..data.columns import ITEM, check_columns
+    from ..data.parquet import open_parquet, read_interactions
     pf = open_parquet(path)
     check_columns(path, pf.schema_arrow)
     if pf.metadata.num_rows == 0:
@@ -71,7 +77,6 @@ def warn_short(retriever, rows: CSR, idx: np.ndarray, k: int, exclude: bool) -> 
     available = retriever.n_items - (rows.row_lengths() if exclude else 0)
     short = int(((idx >= 0).sum(axis=1) < np.minimum(k, available)).sum())
     if short:
-        from .params import SEARCH_PARAMS, option
         settings = sorted({option(key) for unit in retriever.units
                            for key in SEARCH_PARAMS[unit.kind]})
         print(f"warning: {short} of {rows.n_rows} rows got fewer than {k} items from the "
@@ -80,7 +85,6 @@ def warn_short(retriever, rows: CSR, idx: np.ndarray, k: int, exclude: bool) -> 
 
 
 def cmd_recommend(args) -> int:
-    from .params import check_setting
     if (args.items is None) == (args.histories is None):
         raise ConfigError("give either --items ID,ID,... or --histories FILE.parquet")
     if args.histories is not None and args.out is None:
@@ -121,7 +125,6 @@ def cmd_recommend(args) -> int:
 
 
 def register(sub) -> None:
-    from .params import INDEX_TYPES
     p = sub.add_parser("export", help="write a FAISS index bundle of a trained run")
     p.add_argument("--run", required=True, help="run directory (scale-diffrec train --out)")
     p.add_argument("--out", required=True, help="bundle directory to write")

@@ -34,6 +34,7 @@ from ..device import model_device, resolve_device
 from ..errors import ConfigError, DataError
 from ..evaluate import topk_excluding
 from ..models import build_model
+from ..partition import Partition
 from ..ranking import with_bias
 from ..runs import first_line, load_model_state
 from .bundle import (CONFIG, ITEM_IDS, MANIFEST, PARTITION, TOWER, read_item_ids, read_manifest,
@@ -88,7 +89,6 @@ class Retriever:
                                                f"says {n_items} items")
         partition = None
         if cfg["model"] == "ldiffrec":
-            from ..partition import Partition
             partition = Partition.load(folder / PARTITION, n_items=n_items)
         model = build_model(cfg, n_items, partition)
         load_model_state(model, torch.load(folder / TOWER, map_location="cpu",

@@ -28,6 +28,7 @@ import torch
 
 from .. import checkpoint, runs
 from ..progress import log
+from ..train import finish, split_metrics
 from .progress import ended_state
 from .space import Space, label
 from .trial import METRIC, RUNS
@@ -136,7 +137,6 @@ def finish_best(run_dir: Path) -> dict:
     """Test metrics for the selected trial, of its best checkpoint: added to the metrics.json
     of a run that ended by itself, or (a trial cut by ASHA) the run is finished as training
     finishes one (``train.finish`` with test). Returns the run's metrics."""
-    from ..train import finish, split_metrics
     run = runs.load_run(run_dir, "best")
     if not (run_dir / runs.METRICS).is_file():
         record = checkpoint.latest(run_dir).common()["record"]

@@ -21,9 +21,12 @@ from pathlib import Path
 
 from .. import runs
 from ..config import absolute_paths, load_config, save_config
+from ..data import load_data
 from ..errors import ConfigError
 from ..progress import log
+from ..train.distributed.trainer import check_workers
 from . import results
+from .progress import SearchProgress
 from .space import Space, load_space
 from .trial import BASE, METRIC, RUNS, SPACE, run_trial
 
@@ -97,7 +100,6 @@ def _trainable(out: Path, settings: Settings):
 
 def _tuner(out: Path, space: Space, cfg: dict, settings: Settings):
     from ray import tune
-    from .progress import SearchProgress
     search_alg, param_space = _searcher(space, settings)
     return tune.Tuner(
         _trainable(out, settings), param_space=param_space,
@@ -117,7 +119,6 @@ def prepare(config: str | Path, overrides: list[str], space_path: str | Path, ou
     """Validate everything (the base config and its data, the space, OUT), then write
     OUT/base.yaml, space.yaml and settings.json. ConfigError or DataError (nothing written)
     on bad input."""
-    from ..data import load_data
     cfg = absolute_paths(load_config(config, overrides))
     space = load_space(space_path, settings.search)
     settings.search = space.search
@@ -129,7 +130,6 @@ def prepare(config: str | Path, overrides: list[str], space_path: str | Path, ou
     elif not settings.trials or settings.trials < 1:
         raise ConfigError(f"--trials must be >= 1 for --search {settings.search}")
     if cfg["distributed"]["workers"] > 1:
-        from ..train.distributed.trainer import check_workers
         check_workers(cfg)
         space.check(config, overrides, check_cfg=check_workers)
     else:

@@ -26,6 +26,9 @@ from pathlib import Path
 
 from .. import checkpoint
 from ..config import load_config
+from ..progress import setup_logging
+from ..train import train
+from ..train.distributed.trainer import train_distributed
 from .space import load_space
 
 BASE = "base.yaml"          # OUT/base.yaml: the resolved base config every trial starts from
@@ -62,8 +65,6 @@ def trial_cfg(out: Path, config: dict) -> dict:
 def run_trial(config: dict, out: str) -> None:
     """Ray Tune's function trainable (``out`` bound by ``tune.with_parameters``)."""
     from ray import tune
-    from ..progress import setup_logging
-    from ..train import train
     setup_logging()
     out = Path(out)
     run_dir = out / RUNS / tune.get_context().get_trial_id()
@@ -72,7 +73,6 @@ def run_trial(config: dict, out: str) -> None:
     resume = checkpoint.latest(run_dir) is not None
     if cfg["distributed"]["workers"] > 1:
         from ray.tune.integration.ray_train import TuneReportCallback
-        from ..train.distributed.trainer import train_distributed
         train_distributed(cfg, run_dir, resume=resume, overwrite=not resume,
                           callbacks=[TuneReportCallback()], test=False)
     else:

@@ -53,6 +53,7 @@ from ...memory_model import cluster_parameters
 from ..loop import finish, new_record, run_epochs
 from ..setup import prepare_partition, seed_everything
 from ...shard.plan import Plan, plan_placement
+from .worker import ShardedRun
 
 PLAN = runs.PLAN
 RAY_NAME = "ray"                  # Ray Train's run name: RUN_DIR/checkpoints/ray
@@ -288,8 +289,7 @@ def train_loop(config: dict) -> None:
     complete, then ``on_epoch(entry, record)`` when given."""
     import ray.train
     from ray.train.torch import get_device
-    from ...tune.trial import evaluation_report
-    from .worker import ShardedRun
+    from ...tune.trial import evaluation_report   # cycle: tune.trial imports this module
     setup_logging()
     cfg, run_dir = config["cfg"], Path(config["run_dir"])
     rank = ray.train.get_context().get_world_rank()

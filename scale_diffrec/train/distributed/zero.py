@@ -47,6 +47,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ...checkpoint import load_optimizer_state, optimizer_state
+from .local import free_port
+
 __all__ = ["import_deepspeed", "ensure_process_group", "ds_config", "init_denoiser_engine",
            "hybrid_backward", "gathered_state_dict", "gathered_grads", "full_optimizer_state",
            "load_denoiser_state"]
@@ -90,7 +93,6 @@ def ensure_process_group() -> None:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             dist.init_process_group(backend)
         else:
-            from .local import free_port
             port = free_port()
             os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                                "MASTER_PORT": str(port)})
@@ -221,7 +223,6 @@ def full_optimizer_state(engine) -> dict[str, dict[str, torch.Tensor]]:
     parameter, as one process's AdamW holds it, on every rank, for any ZeRO stage (the
     partitions are assembled by DeepSpeed's ``safe_get_full_optimizer_state``); empty before
     the first step. Collective."""
-    from ...checkpoint import optimizer_state
     named = list(engine.module.named_parameters())
     if engine.zero_optimization_stage() == 0:
         return optimizer_state(engine.optimizer, named)
@@ -241,7 +242,6 @@ def load_denoiser_state(engine, params: dict[str, torch.Tensor], optimizer: dict
     """Set the denoiser's parameters (``gathered_state_dict``'s form) and AdamW state
     (``full_optimizer_state``'s form), whatever the world size that wrote them: each rank
     keeps its own partition of both. Collective."""
-    from ...checkpoint import load_optimizer_state
     named = dict(engine.module.named_parameters())
     stage = engine.zero_optimization_stage()
     if stage == 3:

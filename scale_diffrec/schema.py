@@ -1,0 +1,331 @@
+"""The run configuration's ONE typed schema (pydantic v2): every key, its type, range and default.
+
+``Config`` below lists every section and key; choices are the named types of ``choices.py``;
+cross-key rules are the model validators, which name the key at fault with ``key_error``
+(``config.py`` turns the first failure into one ``ConfigError`` line naming the dotted
+key). Unknown keys are refused (``extra="forbid"``; only ``distributed.deepspeed`` is
+free-form, passed to DeepSpeed). ``DEFAULTS`` is the plain nested dict of an empty config
+(choices as their string values), ``PATH_KEYS`` the keys that hold file paths.
+"""
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Optional
+
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator,
+                      field_validator, model_validator)
+from pydantic_core import PydanticCustomError
+
+from .choices import (Activation, Convention, DataSource, EmbeddingSource, MeanType, Model,
+                      Placement, Precision, ReconTarget, Schedule, SplitRule, StepSampler,
+                      WarmStart)
+from .schedules import make_betas
+
+
+# ------------------------------------------------------------------------- value types
+def _number(value):
+    """YAML 1.1 reads '1e-3' as a string: numeric strings become numbers; bools are not
+    numbers; numpy scalars become Python ones."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, got {value}")
+    if hasattr(value, "item") and not isinstance(value, (list, dict, str)):
+        value = value.item()
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+_Num = BeforeValidator(_number)
+Int = Annotated[int, _Num]
+PositiveInt = Annotated[int, _Num, Field(ge=1)]
+NonNegativeInt = Annotated[int, _Num, Field(ge=0)]
+PositiveFloat = Annotated[float, _Num, Field(gt=0)]
+NonNegativeFloat = Annotated[float, _Num, Field(ge=0)]
+Fraction = Annotated[float, _Num, Field(gt=0, lt=1)]          # open (0, 1)
+Probability = Annotated[float, _Num, Field(ge=0, le=1)]       # closed [0, 1]
+DropoutRate = Annotated[float, _Num, Field(ge=0, lt=1)]       # [0, 1)
+Widths = Annotated[list[PositiveInt], Field(min_length=1)]   # layer widths, non-empty
+
+
+def _use_gpu(value):
+    if isinstance(value, bool) or value == "auto":
+        return value
+    raise ValueError(f"must be true, false or 'auto', got {value!r}")
+
+
+UseGpu = Annotated[Any, PlainValidator(_use_gpu)]
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+SELECT_METRIC = re.compile(r"(recall|ndcg|precision|mrr)@(\d+)")
+
+
+def key_error(key: str, text: str) -> PydanticCustomError:
+    """A cross-key rule's failure, reported at ``key`` (relative to the model raising it);
+    ``{s}`` in ``text`` becomes the model's dotted path (to name sibling keys)."""
+    return PydanticCustomError("config_key", "{text}", {"key": key, "text": text})
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=False)
+
+
+# ----------------------------------------------------------------------------- data
+class SplitConfig(_Section):
+    """``data.split``: per-user train/valid/test split of parquet and synthetic data."""
+    rule: SplitRule = SplitRule.random
+    valid: Fraction = 0.1
+    test: Fraction = 0.2
+    seed: NonNegativeInt = 0
+
+    @model_validator(mode="after")
+    def _room_for_train(self):
+        if self.valid + self.test >= 1.0:
+            raise key_error("valid", f"+ '{{s}}.test' must be < 1, got {self.valid} + "
+                                     f"{self.test}")
+        return self
+
+
+class TimeWeights(_Section):
+    """``data.time_weights``: T-DiffRec's linear weights, oldest w_min .. newest w_max."""
+    w_min: NonNegativeFloat
+    w_max: NonNegativeFloat
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.w_min > self.w_max:
+            raise key_error("w_min", f"({self.w_min}) must not exceed '{{s}}.w_max' "
+                                     f"({self.w_max})")
+        return self
+
+
+class SyntheticConfig(_Section):
+    """``data.synthetic``: the seeded generator's parameters (data/synthetic.py)."""
+    n_users: PositiveInt = 2000
+    n_items: PositiveInt = 1000
+    n_clusters: PositiveInt = 8
+    mean_items_per_user: Annotated[float, _Num, Field(ge=1)] = 30.0
+    popularity_exponent: NonNegativeFloat = 1.0
+    cluster_affinity: Probability = 0.8
+    seed: NonNegativeInt = 0
+    clusters_per_user: PositiveInt = 2
+    min_items_per_user: PositiveInt = 3
+    activity_sigma: NonNegativeFloat = 0.6
+
+    @model_validator(mode="after")
+    def _clusters_fit(self):
+        if self.n_clusters > self.n_items:
+            raise key_error("n_clusters", f"must be at most n_items ({self.n_items}), got "
+                                          f"{self.n_clusters}")
+        return self
+
+
+class DataConfig(_Section):
+    source: DataSource = DataSource.synthetic
+    path: Optional[str] = None            # required for diffrec_npy, parquet and dataset
+    name: Optional[str] = None
+    item_emb: Optional[str] = None        # item embeddings (.npy or parquet)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    time_weights: Optional[TimeWeights] = None   # -> T-DiffRec / LT-DiffRec
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    n_items: Optional[PositiveInt] = None  # declared catalogue size (ids past it: error)
+
+    @model_validator(mode="after")
+    def _path_given(self):
+        if self.source != DataSource.synthetic and not self.path:
+            raise key_error("path", f"is required for data.source '{self.source}'")
+        return self
+
+
+# ------------------------------------------------------------------------ the models
+class DiffusionConfig(_Section):
+    mean_type: MeanType = MeanType.x0
+    steps: Annotated[int, _Num, Field(ge=2)] = 40
+    schedule: Schedule = Schedule.linear_var
+    noise_scale: PositiveFloat = 0.005
+    noise_min: PositiveFloat = 0.005
+    noise_max: PositiveFloat = 0.01
+    sampling_steps: NonNegativeInt = 0    # inference noises x0 to this step (<= steps)
+    sampling_noise: bool = False
+    reweight: bool = True
+    sampler: StepSampler = StepSampler.importance
+    history_per_step: PositiveInt = 10
+    uniform_prob: Probability = 0.001
+
+    @model_validator(mode="after")
+    def _schedule_is_a_diffusion(self):
+        """noise_min < noise_max (linear schedules), every beta in (0, 1) as
+        ``diffusion.make_betas`` computes them, sampling_steps <= steps."""
+        linear = self.schedule in (Schedule.linear, Schedule.linear_var)
+        if linear and self.noise_min >= self.noise_max:
+            raise key_error("noise_min", f"({self.noise_min}) must be < '{{s}}.noise_max' "
+                                         f"({self.noise_max}) for the {self.schedule} schedule")
+        if self.schedule == Schedule.linear_var and self.noise_scale * self.noise_max >= 1:
+            raise key_error("noise_scale", f"x noise_max = {self.noise_scale * self.noise_max:g}"
+                                           f" must be < 1 (it is the variance 1 - alpha_bar "
+                                           f"of the last step)")
+        betas = make_betas(self.schedule, self.steps, self.noise_scale, self.noise_min,
+                           self.noise_max)
+        bad = [t for t, b in enumerate(betas) if not 0.0 < b < 1.0]
+        if bad:
+            key = "noise_scale" if linear else "schedule"
+            raise key_error(key, f"gives beta_{bad[0]} = {betas[bad[0]]:g} for the "
+                                 f"{self.schedule} schedule with {self.steps} steps: every "
+                                 f"beta must lie in (0, 1)")
+        if self.sampling_steps > self.steps:
+            raise key_error("sampling_steps", f"({self.sampling_steps}) must not exceed "
+                                              f"'{{s}}.steps' ({self.steps})")
+        return self
+
+
+class DenoiserConfig(_Section):
+    dims: Widths = [200, 600]
+    emb_size: PositiveInt = 10
+    norm: bool = False
+    dropout: DropoutRate = 0.5
+
+
+class MultVAEConfig(_Section):
+    dims: Widths = [200, 600]
+    dropout: DropoutRate = 0.5
+    anneal_cap: NonNegativeFloat = 0.2
+    total_anneal_steps: NonNegativeInt = 200000   # 0: the KL weight is anneal_cap at once
+
+
+class LDiffRecConfig(_Section):
+    """Semantics and sources: scale_diffrec/models/ldiffrec.py."""
+    n_clusters: PositiveInt = 2
+    in_dims: Widths = [300]               # reference flag order: latent size first
+    out_dims: list[PositiveInt] = []      # [] = one Linear(latent -> I); else per cluster
+    mlp_dims: Widths = [300]
+    lamda: NonNegativeFloat = 0.03        # diffusion-loss weight: max((1 - epochs /
+    anneal_cap: NonNegativeFloat = 0.005  #   anneal_steps) * lamda, anneal_cap)
+    anneal_steps: NonNegativeInt = 500
+    vae_anneal_cap: NonNegativeFloat = 0.3   # KL weight: min(cap, batches / steps)
+    vae_anneal_steps: NonNegativeInt = 200
+    lr_vae: Optional[PositiveFloat] = None           # autoencoder lr; None = lr
+    weight_decay_vae: Optional[NonNegativeFloat] = None  # None = weight_decay
+    act: Activation = Activation.tanh
+    dropout: DropoutRate = 0.1
+    recon_target: ReconTarget = ReconTarget.dropped
+    embeddings: EmbeddingSource = EmbeddingSource.auto
+    emb_dim: PositiveInt = 64             # svd embedding dimensions
+    kmeans_niter: PositiveInt = 50
+    logit_chunk: Optional[PositiveInt] = None   # items per chunk of the training
+                                                # logsumexp; None: from chunk_mib
+    cluster_capacity: Optional[Annotated[float, _Num, Field(ge=1)]] = None  # x I / C
+    partition: Optional[str] = None       # a saved partition artifact to reuse
+    warm_start: WarmStart = WarmStart.none  # als: encoders/decoders from per-cluster ALS
+    als_reg: NonNegativeFloat = 0.1       #   the warm start's ALS: L2 regularisation,
+    als_alpha: NonNegativeFloat = 10.0    #   confidence 1 + alpha x (Hu et al. 2008),
+    als_iters: PositiveInt = 15           #   alternating sweeps (embeddings.als_factors)
+
+    @model_validator(mode="after")
+    def _every_cluster_gets_a_width(self):
+        if min(self.in_dims) < self.n_clusters:
+            raise key_error("in_dims", f"{self.in_dims} has a width below n_clusters "
+                                       f"({self.n_clusters}): every cluster needs at least "
+                                       f"1 of each width")
+        if self.warm_start != WarmStart.none and (len(self.in_dims) != 1 or (
+                self.n_clusters == 1 and self.out_dims)):
+            raise key_error("warm_start", "needs one-layer encoders and decoders: a single "
+                                          "'{s}.in_dims' entry, and '{s}.out_dims' [] when "
+                                          "'{s}.n_clusters' is 1")
+        return self
+
+
+class ItemKNNConfig(_Section):
+    k: PositiveInt = 100                  # neighbours per item
+    shrink: NonNegativeFloat = 10.0       # cosine shrinkage
+
+
+class EASEConfig(_Section):
+    lamda: PositiveFloat = 500.0          # L2 weight
+    max_items: PositiveInt = 20000        # refused above (an I x I dense inverse)
+
+
+class ALSConfig(_Section):
+    """implicit's AlternatingLeastSquares."""
+    factors: PositiveInt = 64
+    regularization: NonNegativeFloat = 0.01
+    iterations: PositiveInt = 15
+    alpha: PositiveFloat = 1.0
+    use_gpu: UseGpu = "auto"              # true | false | auto (implicit's CUDA when built)
+
+
+class DistributedConfig(_Section):
+    workers: PositiveInt = 1              # <= ldiffrec.n_clusters
+    use_gpu: UseGpu = "auto"              # true | false | auto (a GPU per worker)
+    address: Optional[str] = None         # Ray cluster address (None: RAY_ADDRESS / local)
+    zero_stage: Annotated[int, _Num, Field(ge=0, le=3)] = 1
+    max_failures: Annotated[int, _Num, Field(ge=-1)] = 0   # -1: restart without limit
+    placement: Placement = Placement.items
+    deepspeed: dict[str, Any] = {}        # free-form, merged into DeepSpeed's config
+
+
+class Config(_Section):
+    """The whole run configuration (``load_config`` validates against it)."""
+    model: Model = Model.diffrec
+    seed: NonNegativeInt = 0
+    epochs: PositiveInt = 100
+    batch_size: PositiveInt = 400
+    lr: PositiveFloat = 1.0e-3
+    weight_decay: NonNegativeFloat = 0.0
+    eval_every: PositiveInt = 5           # epochs between validation passes
+    patience: PositiveInt = 20            # stop after this many epochs without a better one
+    select_metric: str = "recall@20"      # METRIC@K, K in topk
+    topk: Annotated[list[PositiveInt], Field(min_length=1)] = [10, 20, 50, 100]
+    convention: Convention = Convention.reference
+    eval_batch_size: PositiveInt = 1000
+    device: str = "auto"                  # auto (CUDA when torch sees a GPU) | cpu | cuda[:N]
+    precision: Precision = Precision.fp32
+    chunk_mib: Optional[PositiveFloat] = None   # MiB of one [B, chunk] block of logits /
+                                                # scores; None: 8 on the CPU, 1024 on a GPU
+    data: DataConfig = Field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    denoiser: DenoiserConfig = Field(default_factory=DenoiserConfig)
+    multvae: MultVAEConfig = Field(default_factory=MultVAEConfig)
+    ldiffrec: LDiffRecConfig = Field(default_factory=LDiffRecConfig)
+    itemknn: ItemKNNConfig = Field(default_factory=ItemKNNConfig)
+    ease: EASEConfig = Field(default_factory=EASEConfig)
+    als: ALSConfig = Field(default_factory=ALSConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not DEVICE.fullmatch(value):
+            raise ValueError(f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+        return value
+
+    @field_validator("select_metric")
+    @classmethod
+    def _metric(cls, value: str) -> str:
+        if not SELECT_METRIC.fullmatch(value):
+            raise ValueError(f"must be METRIC@K with METRIC one of recall, ndcg, precision, "
+                             f"mrr, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        k = int(SELECT_METRIC.fullmatch(self.select_metric).group(2))
+        if k not in self.topk:
+            raise key_error("select_metric", f"({self.select_metric}) needs K = {k} in 'topk' "
+                                             f"(got {self.topk})")
+        workers, clusters = self.distributed.workers, self.ldiffrec.n_clusters
+        if (workers > 1 or self.distributed.address) and self.model != Model.ldiffrec:
+            raise key_error("model", f"('{self.model}') cannot train distributed: distributed "
+                                     f"training shards L-DiffRec's catalogue; model "
+                                     f"'{self.model}' trains in one process (set "
+                                     f"distributed.workers=1 and no distributed.address)")
+        if self.model == Model.ldiffrec and workers > clusters:
+            raise key_error("distributed.workers",
+                            f"is {workers} but ldiffrec.n_clusters is {clusters}: every "
+                            f"worker holds at least one item cluster (use --workers <= "
+                            f"{clusters} or more clusters)")
+        return self
+
+
+DEFAULTS: dict = Config().model_dump(mode="json")
+PATH_KEYS = (("data", "path"), ("data", "item_emb"), ("ldiffrec", "partition"))
