@@ -9,22 +9,23 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import ConfigError
+from ..files import atomic_write
 from ..progress import log
 from .params import DEFAULTS, INDEX_TYPES, SEARCH_PARAMS, check_params, check_setting, option
 
-# start-up: the modules that load torch, pyarrow or faiss are imported by the command that
-# needs them, so that ``scale-diffrec --help`` and argument errors answer at once
+# start-up: what loads torch, pyarrow or faiss is imported by the command that needs it, so
+# that ``scale-diffrec --help`` and argument errors answer at once
 if TYPE_CHECKING:
-    from ..data.csr import CSR
+    from ..data.csr import CSR                    # start-up: the data package loads torch
 
 
 def cmd_export(args) -> int:
-    from ..runs import load_run
+    from ..runs import load_run                   # start-up: torch
     given = {key for params in DEFAULTS.values() for key in params}
     params = check_params(args.index, {key: getattr(args, key) for key in given
                                        if getattr(args, key, None) is not None})
     check_setting("shards", args.shards)
-    from .bundle import check_target, export      # needs faiss: says so in one line
+    from .bundle import check_target, export      # start-up: faiss (if absent: one-line error)
     check_target(Path(args.out))
     run = load_run(args.run, checkpoint=args.checkpoint, device=args.device)
     out = export(run, args.out, kind=args.index, params=params, shards=args.shards,
@@ -39,8 +40,8 @@ def read_histories(path: Path, retriever) -> tuple[np.ndarray, CSR]:
     """(user ids [U], histories CSR [U, I]) from a parquet of user_id, item_id (+ timestamp)
     rows, validated by the training reader's rules (``data.columns``); an item
     the bundle does not know names the file, field and row. No rows: no users."""
-    from ..data.columns import ITEM, check_columns
-    from ..data.parquet import open_parquet, read_interactions
+    from ..data.columns import ITEM, check_columns                # start-up: the data
+    from ..data.parquet import open_parquet, read_interactions    # package loads torch
     pf = open_parquet(path)
     check_columns(path, pf.schema_arrow)
     if pf.metadata.num_rows == 0:
@@ -58,7 +59,6 @@ def read_histories(path: Path, retriever) -> tuple[np.ndarray, CSR]:
 def _write_recommendations(path: Path, users, items: np.ndarray, scores: np.ndarray) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from ..files import atomic_write
     k = items.shape[1]
     keep = np.isfinite(scores).ravel()
     user_type = pa.large_string() if np.asarray(users).dtype == object else pa.int64()
@@ -97,7 +97,7 @@ def cmd_recommend(args) -> int:
         raise ConfigError(f"--out {args.out}: is a folder; give the parquet file to write")
     for key in ("k", "batch_size", "nprobe", "ef_search"):
         check_setting(key, getattr(args, key))
-    from .retriever import Retriever              # needs faiss: says so in one line
+    from .retriever import Retriever              # start-up: faiss (if absent: one-line error)
     retriever = Retriever.load(args.index, device=args.device)
     if args.nprobe is not None or args.ef_search is not None:
         retriever.set_search(args.nprobe, args.ef_search)
