@@ -186,13 +186,14 @@ class CatalogueLinear(nn.Module):
     """The global linear decoder's rows of the items ``items`` [n] (ascending item indexes):
     weight [n, d], bias [n]; ``forward(z)`` [B, d] -> [B, n] logits. Holding every item it
     is ``nn.Linear(d, n_items)`` (same parameter names, shapes and values); on a worker it
-    is that Linear's row shard (TorchRec's row-wise sharding keeps the names too)."""
+    is that Linear's row shard (TorchRec's row-wise sharding keeps the names too).
+    ``bias=False``: no bias (``bias`` is None; DiffuRec's item table, ``models/diffurec.py``)."""
 
-    def __init__(self, items: torch.Tensor, latent: int):
+    def __init__(self, items: torch.Tensor, latent: int, bias: bool = True):
         super().__init__()
         self.register_buffer("items", items, persistent=False)
         self.weight = nn.Parameter(torch.empty(len(items), latent))
-        self.bias = nn.Parameter(torch.empty(len(items)))
+        self.bias = nn.Parameter(torch.empty(len(items))) if bias else None
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return F.linear(z, self.weight, self.bias)

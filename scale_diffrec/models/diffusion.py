@@ -39,7 +39,20 @@ class GaussianDiffusion:
         or their values (ValueError for another value); ``mean_type`` is kept as a member."""
         self.steps, self.mean_type, self.reweight = steps, MeanType(mean_type), reweight
         self.noise_scale = noise_scale
-        betas = make_betas(schedule, steps, noise_scale, noise_min, noise_max)
+        self._tables(make_betas(schedule, steps, noise_scale, noise_min, noise_max))
+
+    @classmethod
+    def from_betas(cls, betas: np.ndarray) -> "GaussianDiffusion":
+        """The x0-predicting process of the given betas [T] (DiffuRec's named and respaced
+        schedules, ``schedules.named_betas`` / ``respace.respaced_betas``); no reweight."""
+        process = cls.__new__(cls)
+        process.steps, process.mean_type, process.reweight = len(betas), MeanType.x0, False
+        process.noise_scale = 1.0
+        process._tables(np.asarray(betas, dtype=np.float64))
+        return process
+
+    def _tables(self, betas: np.ndarray) -> None:
+        """The per-step coefficients of betas [T] (float64 tensors)."""
         alphas = 1.0 - betas
         alpha_bar = np.cumprod(alphas)
         alpha_bar_prev = np.append(1.0, alpha_bar[:-1])
@@ -49,7 +62,7 @@ class GaussianDiffusion:
         self.alpha_bar = as_t(alpha_bar)
         self.alpha_bar_prev = as_t(alpha_bar_prev)
         self.posterior_variance = as_t(posterior_var)
-        self.posterior_log_variance = as_t(np.log(np.append(posterior_var[1], posterior_var[1:])))
+        self.posterior_log_variance = as_t(np.log(np.append(posterior_var[1:2], posterior_var[1:])))
         self.posterior_coef_x0 = as_t(betas * np.sqrt(alpha_bar_prev) / (1.0 - alpha_bar))
         self.posterior_coef_xt = as_t((1.0 - alpha_bar_prev) * np.sqrt(alphas) / (1.0 - alpha_bar))
 
