@@ -1,0 +1,154 @@
+"""DiffuRec on the released data (one process): train with the released settings, select on
+valid, report test HR@K / NDCG@K (K = 5, 10, 20, %) and the respacing trade-off.
+
+    nice -n 10 python benchmarks/diffurec.py --datasets amazon_beauty --minutes 30
+
+Official protocol (../shared/DIFFUREC.md): leave-one-out, full ranking of every item, no
+history masking, the pad excluded (it is not an item here); seed 1997. Training: Adam
+lr 1e-3, StepLR(100 epochs, 0.1), batch 512, every train prefix a sample (in a new order
+each epoch), validation every ``--eval-interval`` epochs (released: 20; patience 5
+validations), the best validation HR@10 selects the model. ``--minutes`` caps the
+training time per dataset, mid-epoch if need be (then validated once; "epochs" counts
+the fraction done; the released runs go up to 500 epochs). ``--valid-users`` /
+``--test-users`` / ``--respace-users``: a fixed random subset of users for validation, the
+test (every reverse step) and the respacing sweep (0: all users).
+Writes benchmarks/results/diffurec.json (merged by dataset); seconds are this machine's,
+shared with other jobs (contended).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scale_diffrec.data.diffurec_release import load_diffurec_release  # noqa: E402
+from scale_diffrec.metrics import MetricAccumulator  # noqa: E402
+from scale_diffrec.models.diffurec import DiffuRec, DiffuRecConfig  # noqa: E402
+from scale_diffrec.runs import write_json  # noqa: E402
+
+DATA = Path("/work/shared/data/diffurec")
+OUT = ROOT / "benchmarks" / "results" / "diffurec.json"
+KS = (5, 10, 20)
+PAPER = {"amazon_beauty": {"hr@5": 5.5758, "hr@10": 7.9068, "hr@20": 11.1098,
+                           "ndcg@5": 4.0047, "ndcg@10": 4.7494, "ndcg@20": 5.5566},
+         "toys": {"hr@5": 5.5650, "hr@10": 7.4587, "hr@20": 9.8417,
+                  "ndcg@5": 4.1667, "ndcg@10": 4.7724, "ndcg@20": 5.3684}}
+RESPACINGS = ("1", "2", "4", "8", "16", None)
+
+
+def evaluate(model: DiffuRec, seqs, split: str, users: np.ndarray, batch: int = 1024) -> dict:
+    """{"hr@K", "ndcg@K"} in % over ``users`` (one target each: HR@K == Recall@K) and
+    "seconds_per_1000_users" of the query + ranking."""
+    acc, start = MetricAccumulator(KS), time.perf_counter()
+    g = torch.Generator().manual_seed(model.seed)
+    positions = seqs.eval_positions(split)[users]
+    for inputs, targets in seqs.iter_batches(positions, batch, model.cfg.max_len):
+        top = model.top_k(model.query(inputs, g), max(KS))
+        acc.add(top, targets[:, None].numpy())
+    seconds = time.perf_counter() - start
+    got = acc.result()
+    out = {f"{m}@{k}": round(100 * got[f"{src}@{k}"], 4)
+           for k in KS for m, src in (("hr", "recall"), ("ndcg", "ndcg"))}
+    return {**out, "users": int(len(users)),
+            "seconds_per_1000_users": round(1000 * seconds / len(users), 3)}
+
+
+def subset(rng, n_users: int, size: int) -> np.ndarray:
+    """[size] sorted random users (every user when size is 0 or at least n_users)."""
+    every = np.arange(n_users)
+    return every if not size or size >= n_users else np.sort(rng.choice(every, size, False))
+
+
+def train(name: str, cfg: DiffuRecConfig, minutes: float, users: dict) -> dict:
+    seqs = load_diffurec_release(DATA / name)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model = DiffuRec(seqs.n_items, cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.decay_step, gamma=cfg.gamma)
+    positions = seqs.train_positions()
+    row = {"n_users": seqs.n_users, "n_items": seqs.n_items, "train_samples": int(len(positions)),
+           "config": cfg.model_dump(mode="json"), "epoch_seconds": [], "valid": [],
+           "paper_test": PAPER.get(name)}
+    per_epoch = -(-len(positions) // cfg.batch_size)
+    best, best_state, bad, step, began = -1.0, None, 0, 0, time.perf_counter()
+    for epoch in range(cfg.epochs):
+        model.train()
+        start, total, seen, last = time.perf_counter(), 0.0, 0, False
+        for inputs, targets in seqs.iter_batches(rng.permutation(positions), cfg.batch_size,
+                                                 cfg.max_len):
+            opt.zero_grad()
+            out = model.training_loss(inputs, targets, step)
+            out["loss"].backward()
+            opt.step()
+            step, total = step + 1, total + out["ce"].item() * len(targets)
+            seen += len(targets)
+            last = (time.perf_counter() - began) / 60 > minutes
+            if last:
+                break
+        sched.step()
+        done = step / per_epoch
+        seconds = (time.perf_counter() - start) * len(positions) / seen
+        row["epoch_seconds"].append(round(seconds, 1))
+        print(f"{name} epoch {done:.3f}: ce {total / seen:.4f} ({seconds:.1f} s per epoch)",
+              flush=True)
+        if (epoch + 1) % cfg.eval_interval == 0 or last:
+            got = {"epoch": round(done, 3), "train_ce": round(total / seen, 4),
+                   **evaluate(model, seqs, "valid", users["valid"])}
+            row["valid"].append(got)
+            print(f"{name} valid {got}", flush=True)
+            if got["hr@10"] > best:
+                best, best_state, bad = got["hr@10"], copy.deepcopy(model.state_dict()), 0
+                row["best_epoch"] = round(done, 3)
+            else:
+                bad += 1
+        if last or bad >= cfg.patience:
+            break
+    row["epochs"] = round(step / per_epoch, 3)
+    row["seconds_per_epoch_median"] = float(np.median(row["epoch_seconds"]))
+    model.load_state_dict(best_state)
+    row["test"] = evaluate(model, seqs, "test", users["test"])
+    print(f"{name} test {row['test']}", flush=True)
+    row["respacing"] = []
+    for spec in RESPACINGS:
+        spaced = DiffuRec(seqs.n_items, cfg.model_copy(update={"reverse_steps": spec}))
+        spaced.load_state_dict(best_state)
+        got = evaluate(spaced, seqs, "test", users["respace"])
+        row["respacing"].append({"reverse_steps": len(spaced.kept), "spec": spec, **got})
+        print(f"{name} respacing {row['respacing'][-1]}", flush=True)
+    return row
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--datasets", nargs="+", default=["amazon_beauty", "toys"])
+    ap.add_argument("--minutes", type=float, default=60.0, help="training time cap per dataset")
+    ap.add_argument("--epochs", type=int, default=500)
+    ap.add_argument("--eval-interval", type=int, default=20)
+    ap.add_argument("--valid-users", type=int, default=0)
+    ap.add_argument("--test-users", type=int, default=0)
+    ap.add_argument("--respace-users", type=int, default=2000)
+    args = ap.parse_args(argv)
+    cfg = DiffuRecConfig(epochs=args.epochs, eval_interval=args.eval_interval)
+    results = json.loads(OUT.read_text()) if OUT.is_file() else {}
+    for name in args.datasets:
+        n_users = load_diffurec_release(DATA / name).n_users
+        rng = np.random.default_rng(cfg.seed)
+        users = {split: subset(rng, n_users, getattr(args, f"{split}_users"))
+                 for split in ("valid", "test", "respace")}
+        results[name] = {"threads": torch.get_num_threads(), "contended": True,
+                         **train(name, cfg, args.minutes, users)}
+        write_json(OUT, results)
+
+
+if __name__ == "__main__":
+    main()
