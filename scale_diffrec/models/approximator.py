@@ -97,7 +97,9 @@ class Approximator(nn.Module):
             h = block(h, mask)
         return self.norm(self.drop(h))[:, -1]
 
-    def draw_lambda(self, shape, generator: torch.Generator | None = None) -> torch.Tensor:
-        """[*shape] float32 ~ N(lambda, lambda^2) element-wise, on the CPU (``generator``)."""
+    def draw_lambda(self, shape, generator: torch.Generator | None = None,
+                    device=None) -> torch.Tensor:
+        """[*shape] float32 ~ N(lambda, lambda^2) element-wise, on ``device`` (default: the
+        CPU; ``generator`` on that device, None: the global RNG)."""
         lam = self.lambda_uncertainty
-        return lam + lam * torch.randn(shape, generator=generator)
+        return lam + lam * torch.randn(shape, generator=generator, device=device)

@@ -236,8 +236,7 @@ class DiffuRec(nn.Module):
             x = torch.randn(n, d, generator=generator, device=dev)
             for k in reversed(range(len(self.kept))):
                 t = torch.full((n,), k, dtype=torch.long, device=dev)
-                lam = self.cfg.lambda_uncertainty * (1 + torch.randn(
-                    n, length, d, generator=generator, device=dev))
+                lam = self.approximator.draw_lambda((n, length, d), generator, dev)
                 x0hat = self.approximator(seq, mask, x, self.model_t(t, self.kept), lam)
                 if k == 0:
                     break
