@@ -71,7 +71,7 @@ class MeanType(Choice):
 
 
 class Schedule(Choice):
-    """``diffusion.schedule``: the noise schedule (diffusion.make_betas)."""
+    """``diffusion.schedule``: the noise schedule (schedules.make_betas)."""
     linear_var = "linear-var"
     linear = "linear"
     cosine = "cosine"
@@ -120,7 +120,7 @@ class Placement(Choice):
 
 
 class DiffuRecSchedule(Choice):
-    """DiffuRec's noise schedules by their official names (diffusion.named_betas); its
+    """DiffuRec's noise schedules by their official names (schedules.named_betas); its
     "linear" is Ho et al.'s scaled to T steps, unlike ``Schedule.linear``."""
     linear = "linear"
     cosine = "cosine"

@@ -156,7 +156,7 @@ class DiffusionConfig(_Section):
     @model_validator(mode="after")
     def _schedule_is_a_diffusion(self):
         """noise_min < noise_max (linear schedules), every beta in (0, 1) as
-        ``diffusion.make_betas`` computes them, sampling_steps <= steps."""
+        ``schedules.make_betas`` computes them, sampling_steps <= steps."""
         linear = self.schedule in (Schedule.linear, Schedule.linear_var)
         if linear and self.noise_min >= self.noise_max:
             raise key_error("noise_min", f"({self.noise_min}) must be < '{{s}}.noise_max' "
