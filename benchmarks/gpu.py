@@ -29,7 +29,6 @@ import argparse
 import importlib.util
 import json
 import platform
-import statistics
 import sys
 import tempfile
 import time

@@ -55,7 +55,6 @@ def measure(point: dict, device=None) -> dict:
     meter = meter_collectives()                  # before DeepSpeed binds the collectives
     import time
 
-    import numpy as np
     import torch
     import torch.distributed as dist
     from scale_diffrec.config import load_config

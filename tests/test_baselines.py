@@ -14,7 +14,7 @@ from scale_diffrec.data.csr import CSR
 from scale_diffrec.errors import ConfigError
 from scale_diffrec.evaluate import evaluate, topk_excluding
 from scale_diffrec.models import build_model
-from scale_diffrec.models.baselines import ALS, EASE, ItemKNN, MostPopular
+from scale_diffrec.models.baselines import EASE, ItemKNN, MostPopular
 from scale_diffrec.retrieval import Retriever, export
 from scale_diffrec.runs import load_run
 from scale_diffrec.train import train

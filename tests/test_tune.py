@@ -29,7 +29,6 @@ import yaml
 from scale_diffrec import runs
 from scale_diffrec.cli import main
 from scale_diffrec.config import load_config
-from scale_diffrec.errors import ConfigError
 from scale_diffrec.train import train
 from scale_diffrec.tune.progress import STOPPED, summary_line
 from scale_diffrec.tune.results import finish_best
