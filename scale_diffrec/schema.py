@@ -198,6 +198,7 @@ class LDiffRecConfig(_Section):
     n_clusters: PositiveInt = 2
     in_dims: Widths = [300]               # reference flag order: latent size first
     out_dims: list[PositiveInt] = []      # [] = one Linear(latent -> I); else per cluster
+                                          # (C > 1: mirrors E_c, values unused, as AE)
     mlp_dims: Widths = [300]
     lamda: NonNegativeFloat = 0.03        # diffusion-loss weight: max((1 - epochs /
     anneal_cap: NonNegativeFloat = 0.005  #   anneal_steps) * lamda, anneal_cap)
