@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .data.csr import CSR
-from .finite import NonFiniteError
+from .finite import NonFiniteError, count_non_finite
 from .data.dataset import InteractionData
 from .device import autocast, chunk_items, model_device
 from .metrics import CONVENTIONS, MetricAccumulator, _as_ks, _as_numpy_items
@@ -145,7 +145,7 @@ def evaluate(model: Recommender, data: InteractionData, split: str = "valid",
                 bad = torch.zeros((), device=device)
                 with autocast(device, precision):
                     for scores, items in score_chunks(model, batch, heads, chunk):
-                        bad += (~torch.isfinite(scores)).sum()
+                        bad += count_non_finite(scores)
                         top.add(scores.float(), items)
                 # over the ranks of a sharded model (each scored its own items): every
                 # rank raises together, and the ranks' top-K lists merge into one
