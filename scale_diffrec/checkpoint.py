@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from . import runs
+from .errors import ConfigError
 
 FORMAT = 2
 SHARDED = "sharded"
@@ -215,6 +216,26 @@ def latest(run_dir: Path) -> FileSource | ShardedSource | None:
     if complete and (last is None or max(complete) > last.epoch):
         return ShardedSource(run_dir, max(complete))
     return last
+
+
+def saved_any(run_dir: Path) -> bool:
+    """Whether the run has a checkpoint of either layout (no file is read)."""
+    return runs.checkpoint_path(run_dir, "last").is_file() or bool(_complete(run_dir))
+
+
+def resume_from(run_dir: Path, cfg: dict) -> FileSource | ShardedSource:
+    """The checkpoint ``--resume`` continues from (``latest``), checked against the new
+    config before anything is written: FileNotFoundError when there is none, ConfigError
+    when ``cfg``'s epochs is below the epochs it has trained (config.yaml would then say
+    fewer epochs than the checkpoints hold)."""
+    source = latest(run_dir)
+    if source is None:
+        raise FileNotFoundError(f"{Path(run_dir) / runs.CHECKPOINTS}: no checkpoint to "
+                                f"resume from")
+    if cfg["epochs"] < source.epoch:
+        raise ConfigError(f"epochs={cfg['epochs']} is below the {source.epoch} epochs "
+                          f"already trained in {run_dir}")
+    return source
 
 
 def at_epoch(run_dir: Path, epoch: int) -> FileSource | ShardedSource:

@@ -1,7 +1,9 @@
 """``scale-diffrec``: prepare, train, tune, evaluate, export and recommend.
 
 Bad input (data, config, run directory) ends with one line 'error: ...' naming the file,
-field or row, and exit status 2 — never a bare traceback, and nothing written over.
+field or row, and exit status 2 — never a bare traceback, and nothing written over. Ctrl-C
+(SIGINT) ends any command with one line, 'interrupted: ...' saying what it left (a
+command's ``interrupted`` default), and exit status 130.
 """
 from __future__ import annotations
 
@@ -26,11 +28,11 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args) -> int:
     from .config import absolute_paths, load_config
-    overrides = list(args.overrides)
+    overrides = list(args.overrides)      # errors name the option that set the key
     if args.workers is not None:
-        overrides.append(f"distributed.workers={args.workers}")
+        overrides.append((f"--workers {args.workers}", f"distributed.workers={args.workers}"))
     if args.address is not None:
-        overrides.append(f"distributed.address={args.address}")
+        overrides.append((f"--address {args.address}", f"distributed.address={args.address}"))
     cfg = absolute_paths(load_config(args.config, overrides))
     out = Path(args.out)
     distributed = cfg["distributed"]["workers"] > 1 or cfg["distributed"]["address"]
@@ -54,6 +56,18 @@ def cmd_train(args) -> int:
                 board.close()
     print(json.dumps({"valid": _short(metrics["valid"]), "test": _short(metrics["test"])}))
     return 0
+
+
+def train_interrupted(args) -> str:
+    """What an interrupted ``train`` leaves in its run directory, and how to go on."""
+    from .checkpoint import saved_any
+    from .runs import holds_run
+    out = Path(args.out)
+    if saved_any(out):
+        return f"run directory {out} is resumable with --resume"
+    if holds_run(out):
+        return f"run directory {out} has no completed epoch; start again with --overwrite"
+    return f"nothing was written to {out}"
 
 
 def _short(metrics: dict) -> dict:
@@ -84,10 +98,15 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_tune(args) -> int:
+    from .claim import claim
+    with claim(args.out):         # the search directory; each trial claims its own run
+        return _tune(args, Path(args.out).resolve())
+
+
+def _tune(args, out: Path) -> int:
     from .tune.search import SearchFailed, Settings, run_search, saved
     from .tune.search import prepare as prepare_search
     from .train.distributed.trainer import connect
-    out = Path(args.out).resolve()
     search_args = {"--config": args.config, "--space": args.space, "--trials": args.trials,
                    "--search": args.search, "--set": args.overrides or None,
                    "--workers-per-trial": args.workers_per_trial}
@@ -103,7 +122,8 @@ def cmd_tune(args) -> int:
             raise ConfigError(f"tune needs {' and '.join(missing)} (or --resume)")
         if args.workers_per_trial is not None:
             args.overrides = [*(args.overrides or []),
-                              f"distributed.workers={args.workers_per_trial}"]
+                              (f"--workers-per-trial {args.workers_per_trial}",
+                               f"distributed.workers={args.workers_per_trial}")]
         settings = Settings(trials=args.trials, search=args.search, seed=args.seed,
                             cpus_per_trial=args.cpus_per_trial,
                             gpus_per_trial=args.gpus_per_trial,
@@ -125,7 +145,7 @@ def cmd_tune(args) -> int:
             import ray
             ray.shutdown()
     if summary is None:
-        return 130               # interrupted (the conventional status of a SIGINT)
+        return 130               # interrupted (as main's KeyboardInterrupt)
     print(json.dumps({"best": {k: summary["best"][k] for k in ("trial", "run_dir", "params")},
                       "valid": _short(summary["best"]["valid"]),
                       "test": _short(summary["best"]["test"])}))
@@ -145,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
     p.add_argument("--log-dir", help="write per-epoch loss and valid metrics as TensorBoard "
                    "event files to this folder")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, interrupted=train_interrupted)
 
     p = sub.add_parser("evaluate", help="metrics of a trained run's checkpoint")
     p.add_argument("--run", required=True)
@@ -165,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="override a prepare key, dotted (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
-    p.set_defaults(func=cmd_prepare)
+    p.set_defaults(func=cmd_prepare, interrupted=lambda args: f"prepare writes {args.out} "
+                                                              f"whole or not at all")
 
     p = sub.add_parser("tune", help="Ray Tune search of training runs, selected on valid")
     p.add_argument("--config", help="base YAML config (see configs/)")
@@ -203,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
         log.debug("failed", exc_info=True)
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:      # Ctrl-C: one line (what the command left), not a traceback
+        log.debug("interrupted", exc_info=True)
+        left = args.interrupted(args) if getattr(args, "interrupted", None) else None
+        print("interrupted" + (f": {left}" if left else ""), file=sys.stderr)
+        return 130                 # the conventional status of a SIGINT
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ schema (``schema.Config``: every key with its type, range and default).
 A config is validated completely when it is loaded (``load_config``), before anything is
 written: unknown keys, wrong types, out-of-range values and inconsistent combinations all
 raise one ``ConfigError`` line naming the dotted key (``config key 'diffusion.noise_min':
-...``), with the file name in front when the value came from the file.
+...``), after where the value came from: the file's name, or the override
+(``--set diffusion.noise_min=0.5: config key ...``).
 
 ``load_config`` returns the validated config as a plain nested dict (choices as their
 string values, which compare equal to the ``choices`` members): the form that run
@@ -16,6 +17,7 @@ members).
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import yaml
@@ -53,7 +55,7 @@ def _describe(err: dict, prefix: str) -> tuple[str, str]:
         return key, f"unknown config key '{key}'"
     if kind == "missing":
         return key, f"{start} is missing"
-    if kind == "enum":
+    if kind in ("enum", "literal_error"):
         return key, f"{start} must be one of {ctx['expected']}, got {value!r}"
     if kind == "int_from_float":
         return key, f"{start} must be an integer, got {value!r}"
@@ -93,25 +95,39 @@ def _dotted_keys(tree: dict, prefix: str = "") -> set[str]:
     return out
 
 
-def _error(err: ValidationError, prefix: str = "", origin=None, from_file: set = frozenset(),
-           overridden: tuple[str, ...] = ()) -> ConfigError:
-    """The first of pydantic's errors as one ConfigError line; ``origin`` (the file) in
-    front when the file set the key and no override did."""
-    key, line = _describe(err.errors()[0], prefix)
-    by_override = any(key == k or key.startswith(k + ".") or k.startswith(key + ".")
-                      for k in overridden)
-    if origin is not None and key in from_file and not by_override:
-        line = f"{origin}: {line}"
+_QUOTED = re.compile(r"'([\w.]+)'")     # the keys a cross-key rule's message names
+
+
+def _related(key: str, other: str) -> bool:
+    """Whether setting dotted ``other`` sets ``key``, a key below it or one above it."""
+    return key == other or key.startswith((other + ".", other + "[")) or \
+        other.startswith(key + ".")
+
+
+def _error(err: ValidationError, prefix: str = "", origins: dict | None = None
+           ) -> ConfigError:
+    """The first of pydantic's errors as one ConfigError line, after where the key at fault
+    was set (``origins``: {dotted key: (label, is an override)}, in the order they were
+    set): the last override of it, of a mapping above it or of a key below it, or for a
+    cross-key rule of a key its message names ('--set KEY=VALUE: ...'), else the file when
+    the file set it ('FILE: ...'), else nothing (a default)."""
+    first = err.errors()[0]
+    key, line = _describe(first, prefix)
+    named = {key, *(_QUOTED.findall(line) if first["type"] == "config_key" else ())}
+    by = [label for k, (label, override) in (origins or {}).items()
+          if (any(_related(n, k) for n in named) if override else key == k)]
+    if by and by[-1]:
+        line = f"{by[-1]}: {line}"
     return ConfigError(line)
 
 
-def _validated(model: type[BaseModel], values, prefix: str = "", *where) -> BaseModel:
-    """``values`` as a ``model`` object, or ConfigError (``_error``: ``where`` =
-    origin, from_file, overridden)."""
+def _validated(model: type[BaseModel], values, prefix: str = "",
+               origins: dict | None = None) -> BaseModel:
+    """``values`` as a ``model`` object, or ConfigError (``_error``)."""
     try:
         return model.model_validate(values)
     except ValidationError as err:
-        raise _error(err, prefix, *where) from None
+        raise _error(err, prefix, origins) from None
 
 
 def validate_section(model: type[BaseModel], values, prefix: str) -> dict:
@@ -119,11 +135,9 @@ def validate_section(model: type[BaseModel], values, prefix: str) -> dict:
     return _validated(model, values, prefix).model_dump(mode="json")
 
 
-def validate_config(cfg: dict, origin=None, from_file: set = frozenset(),
-                    overridden: tuple[str, ...] = ()) -> dict:
-    """The complete config (defaults filled in) as a plain nested dict, or ConfigError
-    (naming ``origin`` when the key at fault is one of ``from_file`` and not overridden)."""
-    return _validated(Config, cfg, "", origin, from_file, overridden).model_dump(mode="json")
+def validate_config(cfg: dict) -> dict:
+    """The complete config (defaults filled in) as a plain nested dict, or ConfigError."""
+    return _validated(Config, cfg).model_dump(mode="json")
 
 
 def typed(cfg: dict | Config) -> Config:
@@ -186,16 +200,29 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict:
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> dict:
-    """Schema defaults <- YAML file <- each ``--set key=value`` in order, validated."""
+def load_validated(model: type[BaseModel], path: str | Path | None = None,
+                   overrides=()) -> BaseModel:
+    """``model`` (``Config``, ``PrepareConfig``) from its defaults <- the YAML file <- each
+    override in order, validated. An override is '--set' text, 'KEY=VALUE', or a
+    (label, 'KEY=VALUE') pair for one that a command-line option makes ('--workers 2');
+    the error names where the key at fault was set (``_error``): 'FILE: config key ...',
+    '--set KEY=VALUE: config key ...' or 'LABEL: config key ...'."""
     raw = {} if path is None else read_yaml_mapping(path)
-    path = None if path is None else Path(path)
-    from_file, overridden = _dotted_keys(raw), []
-    for text in overrides:
+    origins = {key: (str(path), False) for key in _dotted_keys(raw)}
+    for item in overrides:
+        label, text = (f"--set {item}", item) if isinstance(item, str) else item
         keys, value = parse_override(text)
         raw = _set(raw, keys, value)
-        overridden.append(".".join(keys))
-    return validate_config(raw, path, from_file, tuple(overridden))
+        dotted = ".".join(keys)
+        origins.pop(dotted, None)                # the latest setting comes last
+        origins[dotted] = (label, True)
+    return _validated(model, raw, "", origins)
+
+
+def load_config(path: str | Path | None = None, overrides=()) -> dict:
+    """Schema defaults <- YAML file <- each ``--set key=value`` in order, validated
+    (``load_validated``), as the plain nested dict."""
+    return load_validated(Config, path, overrides).model_dump(mode="json")
 
 
 def save_config(cfg: dict, path: str | Path) -> None:
@@ -212,5 +239,5 @@ def absolute_paths(cfg: dict) -> dict:
     return cfg
 
 
-__all__ = ["load_config", "save_config", "typed", "validate_config", "validate_section",
-           "parse_override", "read_yaml_mapping", "absolute_paths"]
+__all__ = ["load_config", "load_validated", "save_config", "typed", "validate_config",
+           "validate_section", "parse_override", "read_yaml_mapping", "absolute_paths"]

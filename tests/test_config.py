@@ -51,7 +51,7 @@ def test_numbers_without_a_dot_are_numbers_and_wrong_kinds_are_named():
 
 # ------------------------------------------------------------------ the schema's rules
 @pytest.mark.parametrize("sets, pattern", [
-    (["lr=-1"], r"^config key 'lr' must be > 0, got -1$"),
+    (["lr=-1"], r"^--set lr=-1: config key 'lr' must be > 0, got -1$"),
     (["lr=nan"], r"'lr' must be a finite number"),
     (["batch_size=-5"], r"'batch_size' must be a positive integer, got -5"),
     (["batch_size=0"], r"'batch_size' must be a positive integer"),
@@ -118,16 +118,58 @@ def test_booleans_given_as_strings_mean_what_they_say(tmp_path, text, expected):
     assert cfg["diffusion"]["sampling_noise"] is expected
 
 
-def test_file_errors_name_the_file_and_override_errors_do_not(tmp_path):
+def test_file_errors_name_the_file_and_override_errors_name_the_override(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("diffusion:\n  noise_min: 0.02\n  noise_max: 0.005\n")
+    path.write_text("epochs: 4\ndiffusion:\n  noise_min: 0.02\n  noise_max: 0.005\n")
     with pytest.raises(ConfigError, match=r"^.*c\.yaml: config key 'diffusion.noise_min'"):
         load_config(path)
     # an override may repair the file (the reference's run.sh swaps the two)
     cfg = load_config(path, ["diffusion.noise_min=0.005", "diffusion.noise_max=0.02"])
     assert cfg["diffusion"]["noise_min"] < cfg["diffusion"]["noise_max"]
-    with pytest.raises(ConfigError, match=r"^config key 'lr'"):
+    with pytest.raises(ConfigError, match=r"^--set lr=0: config key 'lr'"):
         load_config(path, ["lr=0", "diffusion.noise_max=0.05"])
+    # a key the file sets, overridden: the override is at fault, not the file
+    with pytest.raises(ConfigError, match=r"^--set epochs=abc: config key 'epochs' must be a "
+                                          r"number \(an integer\), got 'abc'$"):
+        load_config(path, ["diffusion.noise_min=0.001", "epochs=abc"])
+    # the latest setting of the key, also through a mapping above it or a key below it
+    with pytest.raises(ConfigError, match=r"^--set epochs=0: "):
+        load_config(path, ["epochs=abc", "epochs=0", "diffusion.noise_min=0.001"])
+    with pytest.raises(ConfigError, match=r"^--set diffusion=\{noise_min: -1\}: config key "
+                                          r"'diffusion.noise_min' must be > 0"):
+        load_config(path, ["diffusion={noise_min: -1}"])
+    with pytest.raises(ConfigError, match=r"^--set diffusion.noise_max=0.001: config key "
+                                          r"'diffusion.noise_min' \(0.02\) must be <"):
+        load_config(path, ["diffusion.noise_max=0.001"])
+    # an option that sets a key names itself
+    with pytest.raises(ConfigError, match=r"^--workers 0: config key 'distributed.workers'"):
+        load_config(path, ["diffusion.noise_min=0.001", ("--workers 0", "distributed.workers=0")])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--config", "{c}", "--set", "epochs=abc", "--out", "{o}"],
+     "error: --set epochs=abc: config key 'epochs' must be a number (an integer), got 'abc'"),
+    (["train", "--config", "{c}", "--out", "{o}"],
+     "error: {c}: config key 'lr' must be > 0, got 0"),
+    (["train", "--config", "{c}", "--set", "lr=1e-3", "--set", "diffusion.steps=x",
+      "--out", "{o}"], "error: --set diffusion.steps=x: config key 'diffusion.steps' must be a "
+                       "number (an integer), got 'x'"),
+    (["prepare", "--input", "{c}", "--config", "{p}", "--set", "kcore.users=abc", "--out",
+      "{o}"], "error: --set kcore.users=abc: config key 'kcore.users' must be a number "
+              "(an integer), got 'abc'"),
+    (["prepare", "--input", "{c}", "--config", "{p}", "--out", "{o}"],
+     "error: {p}: config key 'split.valid' + 'split.test' must be < 1, got 0.5 + 0.5"),
+    (["tune", "--config", "{c}", "--set", "epochs=abc", "--space", "{c}", "--out", "{o}"],
+     "error: --set epochs=abc: config key 'epochs' must be a number (an integer), got 'abc'"),
+])
+def test_cli_config_errors_name_the_override_or_the_file(tmp_path, capsys, argv, message):
+    from scale_diffrec.cli import main
+    names = {"c": tmp_path / "c.yaml", "p": tmp_path / "p.yaml", "o": tmp_path / "out"}
+    names["c"].write_text("epochs: 4\nlr: 0\n")
+    names["p"].write_text("split: {valid: 0.5, test: 0.5}\n")
+    assert main([a.format(**names) for a in argv]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [message.format(**names)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "p.yaml"]
 
 
 def test_every_shipped_config_validates():

@@ -328,12 +328,13 @@ def test_bad_parquet_is_one_line_exit_2_nothing_written(tmp_path, capsys, table,
 
 
 @pytest.mark.parametrize("sets, pattern", [
-    (["kcore.user=2"], r"prepare config key 'kcore\.user': Extra inputs"),
-    (["split.rule=sequential"], r"prepare config key 'split\.rule'"),
-    (["split.valid=0.5", "split.test=0.5"], r"split\.valid \+ split\.test must be < 1"),
-    (["natural_noise=true"], r"natural_noise needs rating_threshold"),
-    (["kcore.users=-1"], r"prepare config key 'kcore\.users': Input should be greater"),
-    (["dedupe=maybe"], r"prepare config key 'dedupe'"),
+    (["kcore.user=2"], r"--set kcore\.user=2: unknown config key 'kcore\.user'"),
+    (["split.rule=sequential"], r"config key 'split\.rule' must be one of 'random', 'time'"),
+    (["split.valid=0.5", "split.test=0.5"],
+     r"config key 'split\.valid' \+ 'split\.test' must be < 1"),
+    (["natural_noise=true"], r"config key 'natural_noise' needs rating_threshold"),
+    (["kcore.users=-1"], r"--set kcore\.users=-1: config key 'kcore\.users' must be >= 0"),
+    (["dedupe=maybe"], r"config key 'dedupe' must be one of 'first' or 'last'"),
 ])
 def test_bad_config_names_the_key(tmp_path, capsys, sets, pattern):
     log = write_log(tmp_path / "log.parquet", _random_log())
@@ -371,8 +372,12 @@ def test_config_file_and_overrides(tmp_path):
     cfg = load_prepare_config(tmp_path / "p.yaml", ["split.seed=7", "kcore.items=3"])
     assert cfg == PrepareConfig(rating_threshold=4.0, kcore={"items": 3},
                                 split={"rule": "time", "seed": 7})
-    with pytest.raises(ConfigError, match=r"p\.yaml: prepare config key 'split\.seed'"):
+    # an error names where the key was set: the override, else the file
+    with pytest.raises(ConfigError, match=r"^--set split\.seed=-1: config key 'split\.seed'"):
         load_prepare_config(tmp_path / "p.yaml", ["split.seed=-1"])
+    (tmp_path / "p.yaml").write_text("split: {rule: sometimes}\n")
+    with pytest.raises(ConfigError, match=r"p\.yaml: config key 'split\.rule' must be one of"):
+        load_prepare_config(tmp_path / "p.yaml", ["split.seed=7"])
 
 
 # ---------------------------------------------------------------------- into training

@@ -62,6 +62,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..claim import claim
 from ..errors import ConfigError, DataError
 from ..files import default_mode
 from ..progress import log, peak_rss_mib
@@ -280,11 +281,17 @@ def prepare(input_path: str | Path, out_dir: str | Path, cfg: PrepareConfig | No
     ``user_activity`` percentiles, ``top_1pct_items_share``, ``seconds`` and
     ``peak_rss_mib``. Errors (all before anything is written): ConfigError for the
     config or an existing ``out_dir`` without ``overwrite``; DataError naming the file,
-    field and row for bad input, or for a result with an empty split.
+    field and row for bad input, or for a result with an empty split; ConfigError from
+    ``claim.claim`` when ``out_dir`` cannot be created or another process holds it.
     """
+    with claim(out_dir):          # held to the end: one writer per dataset directory
+        return _prepare(input_path, Path(out_dir), cfg or PrepareConfig(), overwrite,
+                        batch_rows)
+
+
+def _prepare(input_path, out: Path, cfg: PrepareConfig, overwrite: bool,
+             batch_rows: int) -> dict:
     start = time.perf_counter()
-    cfg = cfg or PrepareConfig()
-    out = Path(out_dir)
     _check_target(out, overwrite)
     source = open_log(input_path)
     path, names = source.path, source.schema.names

@@ -1,16 +1,17 @@
 """The prepare config (``scale-diffrec prepare --config FILE --set KEY=VALUE``): every key
 with its type, range and default. What each key does: the steps in prepare.py's docstring.
-Bad keys or values are one ConfigError line naming the file and the dotted key.
+Bad keys or values are one ConfigError line naming the dotted key after where it was set
+(the file, or the ``--set``), as for the training config (``config.load_validated``).
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..config import parse_override, read_yaml_mapping
-from ..errors import ConfigError
+from ..config import load_validated
+from ..schema import key_error
 
 
 class _Strict(BaseModel):
@@ -33,8 +34,8 @@ class SplitConfig(_Strict):
     @model_validator(mode="after")
     def _fractions_fit(self):
         if self.valid + self.test >= 1:
-            raise ValueError(f"split.valid + split.test must be < 1, got {self.valid} + "
-                             f"{self.test}")
+            raise key_error("valid", f"+ '{{s}}.test' must be < 1, got {self.valid} + "
+                                     f"{self.test}")
         return self
 
 
@@ -49,33 +50,14 @@ class PrepareConfig(_Strict):
     @model_validator(mode="after")
     def _noise_needs_threshold(self):
         if self.natural_noise and self.rating_threshold is None:
-            raise ValueError("natural_noise needs rating_threshold (the noise is the pairs "
-                             "rated below it)")
+            raise key_error("natural_noise", "needs rating_threshold (the noise is the "
+                                             "pairs rated below it)")
         return self
 
 
 def load_prepare_config(path: str | Path | None = None,
                         overrides: list[str] = ()) -> PrepareConfig:
     """PrepareConfig from a YAML file and dotted ``key=value`` overrides (values parse as
-    YAML); ConfigError naming the file and the dotted key otherwise."""
-    raw = {} if path is None else read_yaml_mapping(path)
-    where = "" if path is None else f"{path}: "
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = raw
-        for i, key in enumerate(keys[:-1]):
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"prepare config key '{'.'.join(keys[:i + 1])}' is not "
-                                  f"a mapping")
-        node[keys[-1]] = value
-    try:
-        return PrepareConfig.model_validate(raw)
-    except ValidationError as err:
-        first = err.errors()[0]
-        key = ".".join(str(part) for part in first["loc"])
-        msg = first["msg"].removeprefix("Value error, ")
-        if not key:
-            raise ConfigError(f"{where}prepare config: {msg}") from None
-        got = "" if first["type"] == "missing" else f", got {first.get('input')!r}"
-        raise ConfigError(f"{where}prepare config key '{key}': {msg}{got}") from None
+    YAML), as ``config.load_validated`` loads every config: ConfigError naming the dotted
+    key after where it was set ('FILE: ...', '--set KEY=VALUE: ...')."""
+    return load_validated(PrepareConfig, path, overrides)

@@ -53,7 +53,7 @@ from ..files import (atomic_write, check_digest, default_mode, read_sealed, sha2
                      write_errors, write_sealed)
 from .index import (L2_KINDS, build_index, faiss, index_dim, item_vectors, mips_norm,
                     resolve_params, resolve_use_gpu, shard_bounds)
-from .params import check_setting
+from .params import check_setting, option
 
 FORMAT = "scale_diffrec.index_bundle"
 VERSION = 2
@@ -105,7 +105,7 @@ def export(run, out: str | Path, kind: str = "flat", params: dict | None = None,
     shards = check_setting("shards", shards)
     sizes = [len(h.items) for h in run.model.item_heads()]
     if shards > min(sizes):
-        raise ConfigError(f"--shards {shards}: at most {min(sizes)}, the items of the "
+        raise ConfigError(f"{option('shards')} {shards}: at most {min(sizes)}, the items of the "
                           f"smallest head")
     # range checks before anything is written; the smallest unit bounds nlist and nprobe
     for n in sorted({b - a for size in sizes for a, b in shard_bounds(size, shards)}):

@@ -8,10 +8,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..claim import claim
 from ..errors import ConfigError
 from ..files import atomic_write
 from ..progress import log
-from .params import DEFAULTS, INDEX_TYPES, SEARCH_PARAMS, check_params, check_setting, option
+from .params import (DEFAULTS, INDEX_TYPES, MEANING, SEARCH_PARAMS, check_params,
+                     check_setting, option)
 
 # start-up: what loads torch, pyarrow or faiss is imported by the command that needs it, so
 # that ``scale-diffrec --help`` and argument errors answer at once
@@ -26,10 +28,11 @@ def cmd_export(args) -> int:
                                        if getattr(args, key, None) is not None})
     check_setting("shards", args.shards)
     from .bundle import check_target, export      # start-up: faiss (if absent: one-line error)
-    check_target(Path(args.out))
-    run = load_run(args.run, checkpoint=args.checkpoint, device=args.device)
-    out = export(run, args.out, kind=args.index, params=params, shards=args.shards,
-                 use_gpu=args.use_gpu)
+    with claim(args.out, shared=True):            # concurrent exports are safe (bundle.py)
+        check_target(Path(args.out))
+        run = load_run(args.run, checkpoint=args.checkpoint, device=args.device)
+        out = export(run, args.out, kind=args.index, params=params, shards=args.shards,
+                     use_gpu=args.use_gpu)
     log.info("exported %s (%s index, %d items) to %s", args.run, args.index,
              run.data.n_items, out)
     print(json.dumps({"bundle": str(out), "index": args.index, "n_items": run.data.n_items}))
@@ -124,6 +127,18 @@ def cmd_recommend(args) -> int:
     return 0
 
 
+def add_settings(p, keys: set[str], default: str | None = None) -> None:
+    """One integer option per index setting in ``keys``, spelled by ``params.option`` (the
+    spelling every message uses), in ``DEFAULTS`` order; the help says what it is, the
+    index kinds that take it and ``default`` (else the export default)."""
+    for key in dict.fromkeys(k for params in DEFAULTS.values() for k in params):
+        if key in keys:
+            kinds = [kind for kind, params in DEFAULTS.items() if key in params]
+            given = default or DEFAULTS[kinds[0]][key] or "4 sqrt(items)"
+            p.add_argument(option(key), dest=key, type=int,
+                           help=f"{MEANING[key]} ({'/'.join(kinds)}; default: {given})")
+
+
 def register(sub) -> None:
     p = sub.add_parser("export", help="write a FAISS index bundle of a trained run")
     p.add_argument("--run", required=True, help="run directory (scale-diffrec train --out)")
@@ -132,11 +147,7 @@ def register(sub) -> None:
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
     p.add_argument("--shards", type=int, default=1, help="FAISS units per head, searched "
                                                          "in parallel")
-    p.add_argument("--nlist", type=int)
-    p.add_argument("--nprobe", type=int)
-    p.add_argument("--M", type=int, help="HNSW neighbours per node")
-    p.add_argument("--ef-search", dest="ef_search", type=int)
-    p.add_argument("--pq-m", dest="pq_m", type=int)
+    add_settings(p, {key for params in DEFAULTS.values() for key in params})
     p.add_argument("--use-gpu", default="auto", choices=["auto", "true", "false"])
     p.add_argument("--device", help="where the model runs: auto | cpu | cuda | cuda:N "
                                     "(default: the run's)")
@@ -151,8 +162,8 @@ def register(sub) -> None:
     p.add_argument("--include-seen", action="store_true", help="do not drop history items")
     p.add_argument("--brute-force", action="store_true",
                    help="rank the full decoder output instead of FAISS (for checking)")
-    p.add_argument("--nprobe", type=int)
-    p.add_argument("--ef-search", dest="ef_search", type=int)
+    add_settings(p, {key for keys in SEARCH_PARAMS.values() for key in keys},
+                 default="the bundle's")
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--device", default="auto",
                    help="where the query tower runs: auto | cpu | cuda | cuda:N")

@@ -46,7 +46,8 @@ import numpy as np
 from ..data.csr import CSR
 from ..errors import ConfigError
 from ..optional import require_faiss
-from .params import DEFAULTS, INDEX_TYPES, SEARCH_PARAMS, check_params, check_setting
+from .params import (DEFAULTS, INDEX_TYPES, SEARCH_PARAMS, check_params, check_setting,
+                     option)
 
 faiss = require_faiss("exporting or serving an index bundle")
 
@@ -149,13 +150,13 @@ def resolve_params(kind: str, n: int, params: dict | None) -> tuple[str, dict]:
     if kind in ("ivf", "ivfpq"):
         cap = max(1, n // MIN_POINTS_PER_LIST)
         if params.get("nlist") is not None and params["nlist"] > cap:
-            raise ConfigError(f"--nlist {params['nlist']}: at most {cap} for a unit of {n} "
-                              f"items (>= {MIN_POINTS_PER_LIST} items per list)")
+            raise ConfigError(f"{option('nlist')} {params['nlist']}: at most {cap} for a unit "
+                              f"of {n} items (>= {MIN_POINTS_PER_LIST} items per list)")
         nlist = full["nlist"] if full["nlist"] is not None else int(4 * math.sqrt(n))
         full["nlist"] = int(max(1, min(int(nlist), cap)))
         if params.get("nprobe") is not None and params["nprobe"] > full["nlist"]:
-            raise ConfigError(f"--nprobe {params['nprobe']}: at most {full['nlist']}, the "
-                              f"lists of a unit of {n} items")
+            raise ConfigError(f"{option('nprobe')} {params['nprobe']}: at most "
+                              f"{full['nlist']}, the lists of a unit of {n} items")
         full["nprobe"] = int(min(int(full["nprobe"]), full["nlist"]))
     return kind, full
 

@@ -26,6 +26,10 @@ DEFAULTS = {
     "hnsw": {"M": 32, "ef_construction": 80, "ef_search": 128},
     "ivfpq": {"nlist": None, "nprobe": 16, "pq_m": 16, "pq_nbits": 8},
 }
+MEANING = {"nlist": "IVF lists", "nprobe": "IVF lists searched per query",
+           "M": "HNSW neighbours per node", "ef_construction": "HNSW candidates kept while "
+           "building", "ef_search": "HNSW candidates kept per query", "pq_m": "PQ sub-vectors "
+           "per item", "pq_nbits": "bits per PQ code"}
 SEARCH_PARAMS = {"ivf": ("nprobe",), "ivfpq": ("nprobe",), "hnsw": ("ef_search",), "flat": ()}
 # smallest valid value of each setting; pq_nbits also has a largest (FAISS codes <= 16 bits)
 MINIMUM = {"nlist": 1, "nprobe": 1, "M": 2, "ef_construction": 1, "ef_search": 1, "pq_m": 1,

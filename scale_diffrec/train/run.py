@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from .. import checkpoint, runs
+from ..claim import claim
 from ..data import load_data
 from ..device import describe, resolve_device, set_matmul_precision
 from ..finite import check_finite
@@ -29,6 +30,11 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False, overwrite: bool 
     the trial selected on valid).
     """
     run_dir = Path(run_dir)
+    with claim(run_dir):          # held to the end: one writer per run directory
+        return _train(cfg, run_dir, resume, overwrite, on_epoch, test)
+
+
+def _train(cfg: dict, run_dir: Path, resume: bool, overwrite: bool, on_epoch, test: bool) -> dict:
     runs.check_run_dir(run_dir, cfg, resume=resume, overwrite=overwrite)
     seed_everything(cfg["seed"])
     data = load_data(cfg)
@@ -37,9 +43,7 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False, overwrite: bool 
     partition = prepare_partition(cfg, data, run_dir, rebuild=overwrite)
     model = build_model(cfg, data.n_items, partition,     # refuses a bad model config
                         train=None if resume else data.train)
-    source = checkpoint.latest(run_dir) if resume else None   # last.pt or a W-worker run's
-    if resume and source is None:
-        raise FileNotFoundError(f"{run_dir / runs.CHECKPOINTS}: no checkpoint to resume from")
+    source = checkpoint.resume_from(run_dir, cfg) if resume else None  # last.pt or sharded
     state = source.full(model) if resume else None              # read before anything is written
     log.info("device %s (device: %s), precision %s", describe(device), cfg["device"],
              cfg["precision"])

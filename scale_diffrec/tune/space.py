@@ -101,7 +101,8 @@ class Space:
                 config = {q.name: q.labels[0] for q in self.params}
                 config[p.name] = p.label(choice)
                 try:
-                    cfg = load_config(base_path, [*base_overrides, *self.overrides(config)])
+                    cfg = load_config(base_path, [*base_overrides,   # named below
+                                                  *(("", o) for o in self.overrides(config))])
                     if check_cfg is not None:
                         check_cfg(cfg)
                 except ConfigError as err:

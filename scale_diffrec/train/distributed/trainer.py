@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from ... import checkpoint, runs
+from ...claim import claim
 from ...config import absolute_paths
 from ...data import load_data
 from ...errors import ConfigError, DataError, NonFiniteError
@@ -165,15 +166,22 @@ def train_distributed(cfg: dict, run_dir: str | Path, resume: bool = False,
     ``test=False`` computes no test metrics (as ``train.train``); ``on_epoch(entry,
     record)``, a picklable function, runs on every worker after each epoch's report (as
     ``train.train``'s)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     run_dir = Path(run_dir).resolve()
     n_workers = check_workers(cfg)       # before any data, file or Ray process
     cfg = absolute_paths(cfg)            # the workers run in other directories
-    runs.check_run_dir(run_dir, cfg, resume=resume, overwrite=overwrite)
-    if resume and checkpoint.latest(run_dir) is None:
-        raise FileNotFoundError(f"{_storage(run_dir)}: no checkpoint to resume from")
-    plan = _prepare_run_dir(cfg, run_dir, n_workers, resume, overwrite)
+    with claim(run_dir):          # the driver's, held to the end; workers never take it
+        runs.check_run_dir(run_dir, cfg, resume=resume, overwrite=overwrite)
+        if resume:
+            checkpoint.resume_from(run_dir, cfg)
+        plan = _prepare_run_dir(cfg, run_dir, n_workers, resume, overwrite)
+        return _fit(cfg, run_dir, plan, n_workers, callbacks, test, on_epoch)
+
+
+def _fit(cfg: dict, run_dir: Path, plan: Plan, n_workers: int, callbacks: tuple, test: bool,
+         on_epoch) -> dict:
+    """Ray Train's ``TorchTrainer`` on the prepared run directory; returns metrics.json."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
     started = connect(cfg)
     try:
         use_gpu = resolve_use_gpu(cfg["distributed"]["use_gpu"], n_workers)
