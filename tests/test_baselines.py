@@ -181,5 +181,6 @@ def test_bad_baseline_config_is_one_line(tmp_path, capsys):
     rc = main(["train", "--config", _write_config(tmp_path, TINY + ["model=itemknn"]),
                "--set", "itemknn.k=0", "--out", str(tmp_path / "run")])
     err = _error_lines(capsys)
-    assert rc == 2 and err == ["error: config key 'itemknn.k' must be a positive integer, got 0"]
+    assert rc == 2 and err == ["error: --set itemknn.k=0: config key 'itemknn.k' must be a "
+                                 "positive integer, got 0"]
     assert not (tmp_path / "run").exists()

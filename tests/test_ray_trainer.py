@@ -82,14 +82,15 @@ def test_more_workers_than_clusters_fails_before_anything_starts(tmp_path, monke
     for item in TINY + [f"ldiffrec.partition={partition_file}"]:
         args += ["--set", item]
     assert main(args) == 2
-    assert "error: config key 'distributed.workers' is 5" in capsys.readouterr().err
+    assert "error: --workers 5: config key 'distributed.workers' is 5" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
     # resuming a run with more workers than clusters: refused before anything is written
     (tmp_path / "b" / "checkpoints").mkdir(parents=True)
     (tmp_path / "b" / "config.yaml").write_text("seed: 0\n")
     assert main(args + ["--resume"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: config key 'distributed.workers' is 5") and err.count("\n") == 1
+    assert err.startswith("error: --workers 5: config key 'distributed.workers' is 5")
+    assert err.count("\n") == 1
     assert (tmp_path / "b" / "config.yaml").read_text() == "seed: 0\n"
 
 

@@ -208,3 +208,32 @@ def test_cli_export_and_recommend(tmp_path, capsys):
     assert main(["recommend", "--index", str(index), "--items", "1", "-k", "5"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "manifest.json" in err and "Traceback" not in err
+
+
+def test_every_option_an_index_message_names_exists_and_reaches_faiss(tmp_path, capsys):
+    import re
+    from scale_diffrec.cli import build_parser
+    from scale_diffrec.errors import ConfigError
+    from scale_diffrec.retrieval.params import DEFAULTS, SEARCH_PARAMS, check_params, option
+    parser = build_parser()
+    export_args = ["export", "--run", "r", "--out", "o"]
+    for kind, params in DEFAULTS.items():     # every setting of every kind is an option
+        for key in params:
+            assert getattr(parser.parse_args([*export_args, option(key), "3"]), key) == 3
+    for key in {k for keys in SEARCH_PARAMS.values() for k in keys}:
+        assert getattr(parser.parse_args(["recommend", "--index", "b", option(key), "3"]),
+                       key) == 3
+    for kind in DEFAULTS:                     # what a wrong setting's message names, too
+        foreign = next(k for params in DEFAULTS.values() for k in params
+                       if k not in DEFAULTS[kind])
+        with pytest.raises(ConfigError) as err:
+            check_params(kind, {foreign: 3})
+        named = re.findall(r"(--[\w-]+)", str(err.value))
+        assert option(foreign) in named and len(named) == 1 + len(DEFAULTS[kind])
+        for flag in named:
+            parser.parse_args([*export_args, "--index", kind, flag, "3"])
+    run = trained(tmp_path, "multvae")
+    assert main(["export", "--run", str(run.run_dir), "--out", str(tmp_path / "b"), "--index",
+                 "hnsw", "--M", "8", "--ef-construction", "16"]) == 0
+    units = [u for h in read_manifest(resolve(tmp_path / "b"))["heads"] for u in h["units"]]
+    assert [(u["params"]["M"], u["params"]["ef_construction"]) for u in units] == [(8, 16)]

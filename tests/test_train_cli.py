@@ -117,7 +117,9 @@ def _one_error_line(capsys, *words):
     (["ldiffrec.in_dims=[2]"], "'ldiffrec.in_dims'")])
 def test_bad_config_exits_2_before_anything_is_written(tmp_path, capsys, sets, key):
     assert _train(tmp_path, "fresh", *sets) == 2
-    _one_error_line(capsys, "error: config key", key)
+    line = _one_error_line(capsys, "config key", key)
+    assert re.match(rf"error: --set {re.escape(sets[-1])}: ", line) or \
+        re.match(rf"error: --set {re.escape(sets[0])}: ", line), line     # the override at fault
     assert not (tmp_path / "fresh").exists()
 
 
