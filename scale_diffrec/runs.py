@@ -13,9 +13,12 @@ failed run leaves the previous version of each file intact; files follow the use
 and a full disk is one line, 'no space left on PATH' (``files``). Checkpoints are sealed
 with the sha256 of their contents and checked on every load.
 
-The guard: ``check_run_dir`` decides, before anything is written, whether a run may start
-in RUN_DIR (empty, or ``overwrite``) or continue there (``resume``: the saved config may
-differ from the new one only in ``SAFE_ON_RESUME``); the trainers then validate the data,
+The guard: the trainers first claim RUN_DIR for their whole run (``claim.claim``: one
+writer at a time, a second one refused naming the holder's pid); then ``check_run_dir``
+decides, before anything is written, whether a run may start in RUN_DIR (empty, or
+``overwrite``) or continue there (``resume``: the saved config may differ from the new one
+only in ``SAFE_ON_RESUME``, and ``checkpoint.resume_from`` refuses fewer epochs than the
+checkpoints hold); the trainers then validate the data,
 the partition (against the config that made it) and the model, and only then
 ``start_run`` writes: a fresh start first removes the previous run's artifacts.
 

@@ -49,7 +49,8 @@ nearest option in brackets):
 
 Output: prepared.py's directory, built in a temporary sibling and renamed into place, so
 a failed run leaves nothing behind and an existing directory is replaced (only with
-``overwrite``) in one step.
+``overwrite``) in one step. The directory is claimed for the whole run (``claim``), so
+two prepares of one directory cannot both write it.
 """
 from __future__ import annotations
 

@@ -23,8 +23,10 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False, overwrite: bool 
     """Train per ``cfg`` in one process, writing checkpoints and metrics.json to
     ``run_dir``; returns metrics.
 
-    Nothing is written until the run directory (``runs.check_run_dir``), the data, the
-    partition, the model and (``resume``) the last checkpoint have been validated.
+    The run directory is claimed for the whole run (``claim.claim``: ConfigError when
+    another process holds it or it cannot be created); nothing is written until the run
+    directory (``runs.check_run_dir``), the data, the partition, the model and
+    (``resume``: ``checkpoint.resume_from``) the last checkpoint have been validated.
     ``on_epoch(entry, record)``: see ``run_epochs`` (``tune`` reports trials through it).
     ``test=False`` leaves the test split untouched (a tuning trial: test metrics only for
     the trial selected on valid).

@@ -1,7 +1,9 @@
 """``scale-diffrec tune``: a Ray Tune search over ordinary training runs, selected on valid.
 
-The driver validates the base config and the space file (nothing is written before), saves
-them as OUT/base.yaml and OUT/space.yaml, and runs a ``ray.tune.Tuner`` whose trials are
+The driver claims OUT for the whole search (``claim``, in cli.py; each trial claims its
+own run directory), validates the base config and the space file (nothing is written
+before), saves them as OUT/base.yaml and OUT/space.yaml, and runs a ``ray.tune.Tuner`` whose
+trials are
 ``trial.run_trial`` (train.train of the base config with the trial's choices, reporting at
 every evaluation). The experiment lives in OUT/tune (Ray Tune's state, per-trial
 result.json / progress.csv and TensorBoard event files from Tune's default logger

@@ -160,7 +160,9 @@ def train_distributed(cfg: dict, run_dir: str | Path, resume: bool = False,
                       overwrite: bool = False, callbacks: tuple = (), test: bool = True,
                       on_epoch: Callable[[dict, dict], None] | None = None) -> dict:
     """Train L-DiffRec on ``train.distributed.workers`` Ray Train workers; returns metrics.json.
-    Nothing is written before the run directory, data, partition and plan are validated.
+    The driver claims the run directory for the whole run (``claim.claim``; the workers
+    write under its claim). Nothing is written before the run directory, data, partition
+    and plan are validated.
     ``callbacks``: Ray Train ``UserCallback``s (``tune`` passes ``TuneReportCallback``: rank
     0's per-epoch metrics, with ``tune.trial.evaluation_report``'s keys, go to Tune);
     ``test=False`` computes no test metrics (as ``train.train``); ``on_epoch(entry,
