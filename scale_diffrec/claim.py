@@ -1,29 +1,28 @@
 """Claiming an output directory for one writer: a run, a search, a prepared dataset, a bundle.
 
-Every command that writes a directory holds a claim on it from before its first read of
-the data to its end (``claim``):
+Every command that writes a directory holds a claim on it from before it reads its data
+to its end (``claim``):
 
-1. the folders above the directory are created, so an unwritable place is one line,
-   'cannot create PATH: REASON', before any work (the directory itself is created by the
-   command once its inputs are valid; on failure the folders created here are removed);
-2. an ``flock`` is taken on the lock file ``.NAME.lock`` beside the directory, without
-   waiting: a second writer stops with 'PATH is in use by another run (pid N)' (the lock
-   file holds the holder's pid and host) before it reads or writes anything.
+1. the directory (and the folders above it) is created if missing, so an unwritable place
+   is one line, 'cannot create PATH: REASON', before any work; what the claim created is
+   removed again when the command leaves it empty (a failed run writes nothing);
+2. an ``flock`` is taken on its lock file ``PATH/.lock``, without waiting: a second
+   writer stops with 'PATH is in use by another run (pid N)' (the lock file holds the
+   holder's pid and host) before it reads or writes anything.
 
 Exclusive for train, tune and prepare: with the claim held, their guards (``runs.
 check_run_dir``, ``tune.search.prepare``, ``data.prepare``) see the directory as no other
 process can change it, so two runs started together on one new directory cannot both
 start, and one given ``--resume`` or ``--overwrite`` cannot write under another. Shared for
 export: concurrent exports to one bundle are safe by design (``retrieval.bundle``), but not
-under a run that holds the directory.
+under a run that holds the directory. A path that exists and is not a directory is not
+claimed: nothing can be written there, and each command refuses it in its own words.
 
 The kernel drops an flock when its process ends, also on a crash or a kill, so a lock is
 never stale; the lock file is removed when the claim ends (a killed process leaves it,
-unlocked and harmless). It lies beside the directory, not inside, because it must exist
-before the directory does, survive the directory being replaced by a rename (prepare) and
-never show among the run's files. Only the process that claims holds the lock: the run's
-Ray workers and other processes it starts write into the directory under its claim and
-never take it (the descriptor is not inherited across exec, PEP 446).
+unlocked and harmless; ``is_empty`` does not count it). Only the process that claims holds
+the lock: the run's Ray workers and other processes it starts write into the directory
+under its claim and never take it (the descriptor is not inherited across exec, PEP 446).
 """
 from __future__ import annotations
 
@@ -36,30 +35,39 @@ from typing import Iterator
 
 from .errors import ConfigError
 
+LOCK = ".lock"
 
-def lock_path(path: Path) -> Path:
-    """The lock file of directory ``path``: ``.NAME.lock`` beside it."""
-    return path.parent / f".{path.name}.lock"
+
+def is_empty(path: Path) -> bool:
+    """Whether directory ``path`` holds nothing but a claim's lock file."""
+    return all(p.name == LOCK for p in Path(path).iterdir())
 
 
 def _reason(err: OSError) -> str:
     return err.strerror or str(err).splitlines()[0]
 
 
-def _make_parents(path: Path, shown) -> list[Path]:
-    """Create the missing folders above ``path``; returns them, the deepest first."""
-    missing = [p for p in path.parents if not p.exists()]
+def _make_dirs(path: Path, shown) -> list[Path]:
+    """Create ``path`` and the missing folders above it; returns those this call created,
+    the deepest first. ConfigError 'cannot create PATH: REASON'."""
+    missing = []
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"cannot create {shown}: {folder} is a file, not a folder")
+    created = []
     for folder in reversed(missing):
         try:
             folder.mkdir()
-        except FileExistsError:                  # created meanwhile by another process
-            if not folder.is_dir():
-                _remove_empty(missing)
-                raise ConfigError(f"cannot create {shown}: {folder} is not a folder") from None
+            created.insert(0, folder)
+        except FileExistsError:                  # made meanwhile by another process
+            pass
         except OSError as err:
-            _remove_empty(missing)
+            _remove_empty(created)
             raise ConfigError(f"cannot create {shown}: {_reason(err)}") from None
-    return missing
+    return created
 
 
 def _remove_empty(folders: list[Path]) -> None:
@@ -84,13 +92,11 @@ def _holder(fd: int) -> str:
 
 def _lock(path: Path, shown, shared: bool) -> int:
     """A descriptor of ``path``'s lock file holding the flock; ConfigError if it is taken."""
-    lock = lock_path(path)
+    lock = path / LOCK
     while True:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as err:
-            if not path.exists():
-                raise ConfigError(f"cannot create {shown}: {_reason(err)}") from None
             raise ConfigError(f"cannot lock {shown}: {_reason(err)} ({lock})") from None
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
@@ -107,10 +113,10 @@ def _lock(path: Path, shown, shared: bool) -> int:
 
 
 def _release(fd: int, lock: Path) -> None:
-    """Remove the lock file when no one else holds it (then close: the lock goes)."""
+    """Remove the lock file unless another claim holds it, then close (the lock goes)."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # a shared holder: are we the last?
-        if _same_file(fd, lock):
+        if _same_file(fd, lock):                 # (prepare may have moved the directory)
             lock.unlink()
     except BlockingIOError:
         pass
@@ -120,16 +126,19 @@ def _release(fd: int, lock: Path) -> None:
 
 @contextlib.contextmanager
 def claim(path: str | Path, shared: bool = False) -> Iterator[Path]:
-    """Hold ``path`` (a directory, existing or not) for this process while the block runs
+    """Hold directory ``path`` (created if missing) for this process while the block runs
     (module docstring); ``shared`` lets other shared claims (exports) hold it too.
 
-    Errors (ConfigError, nothing else done): 'cannot create PATH: REASON' when the folders
-    above it or its lock file cannot be created, 'PATH is in use by another run (pid N)'
-    when another process holds it.
+    Errors (ConfigError, nothing left behind): 'cannot create PATH: REASON' when it or a
+    folder above it cannot be created, 'PATH is in use by another run (pid N)' when
+    another process holds it.
     """
     shown = Path(path)
     path = shown.resolve()
-    created = _make_parents(path, shown)
+    if path.exists() and not path.is_dir():
+        yield shown
+        return
+    created = _make_dirs(path, shown)
     try:
         fd = _lock(path, shown, shared)
     except BaseException:
@@ -138,5 +147,5 @@ def claim(path: str | Path, shared: bool = False) -> Iterator[Path]:
     try:
         yield shown
     finally:
-        _release(fd, lock_path(path))
+        _release(fd, path / LOCK)
         _remove_empty(created)

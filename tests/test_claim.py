@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from scale_diffrec import runs
-from scale_diffrec.claim import claim, lock_path
+from scale_diffrec.claim import LOCK, claim
 from scale_diffrec.cli import main
 from scale_diffrec.errors import ConfigError
 
@@ -39,8 +39,9 @@ def _error(capsys) -> str:
 
 
 def _files(folder: Path) -> dict:
+    """The run's files (a holder's lock file aside)."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*")
-            if p.is_file()}
+            if p.is_file() and p.name != LOCK}
 
 
 @pytest.fixture(autouse=True)
@@ -72,8 +73,8 @@ def held(tmp_path):
 def test_a_claim_is_exclusive_and_leaves_nothing_behind(tmp_path):
     out = tmp_path / "a" / "b" / "run"
     with claim(out):
-        assert (tmp_path / "a" / "b").is_dir() and not out.exists()
-        assert lock_path(out.resolve()).read_text().split()[0] == str(os.getpid())
+        assert [p.name for p in out.iterdir()] == [LOCK]
+        assert (out / LOCK).read_text().split()[0] == str(os.getpid())
         with pytest.raises(ConfigError, match=rf"^{out} is in use by another run "
                                               rf"\(pid {os.getpid()}\)$"):
             with claim(out):
@@ -88,8 +89,12 @@ def test_a_claim_is_exclusive_and_leaves_nothing_behind(tmp_path):
                 pass
     assert list(tmp_path.iterdir()) == []
     with claim(out):                          # what the block wrote stays
-        out.mkdir()
-    assert [p.name for p in (tmp_path / "a" / "b").iterdir()] == ["run"]
+        (out / "config.yaml").write_text("seed: 0\n")
+    assert [p.name for p in out.iterdir()] == ["config.yaml"]
+    (tmp_path / "empty").mkdir()              # a folder the claim did not make stays
+    with claim(tmp_path / "empty"):
+        pass
+    assert (tmp_path / "empty").is_dir()
 
 
 def test_a_lock_held_by_another_process_refuses_every_writer_and_a_kill_frees_it(
@@ -112,12 +117,12 @@ def test_a_lock_held_by_another_process_refuses_every_writer_and_a_kill_frees_it
         assert main([*argv, str(tmp_path / argv[0])]) == 2
         assert _error(capsys) == (f"error: {tmp_path / argv[0]} is in use by another run "
                                   f"(pid {holder_of_other.pid})")
-        assert not (tmp_path / argv[0]).exists()
+        assert [p.name for p in (tmp_path / argv[0]).iterdir()] == [LOCK]   # the holder's
     holder.kill()                             # a killed holder leaves its lock file...
     holder.wait()
-    assert lock_path(tmp_path / "run").exists()
+    assert (tmp_path / "run" / LOCK).exists()
     assert main(_train_argv(tmp_path / "run", "epochs=2", flags=["--resume"])) == 0
-    assert not lock_path(tmp_path / "run").exists()       # ...which never blocks anyone
+    assert not (tmp_path / "run" / LOCK).exists()         # ...which never blocks anyone
 
 
 def test_two_trains_started_together_on_one_new_directory_do_not_both_run(tmp_path):
@@ -173,7 +178,7 @@ def test_ctrl_c_is_one_line_exit_130_and_the_run_resumes(tmp_path, capsys):
     assert proc.returncode == 130
     assert err.strip().splitlines() == [f"interrupted: run directory {out} is resumable "
                                         f"with --resume"], err
-    assert not lock_path(out).exists()
+    assert not (out / LOCK).exists()
     trained = runs.load_checkpoint(out, "last")["epoch"]
     assert trained >= 1
     assert main(_train_argv(out, f"epochs={trained + 1}", flags=["--resume"])) == 0

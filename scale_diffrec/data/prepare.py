@@ -63,7 +63,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..claim import claim
+from ..claim import claim, is_empty
 from ..errors import ConfigError, DataError
 from ..files import default_mode
 from ..progress import log, peak_rss_mib
@@ -227,7 +227,7 @@ def dataset_stats(cols: dict, which: np.ndarray, noise: np.ndarray, n_users: int
 def _check_target(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if out.is_dir() and not is_empty(out) and not overwrite:
         raise ConfigError(f"{out}: already exists; pass --overwrite to replace it")
 
 

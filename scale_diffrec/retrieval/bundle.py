@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..claim import is_empty
 from ..config import save_config
 from ..data.columns import ITEM
 from ..data.id_maps import id_table, read_id_map
@@ -68,12 +69,12 @@ def versions() -> dict:
 
 
 def check_target(out: Path) -> None:
-    """DataError unless ``out`` is absent (below a folder), an empty folder or a bundle."""
+    """DataError unless ``out`` is absent (below a folder), an empty folder (but for a
+    claim's lock file, ``claim``) or a bundle."""
     above = next(p for p in out.parents if p.exists())
     if not above.is_dir():
         raise DataError(out, f"cannot be created: {above} is a file, not a folder")
-    if out.exists() and not (out.is_dir() and ((out / CURRENT).is_file()
-                                               or not any(out.iterdir()))):
+    if out.exists() and not (out.is_dir() and ((out / CURRENT).is_file() or is_empty(out))):
         raise DataError(out, f"exists and is not an index bundle (no {CURRENT}); choose "
                              f"another --out or remove it")
 
