@@ -70,6 +70,14 @@ def train_interrupted(args) -> str:
     return f"nothing was written to {out}"
 
 
+def tune_interrupted(args) -> str | None:
+    """How an interrupted ``tune`` goes on, once its Tune experiment has been saved."""
+    from .tune.search import EXPERIMENT
+    if (Path(args.out) / EXPERIMENT).is_dir():
+        return f"continue the search with `scale-diffrec tune --out {args.out} --resume`"
+    return None
+
+
 def _short(metrics: dict) -> dict:
     return {k: round(v, 4) for k, v in metrics.items() if "@" in k and k.endswith(("@10", "@20"))}
 
@@ -144,8 +152,8 @@ def _tune(args, out: Path) -> int:
         if started:
             import ray
             ray.shutdown()
-    if summary is None:
-        return 130               # interrupted (as main's KeyboardInterrupt)
+    if summary is None:          # Tune caught the Ctrl-C and saved the search: as any command's
+        raise KeyboardInterrupt
     print(json.dumps({"best": {k: summary["best"][k] for k in ("trial", "run_dir", "params")},
                       "valid": _short(summary["best"]["valid"]),
                       "test": _short(summary["best"]["test"])}))
@@ -208,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted search")
     p.add_argument("--overwrite", action="store_true", help="start again in an existing --out")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
-    p.set_defaults(func=cmd_tune)
+    p.set_defaults(func=cmd_tune, interrupted=tune_interrupted)
 
     from .retrieval.cli import register
     register(sub)

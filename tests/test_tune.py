@@ -238,7 +238,9 @@ def test_search_interrupted_and_resumed_selects_the_best_valid_trial(ray_local, 
     finally:
         first.kill()
     assert first.returncode == 130, log
-    assert "--resume" in log and not (out / "tune.json").exists()
+    assert log.strip().splitlines()[-1] == (f"interrupted: continue the search with "
+                                            f"`scale-diffrec tune --out {out} --resume`"), log
+    assert not (out / "tune.json").exists()
     interrupted = {d.name: len(_history_epochs(d)) for d in (out / "runs").glob("*")
                    if not (d / runs.METRICS).exists()}
     assert interrupted, log

@@ -189,8 +189,7 @@ def run_search(out: Path, cfg: dict, space: Space, settings: Settings,
     grid = tuner.fit()
     ended = sum(results.ended(r, out) for r in grid)
     if ended < settings.trials:
-        log.warning("search interrupted with %d of %d trials ended; continue it with "
-                    "`scale-diffrec tune --out %s --resume`", ended, settings.trials, out)
+        log.warning("search interrupted with %d of %d trials ended", ended, settings.trials)
         return None
     return report(grid, out, space, cfg)
 
