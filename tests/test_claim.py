@@ -202,13 +202,20 @@ def test_ctrl_c_before_anything_is_written_says_so(tmp_path, capsys, monkeypatch
 
 
 # ---------------------------------------------------------- resume keeps config.yaml true
+LDIFFREC = ["model=ldiffrec", "ldiffrec.n_clusters=2", "ldiffrec.in_dims=[8]",
+            "ldiffrec.mlp_dims=[8]", "ldiffrec.embeddings=svd", "ldiffrec.emb_dim=4"]
+
+
 def test_resume_below_the_trained_epochs_is_refused_before_writing(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(_train_argv(out, "epochs=3")) == 0
+    assert main(_train_argv(out, "epochs=3", *LDIFFREC)) == 0
     before = _files(out)
-    assert main(_train_argv(out, "epochs=1", flags=["--resume"])) == 2
-    assert _error(capsys) == f"error: epochs=1 is below the 3 epochs already trained in {out}"
-    assert _files(out) == before
+    for flags in (["--resume"], ["--resume", "--workers", "2"]):   # 1 process, Ray's driver
+        assert main(_train_argv(out, "epochs=1", *LDIFFREC, flags=flags)) == 2
+        assert _error(capsys) == f"error: epochs=1 is below the 3 epochs already trained in {out}"
+        assert _files(out) == before
+    out = tmp_path / "multvae"
+    assert main(_train_argv(out, "epochs=3")) == 0
     # the other keys a resume may change keep the checkpoints' meaning; equal epochs is
     # nothing to train, and config.yaml says what the checkpoints hold
     assert main(_train_argv(out, "epochs=3", "patience=2", "eval_every=2",
