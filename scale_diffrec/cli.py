@@ -8,6 +8,7 @@ command's ``interrupted`` default), and exit status 130.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -44,16 +45,16 @@ def cmd_train(args) -> int:
         metrics = train_distributed(cfg, out, resume=args.resume, overwrite=args.overwrite)
     else:
         from .train import train
-        board = None
-        if args.log_dir:
-            from .tblog import TensorBoardLog
-            board = TensorBoardLog(args.log_dir)
-        try:
+        with contextlib.ExitStack() as stack:
+            board = None
+            if args.log_dir:          # created (or refused) before any work, like --out
+                from .claim import claim
+                from .tblog import TensorBoardLog
+                stack.enter_context(claim(args.log_dir, shared=True))
+                board = TensorBoardLog(args.log_dir)
+                stack.callback(board.close)
             metrics = train(cfg, out, resume=args.resume, overwrite=args.overwrite,
                             on_epoch=board)
-        finally:
-            if board is not None:
-                board.close()
     print(json.dumps({"valid": _short(metrics["valid"]), "test": _short(metrics["test"])}))
     return 0
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 
 class TensorBoardLog:
-    """Writes one run's epochs to event files in ``log_dir`` (created at the first epoch's
-    end, so a run that fails validation writes nothing)."""
+    """Writes one run's epochs to event files in ``log_dir`` from the first epoch's end (the
+    command line claims ``log_dir`` first, shared: an unwritable one stops the run before
+    it starts, and one left empty by a failed run is removed again)."""
 
     def __init__(self, log_dir: str | Path):
         self.log_dir, self.writer = Path(log_dir), None

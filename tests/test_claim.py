@@ -144,20 +144,23 @@ def test_two_trains_started_together_on_one_new_directory_do_not_both_run(tmp_pa
 
 
 # ------------------------------------------------------------------ an unwritable --out
-@pytest.mark.parametrize("command", ["train", "prepare", "tune", "export"])
+@pytest.mark.parametrize("command",
+                         ["train", "train --log-dir", "prepare", "tune", "export"])
 @pytest.mark.parametrize("where", ["/proc/scale_diffrec_run", "FILE/run"])
 def test_an_out_that_cannot_be_created_is_one_line_before_any_work(tmp_path, capsys, command,
                                                                     where):
     (tmp_path / "FILE").write_text("a file, not a folder\n")
     out = where.replace("FILE", str(tmp_path / "FILE"))
     missing = tmp_path / "missing.yaml"       # the data or run: would fail if they were read
-    argv = {"train": ["train", "--config", str(ROOT / "configs" / "quickstart.yaml"),
-                      "--set", "data.source=parquet", "--set", f"data.path={missing}"],
-            "prepare": ["prepare", "--input", str(missing)],
+    train = ["train", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--set",
+             "data.source=parquet", "--set", f"data.path={missing}"]
+    argv = {"train": [*train, "--out", out],
+            "train --log-dir": [*train, "--out", str(tmp_path / "run"), "--log-dir", out],
+            "prepare": ["prepare", "--input", str(missing), "--out", out],
             "tune": ["tune", "--config", str(ROOT / "configs" / "quickstart.yaml"),
-                     "--space", str(missing)],
-            "export": ["export", "--run", str(missing)]}[command]
-    assert main([*argv, "--out", out]) == 2
+                     "--space", str(missing), "--out", out],
+            "export": ["export", "--run", str(missing), "--out", out]}[command]
+    assert main(argv) == 2
     line = _error(capsys)
     assert line.startswith(f"error: cannot create {out}: "), line
     assert "missing" not in line
