@@ -208,6 +208,8 @@ class LDiffRecConfig(_Section):
     lr_vae: Optional[PositiveFloat] = None           # autoencoder lr; None = lr
     weight_decay_vae: Optional[NonNegativeFloat] = None  # None = weight_decay
     act: Activation = Activation.tanh
+    reparam: bool = True                  # z = mu + eps * std in training (the
+                                          #   reference's --reparam); false: z = mu
     dropout: DropoutRate = 0.1
     recon_target: ReconTarget = ReconTarget.dropped
     embeddings: EmbeddingSource = EmbeddingSource.auto

@@ -381,6 +381,17 @@ def test_score_is_decode_of_denoised_mu():
     torch.testing.assert_close(model.score(batch), model.decoder(zhat0), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("reparam", [True, False])
+def test_reparam_false_trains_on_mu_and_keeps_the_kl(reparam):
+    model, _ = make_model(f"ldiffrec.reparam={str(reparam).lower()}")
+    model.train()
+    batch = batch_of(toy_csr())
+    gens = [model.cluster_generator(7, c, "cpu") for c in range(3)]
+    _, mu, logvar, z = model.encode(batch, gens)
+    assert torch.equal(z, mu) is not reparam
+    assert float(model.kl_sum(mu, logvar).abs().sum()) > 0   # the KL term is still there
+
+
 def test_training_noise_is_keyed_by_seed_step_and_cluster():
     model, _ = make_model()
     model.train()

@@ -31,7 +31,9 @@ and its inference: ``models/ldiffrec.py``.
     weights (LT-DiffRec/main.py trains on the weighted matrix).
   * z = concat_c z_c, z_c = mu_c + eps * exp(logvar_c / 2) in training, mu_c in eval
     (AE.Encode / ``reparamterization``; ``--reparam`` is ``type=bool`` default True, so
-    always on). KL = -0.5 * mean_b sum_j (1 + logvar - mu^2 - exp(logvar)) over the whole
+    always on there). ``ldiffrec.reparam: false`` is the reference AE's ``reparam=False``
+    branch (z_c = mu_c in training too, the KL term kept): with a warm start, whose mu
+    has rms ~0.45 while the tanh floors std at ~0.61, the sampled z is mostly noise. KL = -0.5 * mean_b sum_j (1 + logvar - mu^2 - exp(logvar)) over the whole
     z (AE.Encode).
   * Decoder (AE.__init__ / AE.Decode), two forms:
       out_dims == []  one Linear(d -> n_items) on the whole zhat0 (the released
@@ -346,8 +348,9 @@ class PerCluster:
 
     def reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor,
                        generator: torch.Generator | None = None) -> torch.Tensor:
-        """mu + eps * exp(logvar / 2) in training, mu in eval (AE.Encode)."""
-        if not self.training:
+        """mu + eps * exp(logvar / 2) in training, mu in eval or with ``reparam: false``
+        (AE.Encode)."""
+        if not self.training or not self.lcfg.reparam:
             return mu
         eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         return mu + eps * torch.exp(0.5 * logvar)
