@@ -369,7 +369,8 @@ def _dedupe_threshold(spill: Spill, n_users: int, n_items: int, cfg: PrepareConf
 def _bucket_counts(spill: Spill, n_items: int):
     """``kcore_alive``'s recount: streams the ``clean`` files' users and items."""
     def counts(alive_u, alive_i):
-        user_count, item_count = np.zeros(len(alive_u), np.int64), np.zeros(n_items, np.int64)
+        user_count = np.zeros(len(alive_u), np.int64)
+        item_count = np.zeros(n_items, np.int64)
         for b in range(spill.n_buckets):
             cols = spill.read("clean", b, ["user", "item"])
             keep = alive_u[cols["user"]] & alive_i[cols["item"]]
@@ -381,6 +382,14 @@ def _bucket_counts(spill: Spill, n_items: int):
     return counts
 
 
+def _ranks(alive: np.ndarray) -> np.ndarray:
+    """[n + 1] int64: entry i is the number of alive entries before i (an alive entry's
+    new index)."""
+    out = np.zeros(len(alive) + 1, np.int64)
+    np.cumsum(alive, out=out[1:])
+    return out
+
+
 def _split_write(spill: Spill, folder: Path, schema, cfg: PrepareConfig, alive: tuple,
                  survivors: tuple) -> tuple[dict, dict, int]:
     """Steps 5 and 6 and the split files, bucket by bucket: the clean pairs of alive
@@ -389,12 +398,12 @@ def _split_write(spill: Spill, folder: Path, schema, cfg: PrepareConfig, alive: 
     the survivors and written by user, oldest first. Returns (clean pairs per split,
     noise pairs per split, noise pairs dropped)."""
     user_alive, item_alive = survivors
-    new_user = np.cumsum(user_alive) - 1
-    new_item = np.cumsum(item_alive) - 1
+    new_user, new_item = _ranks(user_alive), _ranks(item_alive)
     index = schema.field(USER).type.to_pandas_dtype()
     file_names = {"user": USER, "item": ITEM, "time": TIME, "rating": RATING}
     keys = [k for k, name in file_names.items() if name in schema.names]
-    sizes, noise_sizes, dropped = dict.fromkeys(SPLIT_NAMES, 0), dict.fromkeys(SPLIT_NAMES[:2], 0), 0
+    sizes, noise_sizes = dict.fromkeys(SPLIT_NAMES, 0), dict.fromkeys(SPLIT_NAMES[:2], 0)
+    dropped = 0
 
     def reindexed(cols: dict, base: int) -> dict:
         cols["user"] = (new_user[cols["user"]] - base).astype(index)
@@ -405,7 +414,7 @@ def _split_write(spill: Spill, folder: Path, schema, cfg: PrepareConfig, alive: 
                    for name in SPLIT_NAMES]
         for b in range(spill.n_buckets):
             lo, hi = spill.users(b)
-            base, n_local = int(new_user[lo]) + 1 - int(user_alive[lo]), int(user_alive[lo:hi].sum())
+            base, n_local = int(new_user[lo]), int(new_user[hi] - new_user[lo])
             cols = spill.read("clean", b)
             if alive is not None:
                 _filter(cols, alive[0][cols["user"]] & alive[1][cols["item"]])
