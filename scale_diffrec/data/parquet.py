@@ -3,9 +3,11 @@
 The columns, their types and the rules every value must meet are those of columns.py.
 
 The file is read in record batches (``ParquetFile.iter_batches``), in two passes over the
-id columns: the first collects the distinct ids (only the distinct ids are held), the
-second maps every row to contiguous indexes into preallocated arrays. Memory is the output
-(a few int64 per interaction) plus the distinct ids plus one batch, never a whole table.
+id columns: the first (``IdScan``) collects the distinct ids (only the distinct ids are
+held), the second (``IdScan.chunks``) maps every row to contiguous indexes, run of rows by
+run of rows; ``read_interactions`` puts them into preallocated arrays (memory: the output,
+a few int64 per interaction, plus the distinct ids plus one batch, never a whole table),
+``prepare`` spills them to disk instead (buckets.py).
 
 Indexes are the ranks of the original ids in sorted order (numeric for integer ids,
 lexicographic for strings), so they do not depend on the order of rows in the file;
