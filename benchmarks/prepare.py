@@ -113,8 +113,9 @@ def main() -> None:
                     help="synthetic rows, one log per value (0: none)")
     ap.add_argument("--memory-mib", type=float, nargs="+", default=[None],
                     help="prepare's memory_mib, one run per value (default: the config's)")
-    ap.add_argument("--users", type=int, default=3_000_000)
-    ap.add_argument("--items", type=int, default=1_000_000)
+    ap.add_argument("--users", type=int, help="synthetic users (default: rows / 33.3, "
+                                              "3M for 100M rows)")
+    ap.add_argument("--items", type=int, help="synthetic items (default: rows / 100)")
     ap.add_argument("--epinions", default=str(EPINIONS), help="the Epinions ratings.parquet")
     ap.add_argument("--workdir", help="where the synthetic log and datasets go (default: "
                                       "a temporary folder, deleted afterwards)")
@@ -145,14 +146,15 @@ def main() -> None:
             print(f"skipped Epinions: {epinions} not found", flush=True)
         for rows in [r for r in args.rows if r]:
             log = work / f"synthetic-{rows}.parquet"
-            gen = child("generate", str(log), rows, args.users, args.items)
+            users, items = args.users or rows * 3 // 100, args.items or rows // 100
+            gen = child("generate", str(log), rows, users, items)
             for memory in args.memory_mib:
                 sets = SYNTHETIC_SETS + ([] if memory is None else [f"memory_mib={memory}"])
                 run = child("prepare", str(log), str(work / "synthetic"),
                             str(EPINIONS_CONFIG), sets)
                 results["runs"].append({"log": "synthetic", "sets": sets,
-                                        "generator": {"rows": rows, "users": args.users,
-                                                      "items": args.items, **gen}, **run})
+                                        "generator": {"rows": rows, "users": users,
+                                                      "items": items, **gen}, **run})
                 print(json.dumps(results["runs"][-1]), flush=True)
             log.unlink()
     finally:
