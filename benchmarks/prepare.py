@@ -12,10 +12,11 @@ VmHWM) is its own:
 
     generate  streams a synthetic log to ``--workdir`` (default: a temporary folder under
               /tmp, deleted afterwards): ``--rows`` rows in row groups of 1M, users in
-              blocks (``--users``, ~``rows / users`` rows each, in user order as a dump
-              would be), item ids skewed (item = floor(items * U^3): the lowest ids are the
-              most popular), ratings 1..5 uniform, random int64 timestamps; repeated
-              (user, item) pairs occur naturally
+              blocks (``--users``, default rows / 33.3: ~33 rows each, in user order as a
+              dump would be), item ids skewed (``--items``, default rows / 100; item =
+              floor(items * U^3): the lowest ids are the most popular), ratings 1..5
+              uniform, random int64 timestamps; repeated (user, item) pairs occur
+              naturally
     prepare   ``prepare()`` with the config under test: wall and CPU seconds (on a shared
               machine the CPU time is the figure that does not depend on the other jobs),
               peak RSS of the whole process (reading, every step and writing), rows read,
