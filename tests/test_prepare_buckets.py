@@ -45,7 +45,7 @@ def _log(path, seed=0, n=3000):
 def test_any_number_of_buckets_gives_the_same_bytes_and_stats(tmp_path, sets):
     log = _log(tmp_path / "log.parquet")
     one = prepare(log, tmp_path / "one", load_prepare_config(None, sets))
-    # ~15 rows of the log per bucket (memory_mib * 2^20 / 72 bytes per row), and
+    # ~10 rows of the log per bucket (memory_mib * 2^20 / 100 bytes per row), and
     # batches of 97 rows: many spill chunks per bucket and many buckets per chunk
     many = prepare(log, tmp_path / "many", load_prepare_config(None, sets + ["memory_mib=0.001"]),
                    batch_rows=97)

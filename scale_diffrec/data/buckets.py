@@ -9,7 +9,7 @@ bucket by bucket stay sorted by user.
 
 Memory: one bucket's columns (``read`` fills arrays preallocated to the bucket's row
 count, one IPC batch of at most ``SPILL_BATCH_ROWS`` at a time) plus one record batch of
-the log while spilling; disk: the spilled columns (about 28 bytes per row: int32 user,
+the log while spilling; disk: the spilled columns (24 bytes per row: int32 user,
 item and log row, int64 timestamp, float32 rating), freed stage by stage.
 """
 from __future__ import annotations

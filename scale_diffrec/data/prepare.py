@@ -60,17 +60,20 @@ the k-core is the unique largest subset; the random draw is keyed by pair), and 
 files are appended bucket by bucket in row groups of a fixed size, so they are the same
 bytes too.
 
-Memory: bounded by ``memory_mib``, not by the log. A bucket holds at most
-memory_mib * 2^20 / ``BYTES_PER_ROW`` rows of the log (more only for a single user with
-more rows than that), and one bucket at a time is in memory, at up to ``BYTES_PER_ROW``
-(72) bytes per row while it is deduplicated, split and sorted (measured: 71 with every
-step on, a 20M-row synthetic log in one bucket, benchmarks/prepare.py); besides that, the
-distinct ids and their maps, a few int64 arrays of n_users and of n_items (rows, counts,
-alive flags, new indexes), one record batch of the log (``batch_rows``) and up to one row
-group (2^20 rows) per split file being written. Peak ~ imports + ids + 40 (n_users +
-n_items) bytes + min(memory_mib, 100 bytes x rows) MiB. Disk: the spilled rows (~28
-bytes per row of the log, then per kept pair) in the temporary sibling, freed stage by
-stage, plus the output.
+Memory: bounded by ``memory_mib`` and the number of distinct ids, not by the rows. A
+bucket holds at most memory_mib * 2^20 / ``BYTES_PER_ROW`` rows of the log (more only for
+a single user with more rows than that), and one bucket at a time is in memory, at up to
+``BYTES_PER_ROW`` (100) bytes per row while it is deduplicated, split and sorted (its
+columns, the sort keys and permutations, the noise pairs joined to the clean ones).
+Besides that: per distinct user and item ~40 bytes (the ids and their lookup, rows,
+counts, alive flags and new indexes: int64 arrays of n_users and of n_items), and a fixed
+part, ~370 MiB, for pyarrow's reading of 2^20-row record batches (``batch_rows``) and
+spilling them, and the row groups of 2^20 rows being assembled for the split files.
+Peak ~ imports + 370 MiB + 40 B x (n_users + n_items) + min(memory_mib, 100 B x rows)
+(fitted to benchmarks/prepare.py's synthetic runs: 20M rows at memory_mib 1024 and 256
+give ~96 bytes per bucket row). Disk: the spilled rows (24 bytes per row of the log with
+timestamp and rating, then per deduplicated pair) in the temporary sibling, freed bucket
+by bucket, plus the output.
 
 Output: prepared.py's directory, built in a temporary sibling and renamed into place, so
 a failed run leaves nothing behind and an existing directory is replaced (only with
@@ -105,7 +108,7 @@ from .split import (SPLIT_NAMES, holdout_counts, label_tails, leave_one_out_coun
 
 CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2")
 PERCENTILES = (0, 25, 50, 75, 90, 99, 100)
-BYTES_PER_ROW = 72           # peak bytes per row of a bucket in memory (module docstring)
+BYTES_PER_ROW = 100          # peak bytes per row of a bucket in memory (module docstring)
 _INT32_MAX = np.iinfo(np.int32).max
 
 
