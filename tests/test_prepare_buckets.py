@@ -88,3 +88,14 @@ def test_a_bad_row_in_a_later_batch_leaves_nothing_behind(tmp_path):
         prepare(tmp_path / "log.parquet", tmp_path / "ds",
                 load_prepare_config(None, ["memory_mib=0.001"]), batch_rows=64)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log.parquet"]
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "lots"])
+def test_memory_mib_must_be_a_positive_number(tmp_path, capsys, value):
+    from scale_diffrec.cli import main
+    log = _log(tmp_path / "log.parquet", n=50)
+    assert main(["prepare", "--input", str(log), "--out", str(tmp_path / "out"),
+                 "--set", f"memory_mib={value}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: prepare config key 'memory_mib': "), err
+    assert not (tmp_path / "out").exists()
