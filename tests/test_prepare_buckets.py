@@ -97,5 +97,6 @@ def test_memory_mib_must_be_a_positive_number(tmp_path, capsys, value):
     assert main(["prepare", "--input", str(log), "--out", str(tmp_path / "out"),
                  "--set", f"memory_mib={value}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: prepare config key 'memory_mib': "), err
+    assert len(err) == 1 and err[0].startswith(
+        f"error: --set memory_mib={value}: config key 'memory_mib' "), err
     assert not (tmp_path / "out").exists()
