@@ -4,16 +4,19 @@ synthetic log.
     python benchmarks/prepare.py                        # Epinions + 100M synthetic rows
     python benchmarks/prepare.py --rows 10000000        # a smaller synthetic log
     python benchmarks/prepare.py --rows 0               # Epinions only
+    python benchmarks/prepare.py --rows 20000000 100000000 --memory-mib 1024 256
+                                                        # every size x every budget
 
 Each step runs in a fresh Python process, so its peak RSS (``progress.peak_rss_mib``,
 VmHWM) is its own:
 
     generate  streams a synthetic log to ``--workdir`` (default: a temporary folder under
               /tmp, deleted afterwards): ``--rows`` rows in row groups of 1M, users in
-              blocks (``--users``, ~``rows / users`` rows each, in user order as a dump
-              would be), item ids skewed (item = floor(items * U^3): the lowest ids are the
-              most popular), ratings 1..5 uniform, random int64 timestamps; repeated
-              (user, item) pairs occur naturally
+              blocks (``--users``, default rows / 33.3: ~33 rows each, in user order as a
+              dump would be), item ids skewed (``--items``, default rows / 100; item =
+              floor(items * U^3): the lowest ids are the most popular), ratings 1..5
+              uniform, random int64 timestamps; repeated (user, item) pairs occur
+              naturally
     prepare   ``prepare()`` with the config under test: wall and CPU seconds (on a shared
               machine the CPU time is the figure that does not depend on the other jobs),
               peak RSS of the whole process (reading, every step and writing), rows read,
@@ -22,8 +25,11 @@ VmHWM) is its own:
 Configs: Epinions runs ``configs/epinions-prepare.yaml`` (ratings >= 4, dedupe, seeded
 random 7:1:2). The synthetic log runs the most expensive path: the same plus 5-core
 filtering, the chronological split and natural noise (every step on, two extra sorts).
-``peak_growth_mib_per_100m_rows`` is the peak above the process's imports, scaled to 100M
-rows of log. Writes benchmarks/results/prepare.json (``--out``).
+``--memory-mib`` sets the prepare key ``memory_mib`` (default: the config's); each run
+reports its ``buckets``. ``peak_growth_mib_per_100m_rows`` is the peak above the process's
+imports, scaled to 100M rows of log (a figure that falls as the log grows once the
+memory is bounded: compare ``peak_rss_mib`` across sizes). Writes
+benchmarks/results/prepare.json (``--out``).
 """
 from __future__ import annotations
 
@@ -86,7 +92,8 @@ def prepare_step(path: str, out: str, config: str | None, sets: list[str]) -> di
     rows = stats["input"]["rows"]
     return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_mib": peak, "import_rss_mib": base,
             "rows": rows, "peak_growth_mib_per_100m_rows": (peak - base) * 1e8 / rows,
-            "config": cfg.model_dump(), "users": stats["users"], "items": stats["items"],
+            "config": cfg.model_dump(), "buckets": stats["buckets"],
+            "users": stats["users"], "items": stats["items"],
             "interactions": stats["interactions"], "noise": stats["noise"],
             "steps": {k: v for k, v in stats["steps"].items() if k != "kcore_passes"},
             "kcore_passes": len(stats["steps"]["kcore_passes"]),
@@ -103,9 +110,13 @@ def child(step: str, *args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=100_000_000, help="synthetic rows (0: none)")
-    ap.add_argument("--users", type=int, default=3_000_000)
-    ap.add_argument("--items", type=int, default=1_000_000)
+    ap.add_argument("--rows", type=int, nargs="+", default=[100_000_000],
+                    help="synthetic rows, one log per value (0: none)")
+    ap.add_argument("--memory-mib", type=float, nargs="+", default=[None],
+                    help="prepare's memory_mib, one run per value (default: the config's)")
+    ap.add_argument("--users", type=int, help="synthetic users (default: rows / 33.3, "
+                                              "3M for 100M rows)")
+    ap.add_argument("--items", type=int, help="synthetic items (default: rows / 100)")
     ap.add_argument("--epinions", default=str(EPINIONS), help="the Epinions ratings.parquet")
     ap.add_argument("--workdir", help="where the synthetic log and datasets go (default: "
                                       "a temporary folder, deleted afterwards)")
@@ -134,15 +145,19 @@ def main() -> None:
             print(json.dumps(results["runs"][-1]), flush=True)
         else:
             print(f"skipped Epinions: {epinions} not found", flush=True)
-        if args.rows:
-            log = work / f"synthetic-{args.rows}.parquet"
-            gen = child("generate", str(log), args.rows, args.users, args.items)
-            run = child("prepare", str(log), str(work / "synthetic"),
-                        str(EPINIONS_CONFIG), SYNTHETIC_SETS)
-            results["runs"].append({"log": "synthetic", "sets": SYNTHETIC_SETS,
-                                    "generator": {"rows": args.rows, "users": args.users,
-                                                  "items": args.items, **gen}, **run})
-            print(json.dumps(results["runs"][-1]), flush=True)
+        for rows in [r for r in args.rows if r]:
+            log = work / f"synthetic-{rows}.parquet"
+            users, items = args.users or rows * 3 // 100, args.items or rows // 100
+            gen = child("generate", str(log), rows, users, items)
+            for memory in args.memory_mib:
+                sets = SYNTHETIC_SETS + ([] if memory is None else [f"memory_mib={memory}"])
+                run = child("prepare", str(log), str(work / "synthetic"),
+                            str(EPINIONS_CONFIG), sets)
+                results["runs"].append({"log": "synthetic", "sets": sets,
+                                        "generator": {"rows": rows, "users": users,
+                                                      "items": items, **gen}, **run})
+                print(json.dumps(results["runs"][-1]), flush=True)
+            log.unlink()
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

@@ -3,9 +3,11 @@
 The columns, their types and the rules every value must meet are those of columns.py.
 
 The file is read in record batches (``ParquetFile.iter_batches``), in two passes over the
-id columns: the first collects the distinct ids (only the distinct ids are held), the
-second maps every row to contiguous indexes into preallocated arrays. Memory is the output
-(a few int64 per interaction) plus the distinct ids plus one batch, never a whole table.
+id columns: the first (``IdScan``) collects the distinct ids (only the distinct ids are
+held), the second (``IdScan.chunks``) maps every row to contiguous indexes, run of rows by
+run of rows; ``read_interactions`` puts them into preallocated arrays (memory: the output,
+a few int64 per interaction, plus the distinct ids plus one batch, never a whole table),
+``prepare`` spills them to disk instead (buckets.py).
 
 Indexes are the ranks of the original ids in sorted order (numeric for integer ids,
 lexicographic for strings), so they do not depend on the order of rows in the file;
@@ -136,41 +138,129 @@ def _int_lookup(sorted_ids: np.ndarray):
     return search
 
 
-class _StringMapper:
-    """Maps string ids to their rank in ``sorted_ids`` with ``pyarrow.compute.index_in``,
-    a few batches at a time so the hash of the distinct ids is built O(rows / distinct)
-    times, not once per batch."""
+def _string_ranks(pending: list, sorted_ids, path: Path, field: str) -> np.ndarray:
+    """int64 ranks in ``sorted_ids`` of the string ids of ``pending`` (arrow arrays), by
+    one ``pyarrow.compute.index_in`` over them all (one hash of the distinct ids)."""
+    pa, pc, _ = pyarrow_modules()
+    idx = pc.index_in(pa.chunked_array(pending, type=pa.large_string()), value_set=sorted_ids)
+    if idx.null_count:
+        raise DataError(path, "the file changed while it was being read", field=field)
+    return idx.to_numpy().astype(np.int64, copy=False)
 
-    def __init__(self, sorted_ids, out: np.ndarray, path: Path, field: str, batch_rows: int):
-        self.ids, self.out, self.path, self.field = sorted_ids, out, path, field
-        self.limit = max(len(sorted_ids), batch_rows)
-        self.pending, self.start, self.rows = [], 0, 0
 
-    def add(self, offset: int, values) -> None:
-        if not self.pending:
-            self.start = offset
-        self.pending.append(values)
-        self.rows += len(values)
-        if self.rows >= self.limit:
-            self.flush()
+class IdScan:
+    """Pass 1 over a log (a parquet path, a ``ParquetLog`` or a ``csv_log.CsvLog``):
+    validates the ids, collects the distinct ones (only those are held) and counts the
+    rows. Attributes: ``log``, ``path``, ``rows``, ``kinds`` (id kind per field),
+    ``sorted_ids`` (per field whose ids are mapped: int64 numpy or large_string arrow),
+    ``n_users``, ``n_items``, ``has_time``, ``tkind``, ``has_rating``,
+    ``user_ids`` / ``item_ids`` (original ids: int64, object array of str, or None for
+    items when ``n_items`` is declared). ``chunks`` is pass 2."""
 
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        pa, pc, _ = pyarrow_modules()
-        idx = pc.index_in(pa.chunked_array(self.pending, type=pa.large_string()),
-                          value_set=self.ids)
-        if idx.null_count:
-            raise DataError(self.path, "the file changed while it was being read",
-                            field=self.field)
-        self.out[self.start: self.start + self.rows] = idx.to_numpy()
-        self.pending, self.rows = [], 0
+    def __init__(self, source, n_items: int | None = None, batch_rows: int = BATCH_ROWS):
+        log = source if hasattr(source, "batches") else ParquetLog(source)
+        self.log, self.path, self.batch_rows = log, log.path, batch_rows
+        path, schema = log.path, log.schema
+        check_columns(path, schema)
+        if log.num_rows == 0:
+            raise DataError(path, "no interactions (the file has no rows)")
+        self.kinds = {f: id_kind(path, schema, f) for f in (USER, ITEM)}
+        if n_items is not None and self.kinds[ITEM] == "str":
+            raise DataError(path, f"data.n_items = {n_items} is declared, so item ids must "
+                                  f"be integer indexes below it, got strings", field=ITEM)
+        self.has_time = TIME in schema.names
+        self.tkind = time_kind(path, schema) if self.has_time else None
+        self.has_rating = RATING in schema.names
+        distinct = {USER: _DistinctIds(self.kinds[USER])}
+        if n_items is None:
+            distinct[ITEM] = _DistinctIds(self.kinds[ITEM])
+        n_rows = 0
+        for offset, batch in log.batches([USER, ITEM], batch_rows):
+            n_rows = offset + batch.num_rows
+            for field in (USER, ITEM):
+                values = id_values(batch.column(field), self.kinds[field], path, field, offset)
+                if field in distinct:
+                    distinct[field].add(values)
+                else:
+                    bad = np.flatnonzero(values >= n_items)
+                    if len(bad):
+                        raise DataError(path, f"item id {values[bad[0]]} is not below the "
+                                              f"declared data.n_items = {n_items}",
+                                        field=ITEM, row=offset + int(bad[0]))
+        if n_rows == 0:
+            raise DataError(path, "no interactions (the file has no rows)")
+        self.rows = n_rows
+        self.sorted_ids = {f: d.sorted() for f, d in distinct.items()}
+        self.lookups = {f: _int_lookup(ids) for f, ids in self.sorted_ids.items()
+                        if self.kinds[f] != "str"}
+        self.user_ids, self.item_ids = self._originals(USER), self._originals(ITEM)
+        self.n_users = len(self.user_ids)
+        self.n_items = int(n_items) if n_items is not None else len(self.item_ids)
+
+    def _originals(self, field):
+        ids = self.sorted_ids.get(field)
+        if ids is None or isinstance(ids, np.ndarray):
+            return ids
+        return np.asarray(ids.to_numpy(zero_copy_only=False), dtype=object)
+
+    def chunks(self, fields=(USER, ITEM, TIME, RATING), ratings: bool = True):
+        """Pass 2: yield (first row, {field: numpy column}) for consecutive runs of rows:
+        ``user_id`` / ``item_id`` as int64 indexes (ranks of the sorted ids, or the
+        declared item indexes), ``timestamp`` int64 / float64, ``rating`` float32, each
+        of ``fields`` the log has (``rating`` only when ``ratings``), validated batch by
+        batch (DataError naming the file, field and row). String ids are mapped a few
+        batches at a time (runs of up to max(distinct ids, batch rows) rows), so the hash
+        of the distinct ids is built O(rows / distinct) times, not once per batch."""
+        path = self.path
+        fields = [f for f in fields if (f in (USER, ITEM) or (f == TIME and self.has_time)
+                                        or (f == RATING and ratings and self.has_rating))]
+        if RATING in fields:
+            check_rating_type(path, self.log.schema)
+        strings = [f for f in fields if f in (USER, ITEM) and self.kinds[f] == "str"
+                   and f in self.sorted_ids]
+        limit = max([len(self.sorted_ids[f]) for f in strings] + [1])
+        pending, start, rows = [], 0, 0
+        for offset, batch in self.log.batches(fields, self.batch_rows):
+            if offset + batch.num_rows > self.rows:
+                raise DataError(path, "the file changed while it was being read")
+            if not pending:
+                start = offset
+            pending.append(self._validated(batch, fields, offset))
+            rows += batch.num_rows
+            if rows >= limit:
+                yield start, self._joined(pending, fields, strings)
+                pending, rows = [], 0
+        if pending:
+            yield start, self._joined(pending, fields, strings)
+
+    def _validated(self, batch, fields, offset) -> dict:
+        path, out = self.path, {}
+        for field in fields:
+            col = batch.column(field)
+            if field in (USER, ITEM):
+                values = id_values(col, self.kinds[field], path, field, offset)
+                out[field] = (self.lookups[field](values) if field in self.lookups
+                              else values)
+            elif field == TIME:
+                out[field] = time_values(col, self.tkind, path, offset)
+            else:
+                out[field] = rating_values(col, path, offset)
+        return out
+
+    def _joined(self, pending: list, fields, strings) -> dict:
+        out = {}
+        for field in fields:
+            parts = [p[field] for p in pending]
+            out[field] = (_string_ranks(parts, self.sorted_ids[field], self.path, field)
+                          if field in strings else
+                          parts[0] if len(parts) == 1 else np.concatenate(parts))
+        return out
 
 
 def read_interactions(source, n_items: int | None = None, batch_rows: int = BATCH_ROWS,
                       ratings: bool = False, index_dtype=np.int64) -> dict:
     """Validate and index every row of ``source`` (a parquet path, a ``ParquetLog`` or a
-    ``csv_log.CsvLog``).
+    ``csv_log.CsvLog``): ``IdScan`` then its ``chunks`` into arrays of all rows.
 
     Returns a dict: ``users`` / ``items`` [rows] indexes (``index_dtype``; int64 when
     the ids outnumber it), ``times`` [rows] (int64 or float64) or None, ``ratings``
@@ -179,86 +269,23 @@ def read_interactions(source, n_items: int | None = None, batch_rows: int = BATC
     ``n_items`` is declared), ``n_users``, ``n_items``, ``rows``, ``has_timestamp``,
     ``has_rating``.
     """
-    log = source if hasattr(source, "batches") else ParquetLog(source)
-    path, schema = log.path, log.schema
-    check_columns(path, schema)
-    if log.num_rows == 0:
-        raise DataError(path, "no interactions (the file has no rows)")
-    kinds = {f: id_kind(path, schema, f) for f in (USER, ITEM)}
-    if n_items is not None and kinds[ITEM] == "str":
-        raise DataError(path, f"data.n_items = {n_items} is declared, so item ids must be "
-                              f"integer indexes below it, got strings", field=ITEM)
-    has_time = TIME in schema.names
-    tkind = time_kind(path, schema) if has_time else None
-    has_rating = RATING in schema.names
-    if ratings and has_rating:
-        check_rating_type(path, schema)
-
-    # pass 1: validate ids, collect the distinct ones, count the rows
-    distinct = {USER: _DistinctIds(kinds[USER])}
-    if n_items is None:
-        distinct[ITEM] = _DistinctIds(kinds[ITEM])
-    n_rows = 0
-    for offset, batch in log.batches([USER, ITEM], batch_rows):
-        n_rows = offset + batch.num_rows
-        for field in (USER, ITEM):
-            values = id_values(batch.column(field), kinds[field], path, field, offset)
-            if field in distinct:
-                distinct[field].add(values)
-            else:
-                bad = np.flatnonzero(values >= n_items)
-                if len(bad):
-                    raise DataError(path, f"item id {values[bad[0]]} is not below the "
-                                          f"declared data.n_items = {n_items}", field=ITEM,
-                                    row=offset + int(bad[0]))
-    if n_rows == 0:
-        raise DataError(path, "no interactions (the file has no rows)")
-    sorted_ids = {f: d.sorted() for f, d in distinct.items()}
-    largest = max([len(ids) for ids in sorted_ids.values()] + [n_items or 0])
-    if largest > np.iinfo(index_dtype).max:
+    scan = IdScan(source, n_items, batch_rows)
+    n_rows = scan.rows
+    if max(scan.n_users, scan.n_items) > np.iinfo(index_dtype).max:
         index_dtype = np.int64
-
-    # pass 2: map to indexes, read timestamps (and ratings)
-    out = {f: np.empty(n_rows, index_dtype) for f in (USER, ITEM)}
-    times = (np.empty(n_rows, np.float64 if tkind == "float" else np.int64)
-             if has_time else None)
-    read_ratings = ratings and has_rating
-    rating_out = np.empty(n_rows, np.float32) if read_ratings else None
-    mappers = {f: _StringMapper(sorted_ids[f], out[f], path, f, batch_rows)
-               for f in sorted_ids if kinds[f] == "str"}
-    lookups = {f: _int_lookup(ids) for f, ids in sorted_ids.items() if kinds[f] != "str"}
-    columns = [USER, ITEM] + ([TIME] if has_time else []) + ([RATING] if read_ratings else [])
-    for offset, batch in log.batches(columns, batch_rows):
-        end = offset + batch.num_rows
-        if end > n_rows:
-            raise DataError(path, "the file changed while it was being read")
-        for field in (USER, ITEM):
-            values = id_values(batch.column(field), kinds[field], path, field, offset)
-            if field in mappers:
-                mappers[field].add(offset, values)
-            elif field in sorted_ids:
-                out[field][offset:end] = lookups[field](values)
-            else:
-                out[field][offset:end] = values
-        if has_time:
-            times[offset:end] = time_values(batch.column(TIME), tkind, path, offset)
-        if read_ratings:
-            rating_out[offset:end] = rating_values(batch.column(RATING), path, offset)
-    for mapper in mappers.values():
-        mapper.flush()
+    read_ratings = ratings and scan.has_rating
+    out = {USER: np.empty(n_rows, index_dtype), ITEM: np.empty(n_rows, index_dtype),
+           TIME: (np.empty(n_rows, np.float64 if scan.tkind == "float" else np.int64)
+                  if scan.has_time else None),
+           RATING: np.empty(n_rows, np.float32) if read_ratings else None}
+    for offset, chunk in scan.chunks(ratings=ratings):
+        for field, values in chunk.items():
+            out[field][offset:offset + len(values)] = values
     pyarrow_modules()[0].default_memory_pool().release_unused()  # the batches' memory, before sorts
-
-    def originals(field):
-        ids = sorted_ids.get(field)
-        if ids is None or isinstance(ids, np.ndarray):
-            return ids
-        return np.asarray(ids.to_numpy(zero_copy_only=False), dtype=object)
-
-    user_ids, item_ids = originals(USER), originals(ITEM)
-    return {"users": out[USER], "items": out[ITEM], "times": times, "ratings": rating_out,
-            "user_ids": user_ids, "item_ids": item_ids, "n_users": len(user_ids),
-            "n_items": int(n_items) if n_items is not None else len(item_ids),
-            "rows": n_rows, "has_timestamp": has_time, "has_rating": has_rating}
+    return {"users": out[USER], "items": out[ITEM], "times": out[TIME],
+            "ratings": out[RATING], "user_ids": scan.user_ids, "item_ids": scan.item_ids,
+            "n_users": scan.n_users, "n_items": scan.n_items, "rows": n_rows,
+            "has_timestamp": scan.has_time, "has_rating": scan.has_rating}
 
 
 def load_parquet(path: str | Path, split: dict | None = None, n_items: int | None = None,

@@ -46,6 +46,7 @@ class PrepareConfig(_Strict):
     kcore: KCore = Field(default_factory=KCore)
     split: SplitConfig = Field(default_factory=SplitConfig)
     natural_noise: bool = False
+    memory_mib: float = Field(1024.0, gt=0)      # rows in memory at once (prepare.py, "Memory")
 
     @model_validator(mode="after")
     def _noise_needs_threshold(self):

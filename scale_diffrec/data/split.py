@@ -73,6 +73,31 @@ def sorted_unique(values: np.ndarray) -> np.ndarray:
     return s[keep]
 
 
+_GOLDEN = 0x9E3779B97F4A7C15                         # 2^64 / golden ratio, odd
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer (Steele, Lea & Flood, "Fast splittable pseudorandom number
+    generators", OOPSLA 2014), in place on a uint64 array (wrapping arithmetic)."""
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return x
+
+
+def pair_keys(seed: int, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """[n] uint64 pseudo-random key of each (user, item) pair: a counter-based hash of
+    (seed, user, item), so a pair's key depends on nothing else (not the order of the
+    rows, not which other pairs are hashed with it)."""
+    x = np.asarray(users, dtype=np.int64).astype(np.uint64)
+    x += np.uint64((int(seed) * _GOLDEN) % (1 << 64))          # (seed, user) -> one word
+    x = _mix64(x)
+    x += np.asarray(items, dtype=np.int64).astype(np.uint64) * np.uint64(_GOLDEN)
+    return _mix64(x)
+
+
 def _order_within_users(users: np.ndarray, n_users: int, rank: np.ndarray, n_rank: int
                         ) -> np.ndarray:
     """Stable order by (user, rank) for rank in [0, n_rank): one packed int64 sort."""
