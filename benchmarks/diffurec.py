@@ -32,8 +32,9 @@ sys.path.insert(0, str(ROOT))
 
 from scale_diffrec.data.diffurec_release import load_diffurec_release  # noqa: E402
 from scale_diffrec.metrics import MetricAccumulator  # noqa: E402
-from scale_diffrec.models.diffurec import DiffuRec, DiffuRecConfig  # noqa: E402
+from scale_diffrec.models.diffurec import DiffuRec  # noqa: E402
 from scale_diffrec.runs import write_json  # noqa: E402
+from scale_diffrec.schema import DiffuRecConfig  # noqa: E402
 
 DATA = Path("/work/shared/data/diffurec")
 OUT = ROOT / "benchmarks" / "results" / "diffurec.json"
@@ -43,6 +44,8 @@ PAPER = {"amazon_beauty": {"hr@5": 5.5758, "hr@10": 7.9068, "hr@20": 11.1098,
          "toys": {"hr@5": 5.5650, "hr@10": 7.4587, "hr@20": 9.8417,
                   "ndcg@5": 4.1667, "ndcg@10": 4.7724, "ndcg@20": 5.3684}}
 RESPACINGS = ("1", "2", "4", "8", "16", None)
+# the released training settings (official src/main.py; configs/diffurec-*.yaml)
+SEED, LR, BATCH, DECAY_STEP, GAMMA, PATIENCE = 1997, 1e-3, 512, 100, 0.1, 5
 
 
 def evaluate(model: DiffuRec, seqs, split: str, users: np.ndarray, batch: int = 1024) -> dict:
@@ -52,7 +55,7 @@ def evaluate(model: DiffuRec, seqs, split: str, users: np.ndarray, batch: int = 
     g = torch.Generator().manual_seed(model.seed)
     positions = seqs.eval_positions(split)[users]
     for inputs, targets in seqs.iter_batches(positions, batch, model.cfg.max_len):
-        top = model.top_k(model.query(inputs, g), max(KS))
+        top = model.top_k(model.denoise(inputs, g), max(KS))
         acc.add(top, targets[:, None].numpy())
     seconds = time.perf_counter() - start
     got = acc.result()
@@ -68,26 +71,30 @@ def subset(rng, n_users: int, size: int) -> np.ndarray:
     return every if not size or size >= n_users else np.sort(rng.choice(every, size, False))
 
 
-def train(name: str, cfg: DiffuRecConfig, minutes: float, users: dict) -> dict:
+def train(name: str, cfg: DiffuRecConfig, minutes: float, users: dict, epochs: int,
+          eval_interval: int) -> dict:
     seqs = load_diffurec_release(DATA / name)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    model = DiffuRec(seqs.n_items, cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.decay_step, gamma=cfg.gamma)
+    torch.manual_seed(SEED)
+    rng = np.random.default_rng(SEED)
+    model = DiffuRec(seqs.n_items, cfg, seed=SEED)
+    opt = torch.optim.Adam(model.parameters(), lr=LR)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=DECAY_STEP, gamma=GAMMA)
     positions = seqs.train_positions()
     row = {"n_users": seqs.n_users, "n_items": seqs.n_items, "train_samples": int(len(positions)),
-           "config": cfg.model_dump(mode="json"), "epoch_seconds": [], "valid": [],
+           "config": {**cfg.model_dump(mode="json"), "seed": SEED, "lr": LR,
+                      "batch_size": BATCH, "decay_step": DECAY_STEP, "gamma": GAMMA,
+                      "epochs": epochs, "eval_interval": eval_interval,
+                      "patience": PATIENCE}, "epoch_seconds": [], "valid": [],
            "paper_test": PAPER.get(name)}
-    per_epoch = -(-len(positions) // cfg.batch_size)
+    per_epoch = -(-len(positions) // BATCH)
     best, best_state, bad, step, began = -1.0, None, 0, 0, time.perf_counter()
-    for epoch in range(cfg.epochs):
+    for epoch in range(epochs):
         model.train()
         start, total, seen, last = time.perf_counter(), 0.0, 0, False
-        for inputs, targets in seqs.iter_batches(rng.permutation(positions), cfg.batch_size,
+        for inputs, targets in seqs.iter_batches(rng.permutation(positions), BATCH,
                                                  cfg.max_len):
             opt.zero_grad()
-            out = model.training_loss(inputs, targets, step)
+            out = model.sequence_loss(inputs, targets, step)
             out["loss"].backward()
             opt.step()
             step, total = step + 1, total + out["ce"].item() * len(targets)
@@ -101,7 +108,7 @@ def train(name: str, cfg: DiffuRecConfig, minutes: float, users: dict) -> dict:
         row["epoch_seconds"].append(round(seconds, 1))
         print(f"{name} epoch {done:.3f}: ce {total / seen:.4f} ({seconds:.1f} s per epoch)",
               flush=True)
-        if (epoch + 1) % cfg.eval_interval == 0 or last:
+        if (epoch + 1) % eval_interval == 0 or last:
             got = {"epoch": round(done, 3), "train_ce": round(total / seen, 4),
                    **evaluate(model, seqs, "valid", users["valid"])}
             row["valid"].append(got)
@@ -111,7 +118,7 @@ def train(name: str, cfg: DiffuRecConfig, minutes: float, users: dict) -> dict:
                 row["best_epoch"] = round(done, 3)
             else:
                 bad += 1
-        if last or bad >= cfg.patience:
+        if last or bad >= PATIENCE:
             break
     row["epochs"] = round(step / per_epoch, 3)
     row["seconds_per_epoch_median"] = float(np.median(row["epoch_seconds"]))
@@ -120,7 +127,8 @@ def train(name: str, cfg: DiffuRecConfig, minutes: float, users: dict) -> dict:
     print(f"{name} test {row['test']}", flush=True)
     row["respacing"] = []
     for spec in RESPACINGS:
-        spaced = DiffuRec(seqs.n_items, cfg.model_copy(update={"reverse_steps": spec}))
+        spaced = DiffuRec(seqs.n_items, cfg.model_copy(update={"reverse_steps": spec}),
+                          seed=SEED)
         spaced.load_state_dict(best_state)
         got = evaluate(spaced, seqs, "test", users["respace"])
         row["respacing"].append({"reverse_steps": len(spaced.kept), "spec": spec, **got})
@@ -138,15 +146,16 @@ def main(argv=None) -> None:
     ap.add_argument("--test-users", type=int, default=0)
     ap.add_argument("--respace-users", type=int, default=2000)
     args = ap.parse_args(argv)
-    cfg = DiffuRecConfig(epochs=args.epochs, eval_interval=args.eval_interval)
+    cfg = DiffuRecConfig()
     results = json.loads(OUT.read_text()) if OUT.is_file() else {}
     for name in args.datasets:
         n_users = load_diffurec_release(DATA / name).n_users
-        rng = np.random.default_rng(cfg.seed)
+        rng = np.random.default_rng(SEED)
         users = {split: subset(rng, n_users, getattr(args, f"{split}_users"))
                  for split in ("valid", "test", "respace")}
         results[name] = {"threads": torch.get_num_threads(), "contended": True,
-                         **train(name, cfg, args.minutes, users)}
+                         **train(name, cfg, args.minutes, users, args.epochs,
+                                 args.eval_interval)}
         write_json(OUT, results)
 
 

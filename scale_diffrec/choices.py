@@ -35,6 +35,7 @@ class Model(Choice):
     itemknn = "itemknn"
     ease = "ease"
     als = "als"
+    diffurec = "diffurec"         # sequential: models/diffurec.py, data as Sequences
 
 
 class Convention(Choice):
@@ -56,6 +57,7 @@ class DataSource(Choice):
     diffrec_npy = "diffrec_npy"
     parquet = "parquet"
     dataset = "dataset"           # a directory written by ``scale-diffrec prepare``
+    diffurec_release = "diffurec_release"   # the DiffuRec authors' files (model diffurec)
 
 
 class SplitRule(Choice):

@@ -9,6 +9,12 @@ linear heads is scored head by head from its queries, so no [B, I] matrix is bui
 other model gives its own blocks (``Recommender.score_chunks``). Users without ground
 truth in the split still count in the "reference" convention's denominator.
 
+Sequential data (``data.sequences.Sequences``, model DiffuRec) flows through the same
+path: a user's input is the ``SequenceBatch`` of its valid / test sample (the items before
+the target), the truth its one target, and nothing is masked (the official DiffuRec
+protocol: history not masked, the pad never ranked) unless ``mask_history`` excludes the
+input's items (the masked variant).
+
 Two entry points:
 
 * ``evaluate(model, data, split, ...)`` -> metrics dict (what train and the CLI call; on a
@@ -27,6 +33,7 @@ import torch
 from .data.csr import CSR
 from .finite import NonFiniteError, count_non_finite
 from .data.dataset import InteractionData
+from .data.sequences import Sequences
 from .device import autocast, chunk_items, model_device
 from .metrics import CONVENTIONS, MetricAccumulator, _as_ks, _as_numpy_items
 from .models.base import Recommender
@@ -47,15 +54,30 @@ def _check_convention(convention: str) -> None:
                          f"(expected one of {CONVENTIONS})")
 
 
-def excluded_matrices(data: InteractionData, split: str) -> list[CSR]:
-    """The matrices whose items are masked when ranking for ``split``: train (+ valid)."""
+def excluded_matrices(data: InteractionData | Sequences, split: str,
+                      mask_history: bool = False) -> list[CSR]:
+    """The matrices whose items are masked when ranking for ``split``: train (+ valid);
+    for sequences none, or with ``mask_history`` the items of each user's input."""
     _check_split(split)
+    if isinstance(data, Sequences):
+        return [data.history(split)] if mask_history else []
     return [data.train] if split == "valid" else [data.train, data.valid]
 
 
-def truth_matrix(data: InteractionData, split: str) -> CSR:
+def truth_matrix(data: InteractionData | Sequences, split: str) -> CSR:
+    """[n_users, n_items] the items to find for ``split`` (sequences: the one target)."""
     _check_split(split)
+    if isinstance(data, Sequences):
+        return data.truth(split)
     return data.valid if split == "valid" else data.test
+
+
+def model_inputs(data: InteractionData | Sequences, users: np.ndarray, split: str, device):
+    """The model's batch for ``users`` on ``device``: their train CSR rows, or (sequences)
+    the ``SequenceBatch`` of their ``split`` samples."""
+    if isinstance(data, Sequences):
+        return data.samples(data.eval_positions(split)[users], device)
+    return data.train.take_rows(users).to_torch(device)
 
 
 def topk_excluding(scores: torch.Tensor, exclude: CSR | Sequence[CSR] | None, k: int,
@@ -101,14 +123,16 @@ def score_chunks(model: Recommender, batch, heads: list | None, chunk: int):
         yield from linear_chunks(queries[h.name], h.weight, h.bias, h.items, chunk)
 
 
-def evaluate(model: Recommender, data: InteractionData, split: str = "valid",
+def evaluate(model: Recommender, data: InteractionData | Sequences, split: str = "valid",
              ks: Iterable[int] = (10, 20, 50, 100), convention: str = "reference",
              batch_size: int = 1000, device: torch.device | str | None = None,
-             precision: str = "fp32", chunk_mib: float | None = None) -> dict:
+             precision: str = "fp32", chunk_mib: float | None = None,
+             mask_history: bool = False) -> dict:
     """Full-ranking metrics of ``model`` on ``split`` ("valid" or "test") over all users.
 
-    Returns {"recall@K", "ndcg@K", "precision@K", "mrr@K" for K in ks, "n_users",
-    "n_users_with_truth", "convention"}. ``device``: where batches go (default: the
+    Returns {"recall@K", "ndcg@K", "precision@K", "mrr@K", "hr@K" for K in ks, "n_users",
+    "n_users_with_truth", "convention"}. ``mask_history``: sequences only (module
+    docstring; interaction data always masks train, + valid for test). ``device``: where batches go (default: the
     model's device). The forward pass in ``precision`` (``device.autocast``), the ranking
     on fp32 scores, made a ``chunk_mib`` block of items at a time (``device.chunk_items``;
     ``score_chunks``) into a ``ranking.RunningTopK``. The model's train/eval mode is
@@ -121,7 +145,7 @@ def evaluate(model: Recommender, data: InteractionData, split: str = "valid",
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = model_device(model) if device is None else torch.device(device)
     users = np.arange(data.n_users, dtype=np.int64)
-    exclude = excluded_matrices(data, split)
+    exclude = excluded_matrices(data, split, mask_history)
     truth = truth_matrix(data, split)
     acc = MetricAccumulator(ks)
     was_training = model.training
@@ -137,7 +161,7 @@ def evaluate(model: Recommender, data: InteractionData, split: str = "valid",
                 position_of[order] = torch.arange(len(order), device=device)
             for start in range(0, len(users), batch_size):
                 rows = users[start: start + batch_size]
-                batch = data.train.take_rows(rows).to_torch(device)
+                batch = model_inputs(data, rows, split, device)
                 seen = seen_positions([m.take_rows(rows) for m in exclude], len(rows),
                                       position_of, device)
                 top = RunningTopK(len(rows), ks[-1], seen, device)
@@ -191,4 +215,4 @@ def evaluate_topk(topk_items, data: InteractionData, split: str = "valid",
 
 
 __all__ = ["evaluate", "evaluate_topk", "topk_excluding", "score_chunks",
-           "has_linear_heads", "excluded_matrices", "truth_matrix", "SPLITS"]
+           "has_linear_heads", "excluded_matrices", "truth_matrix", "model_inputs", "SPLITS"]

@@ -1,4 +1,4 @@
-"""Full-ranking top-K metrics: Recall, NDCG, Precision and MRR at several K.
+"""Full-ranking top-K metrics: Recall, NDCG, Precision, MRR and HR at several K.
 
 Definitions (those of the DiffRec reference's ``computeTopNAccuracy``), for one user with
 ground-truth set G (non-empty) and a ranked list r_0, r_1, ... (0-based ranks, masked items
@@ -11,6 +11,8 @@ already removed):
     idcg@K      = sum_{j < min(|G|, K)} 1 / log2(j + 2)
     ndcg@K      = dcg@K / idcg@K
     mrr@K       = 1 / (j* + 1) for the first hit rank j* < K, 0 if no hit in the top K
+    hr@K        = 1 if hits@K > 0 else 0    (hit ratio; with one relevant item, as in
+                                             DiffuRec's protocol, hr@K == recall@K)
 
 Users with empty ground truth contribute nothing to the sums. Two averaging conventions:
 
@@ -38,7 +40,7 @@ import torch
 from .choices import Convention
 from .data.csr import CSR
 
-METRICS = ("recall", "ndcg", "precision", "mrr")
+METRICS = ("recall", "ndcg", "precision", "mrr", "hr")
 CONVENTIONS = Convention.values()
 
 
@@ -128,6 +130,7 @@ def per_user_metrics(topk_items, truth_rows, ks: Iterable[int]) -> tuple[dict, n
         "precision": np.where(mask, n_hits / np.asarray(ks, np.float64)[None, :], 0.0),
         "mrr": np.where(mask & (first[:, None] < np.asarray(ks)[None, :]),
                         1.0 / (first[:, None] + 1.0), 0.0),
+        "hr": np.where(mask & (n_hits > 0), 1.0, 0.0),
     }
     return out, n_truth
 
@@ -157,7 +160,7 @@ class MetricAccumulator:
         return self
 
     def result(self, convention: str = "reference") -> dict:
-        """{"recall@K", "ndcg@K", "precision@K", "mrr@K" for each K, "n_users",
+        """{"recall@K", "ndcg@K", "precision@K", "mrr@K", "hr@K" for each K, "n_users",
         "n_users_with_truth", "convention"}; 0.0 where there is nothing to average."""
         if convention == "reference":
             denom = self.n_users

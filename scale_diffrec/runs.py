@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from .config import load_config, save_config
-from .data import InteractionData, load_data
+from .data import InteractionData, Sequences, load_data
 from .errors import ConfigError, DataError
 from .finite import check_finite
 from .device import resolve_device
@@ -128,14 +128,22 @@ def _digest(*arrays) -> str:
     return h.hexdigest()
 
 
-def inputs_of(cfg: dict, data: InteractionData, partition=None) -> dict:
+def data_record(data: InteractionData | Sequences) -> dict:
+    """The data as loaded: users, items, train interactions ("nnz"; sequences: every item
+    of every sequence) and a digest of the train matrix (sequences: of the sequences)."""
+    if isinstance(data, Sequences):
+        return {"n_users": data.n_users, "n_items": data.n_items, "nnz": len(data.items),
+                "digest": _digest(data.offsets, data.items)}
+    return {"n_users": data.n_users, "n_items": data.n_items, "nnz": data.train.nnz,
+            "digest": _digest(data.train.indptr, data.train.indices)}
+
+
+def inputs_of(cfg: dict, data: InteractionData | Sequences, partition=None) -> dict:
     """What a run's checkpoints depend on (JSON): config keys outside ``SAFE_ON_RESUME``,
-    the data's shape and train-matrix digest, the partition's digest (or None)."""
+    the data (``data_record``), the partition's digest (or None)."""
     config = {k: v for k, v in _flat(cfg).items() if k not in SAFE_ON_RESUME}
     return json.loads(json.dumps({
-        "config": config,
-        "data": {"n_users": data.n_users, "n_items": data.n_items, "nnz": data.train.nnz,
-                 "digest": _digest(data.train.indptr, data.train.indices)},
+        "config": config, "data": data_record(data),
         "partition": None if partition is None else _digest(partition.cluster_of)}))
 
 

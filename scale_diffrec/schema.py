@@ -16,10 +16,10 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainValida
                       field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
-from .choices import (Activation, Convention, DataSource, EmbeddingSource, MeanType, Model,
-                      Placement, Precision, ReconTarget, Schedule, SplitRule, StepSampler,
-                      WarmStart)
-from .schedules import make_betas
+from .choices import (Activation, Convention, DataSource, DiffuRecSampler, DiffuRecSchedule,
+                      EmbeddingSource, MeanType, Model, Placement, Precision, ReconTarget,
+                      Schedule, SplitRule, StepSampler, WarmStart)
+from .schedules import make_betas, named_betas
 
 
 # ------------------------------------------------------------------------- value types
@@ -58,7 +58,7 @@ def _use_gpu(value):
 
 UseGpu = Annotated[Any, PlainValidator(_use_gpu)]
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
-SELECT_METRIC = re.compile(r"(recall|ndcg|precision|mrr)@(\d+)")
+SELECT_METRIC = re.compile(r"(recall|ndcg|precision|mrr|hr)@(\d+)")
 
 
 def key_error(key: str, text: str) -> PydanticCustomError:
@@ -238,6 +238,58 @@ class LDiffRecConfig(_Section):
         return self
 
 
+def _spec(value):
+    """A ``space_timesteps`` spec: YAML reads "8" as a number."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class DiffuRecConfig(_Section):
+    """The ``diffurec`` section (model ``diffurec``, ``models/diffurec.py``): the released
+    settings (official src/main.py defaults; ../shared/DIFFUREC.md) as defaults. The
+    training settings are the top-level keys (released: ``seed`` 1997, ``lr`` 1e-3,
+    ``batch_size`` 512, ``lr_decay_every`` 100, ``lr_decay`` 0.1, ``eval_every`` 20,
+    ``patience`` 100 epochs = 5 validations; ``configs/diffurec-*.yaml``).
+    ``sampler`` defaults to uniform: the released ``lossaware`` is never updated, so uniform
+    is what the released runs did. ``reverse_steps``: None runs every one of the ``steps``
+    reverse steps at inference, a ``space_timesteps`` spec ("8", "4,4", "ddim8") fewer.
+    ``logit_chunk``: items per chunk of the training logsumexp (None: ``chunk_mib``).
+    ``mask_history``: evaluation excludes the items of each user's input from the ranking
+    (the official protocol, false, masks nothing)."""
+    hidden: PositiveInt = 128
+    blocks: PositiveInt = 4
+    heads: PositiveInt = 4
+    dropout: DropoutRate = 0.1
+    emb_dropout: DropoutRate = 0.3
+    max_len: PositiveInt = 50
+    steps: Annotated[int, _Num, Field(ge=2)] = 32
+    schedule: DiffuRecSchedule = DiffuRecSchedule.trunc_lin
+    sampler: DiffuRecSampler = DiffuRecSampler.uniform
+    lambda_uncertainty: PositiveFloat = 0.001
+    rescale_timesteps: bool = True
+    reverse_steps: Optional[Annotated[str, BeforeValidator(_spec)]] = None
+    logit_chunk: Optional[PositiveInt] = None
+    mask_history: bool = False
+
+    @model_validator(mode="after")
+    def _process(self):
+        if self.hidden % self.heads:
+            raise key_error("heads", f"({self.heads}) must divide '{{s}}.hidden' "
+                                     f"({self.hidden})")
+        try:
+            named_betas(self.schedule.value, self.steps)
+        except ValueError as err:
+            raise key_error("schedule", f"({self.schedule}) with {self.steps} steps: "
+                                        f"{err}") from None
+        if self.reverse_steps is not None:
+            from .models.respace import space_timesteps    # torch: only when it is set
+            try:
+                space_timesteps(self.steps, self.reverse_steps)
+            except ValueError as err:
+                raise key_error("reverse_steps", f"({self.reverse_steps!r}) for "
+                                                 f"{self.steps} steps: {err}") from None
+        return self
+
+
 class ItemKNNConfig(_Section):
     k: PositiveInt = 100                  # neighbours per item
     shrink: NonNegativeFloat = 10.0       # cosine shrinkage
@@ -275,6 +327,8 @@ class Config(_Section):
     batch_size: PositiveInt = 400
     lr: PositiveFloat = 1.0e-3
     weight_decay: NonNegativeFloat = 0.0
+    lr_decay_every: Optional[PositiveInt] = None   # epochs: lr x lr_decay every this many
+    lr_decay: Fraction = 0.1                        #   (StepLR); None: a constant lr
     eval_every: PositiveInt = 5           # epochs between validation passes
     patience: PositiveInt = 20            # stop after this many epochs without a better one
     select_metric: str = "recall@20"      # METRIC@K, K in topk
@@ -293,6 +347,7 @@ class Config(_Section):
     itemknn: ItemKNNConfig = Field(default_factory=ItemKNNConfig)
     ease: EASEConfig = Field(default_factory=EASEConfig)
     als: ALSConfig = Field(default_factory=ALSConfig)
+    diffurec: DiffuRecConfig = Field(default_factory=DiffuRecConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @field_validator("device")
@@ -307,7 +362,7 @@ class Config(_Section):
     def _metric(cls, value: str) -> str:
         if not SELECT_METRIC.fullmatch(value):
             raise ValueError(f"must be METRIC@K with METRIC one of recall, ndcg, precision, "
-                             f"mrr, got {value!r}")
+                             f"mrr, hr, got {value!r}")
         return value
 
     @model_validator(mode="after")
@@ -316,6 +371,17 @@ class Config(_Section):
         if k not in self.topk:
             raise key_error("select_metric", f"({self.select_metric}) needs K = {k} in 'topk' "
                                              f"(got {self.topk})")
+        sequential = self.model == Model.diffurec
+        if sequential and self.data.source == DataSource.diffrec_npy:
+            raise key_error("data.source", f"('{self.data.source}') holds no sequences (no "
+                                           f"order): model 'diffurec' reads diffurec_release, "
+                                           f"parquet, dataset or synthetic data")
+        if not sequential and self.data.source == DataSource.diffurec_release:
+            raise key_error("data.source", f"('{self.data.source}') is sequential data: it "
+                                           f"needs model 'diffurec', got '{self.model}'")
+        if sequential and self.data.time_weights is not None:
+            raise key_error("data.time_weights", "are T-DiffRec's interaction weights: "
+                                                 "model 'diffurec' reads the sequence order")
         workers, clusters = self.distributed.workers, self.ldiffrec.n_clusters
         if (workers > 1 or self.distributed.address) and self.model != Model.ldiffrec:
             raise key_error("model", f"('{self.model}') cannot train distributed: distributed "

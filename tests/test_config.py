@@ -73,7 +73,7 @@ def test_numbers_without_a_dot_are_numbers_and_wrong_kinds_are_named():
     (["diffusion.sampling_steps=41"],
      r"'diffusion.sampling_steps' \(41\) must not exceed 'diffusion.steps' \(40\)"),
     (["diffusion.uniform_prob=2"], r"'diffusion.uniform_prob' must be <= 1"),
-    (["model=foo"], r"'model' must be one of 'diffrec', 'ldiffrec', .* or 'als', got 'foo'"),
+    (["model=foo"], r"'model' must be one of 'diffrec', 'ldiffrec', .* or 'diffurec', got 'foo'"),
     (["diffusion.schedule=quadratic"], r"'diffusion.schedule' must be one of"),
     (["ldiffrec.act=gelu"], r"'ldiffrec.act' must be one of"),
     (["topk=[10, 50]"], r"'select_metric' \(recall@20\) needs K = 20 in 'topk'"),

@@ -1,5 +1,6 @@
 """DiffuRec (models/diffurec.py, models/approximator.py): shapes, the catalogue CE, W-worker
-loss / gradients / lossaware history / ranking == one process (W = 2, 3; gloo), the
+loss / gradients / lossaware history / ranking / reverse chain == one process (W = 2, 3;
+gloo), the
 respaced reverse chain, HR/NDCG of a hand-made ranking, the pad never ranked."""
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import torch.nn.functional as F
 
 from scale_diffrec.data.csr import CSR
 from scale_diffrec.metrics import MetricAccumulator
-from scale_diffrec.models.diffurec import DiffuRec, DiffuRecConfig
+from scale_diffrec.data.sequences import SequenceBatch
+from scale_diffrec.models.diffurec import DiffuRec
+from scale_diffrec.schema import DiffuRecConfig
 from scale_diffrec.partition import Partition
 from scale_diffrec.train.distributed.local import run_distributed
 
@@ -24,7 +27,7 @@ RTOL, ATOL = 1e-5, 1e-6
 
 def tiny_cfg(**kw) -> DiffuRecConfig:
     base = dict(hidden=8, blocks=2, heads=2, steps=8, max_len=L, dropout=0.0, emb_dropout=0.0,
-                sampler="lossaware", logit_chunk=4, seed=5)
+                sampler="lossaware", logit_chunk=4)
     return DiffuRecConfig(**{**base, **kw})
 
 
@@ -49,7 +52,7 @@ def test_shapes_names_and_the_loss_is_the_catalogue_cross_entropy():
     assert "item_embeddings.weight" in dict(model.named_parameters())
     assert "item_embeddings.bias" not in dict(model.named_parameters())
     inputs, targets = batch()
-    out = model.training_loss(inputs, targets, step=0)
+    out = model.sequence_loss(inputs, targets, step=0)
     assert out["loss"].shape == () and torch.equal(out["loss"].detach(), out["ce"])
     # the chunked catalogue CE (4 items a chunk) == cross-entropy of x0hat . E^T
     x0hat = torch.randn(B, 8)
@@ -59,8 +62,8 @@ def test_shapes_names_and_the_loss_is_the_catalogue_cross_entropy():
     emb = model.embed(torch.tensor([N_ITEMS, 3]))
     assert torch.equal(emb[0], torch.zeros(8))
     assert torch.equal(emb[1], model.item_embeddings.weight[3])
-    q = model.query(inputs, torch.Generator().manual_seed(0))
-    assert q.shape == (B, 8) and model.score(q).shape == (B, N_ITEMS)
+    q = model.denoise(inputs, torch.Generator().manual_seed(0))
+    assert q.shape == (B, 8) and model.score(SequenceBatch(inputs, targets)).shape == (B, N_ITEMS)
 
 
 def _draws_x0hat(model, inputs, targets, step):
@@ -75,7 +78,7 @@ def _draws_x0hat(model, inputs, targets, step):
 def test_training_loss_is_the_mean_ce_of_the_approximators_x0():
     model = DiffuRec(N_ITEMS, tiny_cfg(), partition())
     inputs, targets = batch()
-    loss = model.training_loss(inputs, targets, step=3)["loss"]
+    loss = model.sequence_loss(inputs, targets, step=3)["loss"]
     x0hat = _draws_x0hat(model, inputs, targets, 3)
     want = F.cross_entropy(x0hat @ model.item_embeddings.weight.T, targets)
     torch.testing.assert_close(loss, want)
@@ -93,20 +96,21 @@ def _rank_run(rank, world, steps):
     for step in range(steps):
         model.zero_grad()
         inputs, targets = batch(step)
-        got = model.training_loss(inputs, targets, step)
+        got = model.sequence_loss(inputs, targets, step)
         got["loss"].backward()
         out.append((got["loss"].item(), got["ce"].item(),
                     {n: p.grad.clone() for n, p in model.named_parameters()}))
     query = torch.randn(B, 8, generator=torch.Generator().manual_seed(9))
     s = model.sampler
+    chain = model.denoise(batch(7)[0], torch.Generator().manual_seed(3))
     return (out, model.item_embeddings.items.clone(), s.loss_history.clone(),
-            s.loss_counts.clone(), model.top_k(query, 5, chunk=3))
+            s.loss_counts.clone(), model.top_k(query, 5, chunk=3), chain)
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_loss_gradients_history_and_ranking_equal_one_process(world):
     steps = 3
-    single, items, history, counts, top = _rank_run(0, 0, steps)
+    single, items, history, counts, top, chain = _rank_run(0, 0, steps)
     assert torch.equal(items, torch.arange(N_ITEMS))
     results = run_distributed(_rank_run, world, args=(steps,), timeout=240)
     owned = torch.sort(torch.cat([r[1] for r in results])).values
@@ -128,6 +132,7 @@ def test_sharded_loss_gradients_history_and_ranking_equal_one_process(world):
         assert torch.equal(r[3], counts) and torch.equal(r[2], results[0][2])
         torch.testing.assert_close(r[2], history, rtol=RTOL, atol=ATOL)
         assert torch.equal(r[4], top)
+        torch.testing.assert_close(r[5], chain, rtol=RTOL, atol=ATOL)   # the reverse chain
 
 
 @pytest.mark.parametrize("spec, kept", [(None, list(range(8))), ("ddim4", [0, 2, 4, 6]),
@@ -136,7 +141,7 @@ def test_reverse_chain_runs_the_space_timesteps_steps(spec, kept):
     model = DiffuRec(N_ITEMS, tiny_cfg(reverse_steps=spec), partition())
     seen = []
     model.approximator.register_forward_hook(lambda m, args, out: seen.append(args[3][0].item()))
-    q = model.query(batch()[0], torch.Generator().manual_seed(1))
+    q = model.denoise(batch()[0], torch.Generator().manual_seed(1))
     assert seen == [k * 1000.0 / 8 for k in reversed(kept)]
     assert torch.isfinite(q).all()
 

@@ -92,6 +92,8 @@ def test_truth_larger_than_k_caps_idcg():
     assert _close(out["precision@2"], 1 / 2)
     assert _close(out["ndcg@2"], (1 / L3) / (1 / L2 + 1 / L3))   # idcg over min(5, 2) ranks
     assert _close(out["mrr@2"], 1 / 2)
+    assert out["hr@2"] == 1.0 and compute_metrics(np.array([[9, 8]]), [[0, 1]], ks=(2,)
+                                                  )["hr@2"] == 0.0   # a hit at all: 1
 
 
 def test_padding_never_hits_and_precision_divides_by_k():
@@ -135,8 +137,8 @@ def _random_case(rng, n_users=300, n_items=80, width=25, p_empty=0.2):
 def test_result_keys_and_empty_accumulator():
     out = MetricAccumulator([20, 10]).result("reference")
     assert list(out) == ["recall@10", "recall@20", "ndcg@10", "ndcg@20", "precision@10",
-                         "precision@20", "mrr@10", "mrr@20", "n_users", "n_users_with_truth",
-                         "convention"]
+                         "precision@20", "mrr@10", "mrr@20", "hr@10", "hr@20", "n_users",
+                         "n_users_with_truth", "convention"]
     assert out["recall@10"] == 0.0 and out["n_users"] == 0
 
 

@@ -110,6 +110,10 @@ class SparseRows:
     def batch_size(self) -> int:
         return self.indptr.numel() - 1
 
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
     def row_ids(self) -> torch.Tensor:
         """[nnz] row of each stored entry."""
         lengths = self.indptr[1:] - self.indptr[:-1]

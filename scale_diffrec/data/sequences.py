@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -49,13 +50,27 @@ MIN_ITEMS = 3         # one train item, valid, test
 SPLITS = ("valid", "test")
 
 
+class SequenceBatch(NamedTuple):
+    """The model's batch of samples: ``inputs`` [B, max_len] int64 (left-padded with the
+    pad id), ``targets`` [B] int64, and ``key``, the first sample's position in
+    ``Sequences.items`` (it keys the reverse chain's noise: ``DiffuRec.generator``)."""
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    key: int = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.inputs.device
+
+
 @dataclass(frozen=True)
 class Sequences:
     """Time-ordered sequences of ``n_users`` users over ``n_items`` items (module docstring).
 
     ``items`` [N] int32 (int64 past 2^31 - 1 items), ``offsets`` [n_users + 1] int64;
     ``user_ids`` / ``item_ids`` map indexes back to the source's original ids (None: the
-    indexes are the ids); ``meta`` says where they came from.
+    indexes are the ids); ``meta`` says where they came from; ``max_len``: the inputs'
+    length (``diffurec.max_len``).
     """
     name: str
     items: np.ndarray
@@ -64,6 +79,7 @@ class Sequences:
     user_ids: np.ndarray | None = None
     item_ids: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
+    max_len: int = MAX_LEN
 
     @property
     def n_users(self) -> int:
@@ -101,11 +117,25 @@ class Sequences:
         return CSR.from_pairs(users, self.items[_ranges(starts, lengths)], self.n_users,
                               self.n_items)
 
-    def batch(self, positions: np.ndarray, max_len: int = MAX_LEN
+    def truth(self, split: str) -> CSR:
+        """[n_users, n_items] CSR of each user's valid / test target (one item a row)."""
+        return CSR.from_pairs(np.arange(self.n_users, dtype=np.int64),
+                              self.items[self.eval_positions(split)], self.n_users,
+                              self.n_items)
+
+    def samples(self, positions: np.ndarray, device=None) -> SequenceBatch:
+        """``batch`` of ``positions`` [B] (non-empty) on ``device``, keyed by positions[0]."""
+        inputs, targets = self.batch(positions)
+        return SequenceBatch(inputs.to(device, non_blocking=True),
+                             targets.to(device, non_blocking=True), int(positions[0]))
+
+    def batch(self, positions: np.ndarray, max_len: int | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs [B, max_len], targets [B]), torch int64, for the samples at
-        ``positions`` [B]: targets = items[g]; inputs = the up to max_len items before g
-        in g's user, oldest first, left-padded with ``pad``."""
+        ``positions`` [B]: targets = items[g]; inputs = the up to max_len (default
+        ``self.max_len``) items before g in g's user, oldest first, left-padded with
+        ``pad``."""
+        max_len = self.max_len if max_len is None else max_len
         g = np.asarray(positions, dtype=np.int64)
         user = np.searchsorted(self.offsets, g, side="right") - 1
         before = g[:, None] - max_len + np.arange(max_len, dtype=np.int64)[None, :]
@@ -114,7 +144,7 @@ class Sequences:
         return (torch.from_numpy(inputs.astype(np.int64, copy=False)),
                 torch.from_numpy(self.items[g].astype(np.int64)))
 
-    def iter_batches(self, positions: np.ndarray, batch_size: int, max_len: int = MAX_LEN):
+    def iter_batches(self, positions: np.ndarray, batch_size: int, max_len: int | None = None):
         """``batch`` of consecutive slices of ``positions`` (the last may be shorter).
         Shuffle or shard the positions first for training, e.g.
         ``iter_batches(rng.permutation(seqs.train_positions()), 512)``."""

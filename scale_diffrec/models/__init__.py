@@ -12,6 +12,7 @@ from ..schema import Config
 from . import baselines
 from .base import FittedRecommender, ItemHead, Progress, Recommender
 from .diffrec import DiffRec
+from .diffurec import DiffuRec
 from .ldiffrec import LDiffRec
 from .multvae import MultVAE
 
@@ -22,7 +23,7 @@ def build_model(cfg: Config | dict, n_items: int, partition=None, train=None,
                 shard=None) -> Recommender:
     """The config's ``model`` (``choices.Model``), built by its ``from_config(cfg: Config,
     ...)``; a dict is made ``config.typed`` first (ConfigError naming the key at fault).
-    L-DiffRec needs the item partition (ValueError without one), ``train`` (CSR) is what
+    L-DiffRec needs the item partition (ValueError without one; DiffuRec's is optional), ``train`` (CSR) is what
     its warm start is fitted on (``ldiffrec.warm_start``; None when a checkpoint's weights
     follow), and ``shard`` (``shard.Shard``) the clusters this process owns in a W-worker
     run (None: all)."""
@@ -32,6 +33,8 @@ def build_model(cfg: Config | dict, n_items: int, partition=None, train=None,
         return DiffRec.from_config(cfg, n_items)
     if kind == Model.multvae:
         return MultVAE.from_config(cfg, n_items)
+    if kind == Model.diffurec:              # partition None: one cluster
+        return DiffuRec.from_config(cfg, n_items, partition, shard)
     if kind in (Model.mostpop, Model.itemknn, Model.ease, Model.als):
         if kind == Model.mostpop:
             return baselines.MostPopular(n_items)

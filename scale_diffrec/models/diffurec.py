@@ -22,7 +22,7 @@ the pad is never a softmax entry and never ranked. Initialisation: E ~ N(0, 1) a
 ``nn.Embedding``'s default, drawn per cluster from a (seed, cluster) stream so that a rank
 builds its rows exactly as one process does; the approximator from ``torch.manual_seed(seed)``.
 
-Inference (``query``): x_K ~ N(0, I), then K reverse steps k = K-1 .. 0 of the process on the
+Inference (``denoise``; ``query`` for the evaluator and export): x_K ~ N(0, I), then K reverse steps k = K-1 .. 0 of the process on the
 kept steps ``space_timesteps(T, reverse_steps)`` (every step when None, as released):
 x0hat = approximator(.., model_timesteps(k)); x_{k-1} = posterior_mean(x0hat, x_k) +
 exp(logvar_k / 2) z with the fixed-large variance log(append(posterior_var[1], beta[1:]))
@@ -49,80 +49,43 @@ use the process's RNG (equal only with dropout 0).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 from torch import nn
 
-from ..choices import DiffuRecSampler, DiffuRecSchedule
 from ..data.csr import CSR
+from ..data.sequences import SequenceBatch
 from ..device import chunk_items
 from ..partition import Partition
 from ..ranking import RunningTopK, linear_chunks, merge_ranks, seen_positions
 from ..schedules import named_betas
+from ..schema import Config, DiffuRecConfig
 from ..shard.context import Shard
 from .approximator import LN_EPS, Approximator
+from .base import ItemHead, Progress, Recommender
 from .clusters import CatalogueLinear, stream_key, unallocated
 from .diffusion import GaussianDiffusion
 from .linear_logsumexp import catalogue_nll
 from .respace import model_timesteps, respaced_betas, space_timesteps
 from .samplers import named_sampler
 
-class DiffuRecConfig(BaseModel):
-    """The ``diffurec`` section: the released settings (official src/main.py defaults) as
-    defaults. ``sampler`` defaults to uniform: the released ``lossaware`` is never updated,
-    so uniform is what the released runs did. ``reverse_steps``: None runs every one of the
-    ``steps`` reverse steps; a ``space_timesteps`` spec ("8", "4,4", "ddim8") fewer.
-    ``logit_chunk``: items per chunk of the training logsumexp (None: ``chunk_mib``)."""
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    hidden: PositiveInt = 128
-    blocks: PositiveInt = 4
-    heads: PositiveInt = 4
-    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
-    emb_dropout: float = Field(default=0.3, ge=0.0, lt=1.0)
-    max_len: PositiveInt = 50
-    steps: PositiveInt = 32
-    schedule: DiffuRecSchedule = DiffuRecSchedule.trunc_lin
-    sampler: DiffuRecSampler = DiffuRecSampler.uniform
-    lambda_uncertainty: PositiveFloat = 0.001
-    rescale_timesteps: bool = True
-    reverse_steps: Optional[str] = None
-    logit_chunk: Optional[PositiveInt] = None
-    chunk_mib: Optional[PositiveFloat] = None
-    seed: int = 1997
-    lr: PositiveFloat = 1e-3
-    batch_size: PositiveInt = 512
-    decay_step: PositiveInt = 100
-    gamma: PositiveFloat = 0.1
-    epochs: PositiveInt = 500
-    eval_interval: PositiveInt = 20
-    patience: PositiveInt = 5
 
-    @model_validator(mode="after")
-    def _process(self):
-        if self.hidden % self.heads:
-            raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
-        named_betas(self.schedule.value, self.steps)              # ValueError: the reason
-        if self.reverse_steps is not None:
-            space_timesteps(self.steps, self.reverse_steps)
-        return self
-
-
-class DiffuRec(nn.Module):
+class DiffuRec(Recommender):
     def __init__(self, n_items: int, cfg: DiffuRecConfig, partition: Partition | None = None,
-                 shard: Shard | None = None):
-        """``partition``: the item clusters (None: one cluster); ``shard``: the clusters
-        this process owns (None: all, one process). Errors: ValueError when the partition
-        does not cover ``n_items``."""
+                 shard: Shard | None = None, seed: int = 0, chunk_mib: float | None = None):
+        """``cfg``: the ``diffurec`` config section (``schema.DiffuRecConfig``);
+        ``partition``: the item clusters (None: one cluster); ``shard``: the clusters
+        this process owns (None: all, one process); ``seed`` keys every draw;
+        ``chunk_mib``: the logsumexp's chunk budget (``device.chunk_items``). Errors:
+        ValueError when the partition does not cover ``n_items``."""
         super().__init__()
         partition = partition or Partition(np.zeros(n_items, np.int64), 1)
         if partition.n_items != n_items:
             raise ValueError(f"the partition covers {partition.n_items} items but the model "
                              f"has {n_items}")
-        self.cfg, self.n_items, self.seed = cfg, int(n_items), int(cfg.seed)
+        self.cfg, self.n_items, self.seed = cfg, int(n_items), int(seed)
+        self.chunk_mib = chunk_mib
         self.shard = shard or Shard.single(partition.sizes.tolist(), None)
         own = np.sort(np.concatenate([partition.items_of(c) for c in self.shard.clusters]))
         # row of each id (pad = n_items included) in the owned table, -1 when not owned
@@ -155,6 +118,13 @@ class DiffuRec(nn.Module):
         self.reverse_log_var = torch.from_numpy(np.log(np.append(
             self.reverse.posterior_variance.numpy()[1:2], reverse[1:])))
 
+    @classmethod
+    def from_config(cls, cfg: Config, n_items: int, partition: Partition | None = None,
+                    shard: Shard | None = None) -> "DiffuRec":
+        """The run config's DiffuRec: the ``diffurec`` section, ``seed``, ``chunk_mib``."""
+        return cls(n_items, cfg.diffurec, partition, shard, seed=cfg.seed,
+                   chunk_mib=cfg.chunk_mib)
+
     # ------------------------------------------------------------------ the parts
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [...] (items, or the pad id n_items) -> [..., d] rows of E, zero for the pad;
@@ -184,10 +154,16 @@ class DiffuRec(nn.Module):
 
     def chunk(self, rows: int, device) -> int:
         """Items per chunk of the training logsumexp (``logit_chunk`` or ``chunk_mib``)."""
-        return self.cfg.logit_chunk or chunk_items(rows, device, self.cfg.chunk_mib)
+        return self.cfg.logit_chunk or chunk_items(rows, device, self.chunk_mib)
 
     # ------------------------------------------------------------------ training
-    def training_loss(self, inputs: torch.Tensor, targets: torch.Tensor, step: int
+    def training_loss(self, batch: SequenceBatch, progress: Progress
+                      ) -> dict[str, torch.Tensor]:
+        """The training loop's entry (``train/loop.py``): ``sequence_loss`` of the batch's
+        samples, the draws keyed by ``progress.step``."""
+        return self.sequence_loss(batch.inputs, batch.targets, progress.step)
+
+    def sequence_loss(self, inputs: torch.Tensor, targets: torch.Tensor, step: int
                       ) -> dict[str, torch.Tensor]:
         """inputs [B, L] (pad = n_items), targets [B] item indexes of a global batch ->
         {"loss": this rank's share L_r (the whole mean CE in one process), "ce": the batch
@@ -220,11 +196,12 @@ class DiffuRec(nn.Module):
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def query(self, inputs: torch.Tensor, generator: torch.Generator | None = None
-              ) -> torch.Tensor:
+    def denoise(self, inputs: torch.Tensor, generator: torch.Generator | None = None
+                ) -> torch.Tensor:
         """inputs [B, L] -> x0hat [B, d] by the reverse chain from noise (module docstring),
         in eval mode; noise and lambda from ``generator`` (on inputs' device; None: the
-        global RNG), each rank drawing for its own rows only (sharded: collective)."""
+        global RNG), drawn for all B rows so that a rank of a sharded model takes its rows
+        of the one-process draws (sharded: collective)."""
         was = self.training
         self.eval()
         try:
@@ -233,24 +210,44 @@ class DiffuRec(nn.Module):
             seq = self.encode(self.embed(inputs)[own])
             mask = (inputs[own] != self.n_items).float()
             n, d, dev = seq.shape[0], self.cfg.hidden, inputs.device
-            x = torch.randn(n, d, generator=generator, device=dev)
+            x = torch.randn(b, d, generator=generator, device=dev)[own]
             for k in reversed(range(len(self.kept))):
                 t = torch.full((n,), k, dtype=torch.long, device=dev)
-                lam = self.approximator.draw_lambda((n, length, d), generator, dev)
+                lam = self.approximator.draw_lambda((b, length, d), generator, dev)[own]
                 x0hat = self.approximator(seq, mask, x, self.model_t(t, self.kept), lam)
                 if k == 0:
                     break
                 x = self.reverse.posterior_mean(x0hat, x, t) + torch.exp(
                     0.5 * self.reverse_log_var[k]).float() * torch.randn(
-                    n, d, generator=generator, device=dev)
+                    b, d, generator=generator, device=dev)[own]
             return self.shard.gather(x0hat, splits)
         finally:
             self.train(was)
 
-    def score(self, query: torch.Tensor) -> torch.Tensor:
-        """query [B, d] -> [B, n_own] scores query . E_r^T of the owned items (ascending;
-        one process: every item, in item order). The pad is not a column."""
-        return query @ self.item_embeddings.weight.T
+    def generator(self, key: int, device) -> torch.Generator:
+        """The reverse chain's generator of the batch keyed ``key`` (``SequenceBatch.key``)
+        on ``device``: a (seed, key) stream, so evaluation and serving are deterministic."""
+        g = torch.Generator(device=device)
+        return g.manual_seed(stream_key("diffurec", self.seed, "query", int(key)))
+
+    @torch.no_grad()
+    def query(self, batch: SequenceBatch) -> dict[str, torch.Tensor]:
+        """{"items": x0hat [B, d]} of the batch's inputs (``denoise`` with the batch's
+        generator): the query of the one linear head ``item_heads``."""
+        return {"items": self.denoise(batch.inputs, self.generator(batch.key, batch.device))}
+
+    def item_heads(self) -> list[ItemHead]:
+        """One head: the owned rows of E (no bias); score = x0hat . E^T (the pad is not a
+        row, so it is never ranked)."""
+        table = self.item_embeddings
+        return [ItemHead("items", table.items.to(table.weight.device), table.weight,
+                         table.weight.new_zeros(table.weight.shape[0]))]
+
+    @torch.no_grad()
+    def score(self, batch: SequenceBatch) -> torch.Tensor:
+        """[B, n_own] scores x0hat . E_r^T of the owned items (ascending; one process:
+        every item, in item order). The pad is not a column."""
+        return self.query(batch)["items"] @ self.item_embeddings.weight.T
 
     @torch.no_grad()
     def top_k(self, query: torch.Tensor, k: int, chunk: int = 65536,

@@ -2,7 +2,10 @@
 validates, selects, stops early, checkpoints and writes metrics.json through this code.
 
 One epoch = every user once, in a seeded order (``epoch_order``), in batches of
-``batch_size`` CSR rows. Validation every ``eval_every`` epochs on the ``select_metric``
+``batch_size`` CSR rows; for sequential data (``Sequences``, DiffuRec) every training
+sample (every train prefix) once, in a seeded order, ``batch_size`` samples a batch
+(``epoch_batches``). ``lr_decay_every`` multiplies the learning rate by ``lr_decay`` every
+so many epochs (StepLR, as DiffuRec's released runs; ``epoch_lr``). Validation every ``eval_every`` epochs on the ``select_metric``
 (Recall@20); training stops after ``patience`` epochs without improvement, and the test
 metrics are those of the best validation checkpoint (the reference's model selection). A
 ``FittedRecommender`` (the baselines) trains in one epoch, ``fit`` on the train matrix, with
@@ -22,7 +25,7 @@ import numpy as np
 import torch
 
 from .. import checkpoint, runs
-from ..data import InteractionData
+from ..data import InteractionData, Sequences
 from ..device import autocast, model_device, peak_memory_mib
 from ..evaluate import evaluate
 from ..finite import check_finite
@@ -38,6 +41,30 @@ def epoch_order(n_users: int, seed: int, epoch: int) -> np.ndarray:
 
 def batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def epoch_batches(data: InteractionData | Sequences, cfg: dict, epoch: int, device):
+    """(n, batches): the epoch's ``n`` training batches, built on the host one at a time and
+    copied to ``device``: CSR rows of the users in ``epoch_order``, or (sequences) the
+    ``SequenceBatch`` of the training samples in ``epoch_order``."""
+    if isinstance(data, Sequences):
+        samples = data.train_positions()
+        order = batches(samples[epoch_order(len(samples), cfg["seed"], epoch)],
+                        cfg["batch_size"])
+        return len(order), (data.samples(g, device) for g in order)
+    order = batches(epoch_order(data.n_users, cfg["seed"], epoch), cfg["batch_size"])
+    return len(order), (data.train.take_rows(u).to_torch(device) for u in order)
+
+
+def epoch_lr(optimizer, cfg: dict, epoch: int) -> None:
+    """Every group's lr for ``epoch``: its first lr x ``lr_decay`` ^ (epoch //
+    ``lr_decay_every``) (torch's StepLR stepped once per epoch; a function of the epoch, so
+    resume needs no scheduler state). Nothing without ``lr_decay_every``."""
+    if not cfg.get("lr_decay_every"):
+        return
+    factor = cfg["lr_decay"] ** (epoch // cfg["lr_decay_every"])
+    for group in optimizer.param_groups:
+        group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
 
 
 def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
@@ -72,7 +99,7 @@ def train_step(model, optimizer, batch, progress: Progress, precision: str,
     batch loss (sharded: the sum of every rank's share, on every rank). A non-finite loss
     raises ``NonFiniteError`` before the step (every rank together)."""
     optimizer.zero_grad(set_to_none=True)
-    with autocast(batch.values.device, precision):
+    with autocast(batch.device, precision):
         loss = model.training_loss(batch, progress)["loss"]
     value = all_reduce_sum(loss.detach()).item()
     check_finite(value, f"training loss{where}",
@@ -85,9 +112,10 @@ def train_step(model, optimizer, batch, progress: Progress, precision: str,
 
 def train_epoch(model, optimizer, data: InteractionData, cfg: dict, epoch: int,
                 progress: Progress, device: torch.device | None = None) -> float | None:
-    """One pass over all users on ``device`` (default: the CPU); returns the mean batch
-    loss (None for a fitted model, whose epoch is ``fit(data.train)``). Batches are built
-    from CSR on the host and copied asynchronously; the loss value for the progress line
+    """One pass over all users (sequences: all training samples) on ``device`` (default:
+    the CPU); returns the mean batch loss (None for a fitted model, whose epoch is
+    ``fit(data.train)``). Batches are built on the host and copied asynchronously
+    (``epoch_batches``); the loss value for the progress line
     is the step's only host synchronisation. Sharded (a rank of a W-worker run): every
     rank takes the same batches, rank 0 shows the progress."""
     device = torch.device("cpu") if device is None else device
@@ -96,22 +124,24 @@ def train_epoch(model, optimizer, data: InteractionData, cfg: dict, epoch: int,
         model.fit(data.train)
         model.to(device)                       # fit sets its buffers on the host
         return None
-    order = batches(epoch_order(data.n_users, cfg["seed"], epoch), cfg["batch_size"])
-    meter = StepProgress(epoch + 1, len(order)) if world()[1] == 0 else None
+    epoch_lr(optimizer, cfg, epoch)
+    n, order = epoch_batches(data, cfg, epoch, device)
+    meter = StepProgress(epoch + 1, n) if world()[1] == 0 else None
     total = 0.0
-    for i, users in enumerate(order, 1):
-        rows = data.train.take_rows(users).to_torch(device)
-        total += train_step(model, optimizer, rows, progress, cfg["precision"],
+    for i, batch in enumerate(order, 1):
+        total += train_step(model, optimizer, batch, progress, cfg["precision"],
                             f" at epoch {epoch + 1}, step {i}")
         if meter is not None:
             meter.step(i, total / i)
-    return total / max(len(order), 1)
+    return total / max(n, 1)
 
 
 def headline(metrics: dict, select_metric: str) -> dict:
     """The metrics an epoch line and the history show: the selection metric, and
-    recall@20 / ndcg@20 when ``topk`` has 20."""
-    keys = dict.fromkeys([select_metric, "recall@20", "ndcg@20"])
+    recall@20 / ndcg@20 when ``topk`` has 20 (hr@10 / ndcg@10 when it selects on hr)."""
+    shown = ["hr@10", "ndcg@10"] if select_metric.startswith("hr@") else ["recall@20",
+                                                                          "ndcg@20"]
+    keys = dict.fromkeys([select_metric, *shown])
     return {k: metrics[k] for k in keys if k in metrics}
 
 
@@ -123,7 +153,8 @@ def split_metrics(model, data: InteractionData, split: str, cfg: dict) -> dict:
     """Metrics of ``model`` on ``split`` (valid | test) with the config's evaluation settings."""
     return evaluate(model, data, split=split, ks=cfg["topk"], convention=cfg["convention"],
                     batch_size=cfg["eval_batch_size"], precision=cfg["precision"],
-                    chunk_mib=cfg["chunk_mib"])
+                    chunk_mib=cfg["chunk_mib"],
+                    mask_history=(cfg.get("diffurec") or {}).get("mask_history", False))
 
 
 class LocalCheckpoints:

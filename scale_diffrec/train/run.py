@@ -9,7 +9,7 @@ import torch
 
 from .. import checkpoint, runs
 from ..claim import claim
-from ..data import load_data
+from ..data import Sequences, load_data
 from ..device import describe, resolve_device, set_matmul_precision
 from ..finite import check_finite
 from ..models import FittedRecommender, Progress, build_model, parameter_groups
@@ -44,7 +44,7 @@ def _train(cfg: dict, run_dir: Path, resume: bool, overwrite: bool, on_epoch, te
     set_matmul_precision(cfg["precision"])
     partition = prepare_partition(cfg, data, run_dir, rebuild=overwrite)
     model = build_model(cfg, data.n_items, partition,     # refuses a bad model config
-                        train=None if resume else data.train)
+                        train=None if resume else getattr(data, "train", None))
     source = checkpoint.resume_from(run_dir, cfg) if resume else None  # last.pt or sharded
     state = source.full(model) if resume else None              # read before anything is written
     log.info("device %s (device: %s), precision %s", describe(device), cfg["device"],
@@ -66,8 +66,9 @@ def _train(cfg: dict, run_dir: Path, resume: bool, overwrite: bool, on_epoch, te
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         log.info("resumed from %s at epoch %d", source.path, progress.epoch)
     runs.start_run(run_dir, cfg, data, partition, resume=resume)
-    log.info("data %s: %d users x %d items, %d train interactions",
-             data.name, data.n_users, data.n_items, data.train.nnz)
+    log.info("data %s: %d users x %d items, %d %s", data.name, data.n_users, data.n_items,
+             runs.data_record(data)["nnz"], "sequence items" if isinstance(data, Sequences)
+             else "train interactions")
     log.info("model %s: %s", cfg["model"], describe_model(model))
     checkpoints = LocalCheckpoints(run_dir, model, optimizer)
     trained = run_epochs(model, optimizer, data, cfg, progress, record, device, checkpoints,
