@@ -91,7 +91,8 @@ def cmd_evaluate(args) -> int:
     metrics = evaluate(run.model, run.data, split=args.split, ks=cfg["topk"],
                        convention=cfg["convention"], batch_size=cfg["eval_batch_size"],
                        precision=args.precision or cfg["precision"],
-                       chunk_mib=cfg["chunk_mib"])
+                       chunk_mib=cfg["chunk_mib"],
+                       mask_history=cfg["diffurec"]["mask_history"])
     print(json.dumps(metrics, indent=2))
     return 0
 
