@@ -104,3 +104,11 @@ def test_the_evaluator_gives_hand_computed_hr_and_ndcg_official_and_masked():
         **cfg["diffurec"], "mask_history": True}})
     assert (masked["hr@1"], masked["hr@3"]) == pytest.approx((1 / 3, 1.0))
     assert masked["ndcg@3"] == pytest.approx((1 + 1 / math.log2(4) + 1 / math.log2(3)) / 3)
+
+
+def test_export_of_a_diffurec_run_is_refused_in_one_line(tmp_path, capsys):
+    assert _train(tmp_path / "run", "epochs=1") == 0
+    capsys.readouterr()
+    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "DiffuRec bundle" in err[0] and not (tmp_path / "b").exists()

@@ -92,6 +92,9 @@ def export(run, out: str | Path, kind: str = "flat", params: dict | None = None,
     """
     out = Path(out)
     reason = run.model.export_error()
+    if run.cfg["model"] == "diffurec":        # its query tower reads sequences, not rows
+        reason = ("a DiffuRec bundle (sequence encoder + reverse chain as the query tower) "
+                  "is not implemented yet; rank it with `scale-diffrec evaluate`")
     if reason is not None:
         raise ConfigError(f"cannot export {run.run_dir}: {reason}")
     if not has_linear_heads(run.model):
