@@ -14,7 +14,8 @@ rank its own part, under ``RUN_DIR/checkpoints/sharded/epoch_NNNN/``:
 
     part_RRR.pt     rank R's clusters: {"model": ..., "optimizer": ...} under the cluster
                     names (``split_catalogue``: encoders.{c}.*, decoders.{c}.*, and
-                    decoder.{c}.weight / .bias = cluster c's rows of the global decoder)
+                    decoder.{c}.weight / .bias = cluster c's rows of the global decoder;
+                    DiffuRec: item_embeddings.{c}.weight = cluster c's rows of E)
     common.pt       the rest of the content (denoiser, sampler, progress, record, RNG)
     manifest.json   {"epoch", "parts": {file: [clusters]}}: written last, after every part,
                     so a directory with a manifest is complete
@@ -40,7 +41,9 @@ FORMAT = 2
 SHARDED = "sharded"
 COMMON = "common"
 MANIFEST = "manifest.json"
-CATALOGUE = ("encoders", "decoders", "decoder")   # L-DiffRec's per-cluster parts
+ROWS = ("decoder", "item_embeddings")   # tables sharded by rows: L-DiffRec's global
+                                         # decoder, DiffuRec's item table
+CATALOGUE = ("encoders", "decoders", *ROWS)   # the per-cluster parts
 
 
 # ============================================================================ optimizer
@@ -89,14 +92,14 @@ def _put_rows(into, value, rows: torch.Tensor, n_rows: int):
 def split_catalogue(named: dict, model, clusters, rows=None) -> dict:
     """The entries of ``clusters`` under cluster names, from the model's names in ``named``
     (parameters or optimizer state); non-catalogue entries are left out. ``rows(c)``: where
-    cluster c's items lie in ``named``'s ``decoder.*`` rows (default ``model.items_of``: a
-    whole model's state; a rank's own: ``model.decoder_rows``)."""
+    cluster c's items lie in ``named``'s ``decoder.*`` / ``item_embeddings.*`` rows (default
+    ``model.items_of``: a whole model's state; a rank's own: ``model.decoder_rows``)."""
     out, clusters, rows = {}, [int(c) for c in clusters], rows or model.items_of
     for name, value in named.items():
         head, rest = name.split(".", 1)
-        if head == "decoder":                       # the global decoder: rows by cluster
+        if head in ROWS:                            # a row-sharded table: rows by cluster
             for c in clusters:
-                out[f"decoder.{c}.{rest}"] = _take_rows(value, rows(c).cpu())
+                out[f"{head}.{c}.{rest}"] = _take_rows(value, rows(c).cpu())
         elif head in CATALOGUE and int(rest.split(".", 1)[0]) in clusters:
             out[name] = value
     return out
@@ -109,8 +112,8 @@ def merge_catalogue(named: dict, model, rows=None, n_rows: int | None = None) ->
     n_rows = model.n_items if n_rows is None else n_rows
     for name, value in named.items():
         head, c, rest = name.split(".", 2)
-        if head == "decoder":
-            key = f"decoder.{rest}"
+        if head in ROWS:
+            key = f"{head}.{rest}"
             out[key] = _put_rows(out.get(key), value, rows(int(c)).cpu(), n_rows)
         else:
             out[name] = value

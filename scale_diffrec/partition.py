@@ -142,6 +142,16 @@ class Partition:
         return Partition(np.zeros(n_items, np.int64), 1)
 
     @staticmethod
+    def blocks(n_items: int, n_clusters: int) -> "Partition":
+        """``n_clusters`` blocks of consecutive item indexes, sizes differing by at most one
+        (item i in block i * C // I): DiffuRec's item table, whose rows are all alike.
+        ValueError when there are fewer items than blocks."""
+        if n_clusters > n_items:
+            raise ValueError(f"{n_clusters} clusters for {n_items} items")
+        return Partition(np.arange(n_items, dtype=np.int64) * n_clusters // n_items,
+                         n_clusters)
+
+    @staticmethod
     def kmeans(emb: np.ndarray, n_clusters: int, seed: int = 0, niter: int = 50,
                capacity: float | None = None) -> "Partition":
         """FAISS k-means (L2) of ``emb`` [I, d] into ``n_clusters`` non-empty clusters (on

@@ -243,9 +243,9 @@ def load_model_state(model: torch.nn.Module, state: dict, path: Path) -> None:
                               f"({first_line(err)})") from None
 
 
-def load_partition_of(run_dir: Path, cfg: dict, data: InteractionData):
-    """The run's saved partition (L-DiffRec) or None for models without clusters."""
-    if cfg["model"] != "ldiffrec":
+def load_partition_of(run_dir: Path, cfg: dict, data: InteractionData | Sequences):
+    """The run's saved partition (L-DiffRec, DiffuRec) or None for models without clusters."""
+    if cfg["model"] not in ("ldiffrec", "diffurec"):
         return None
     return Partition.load(Path(run_dir) / PARTITION, n_items=data.n_items)
 

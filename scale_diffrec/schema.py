@@ -254,7 +254,9 @@ class DiffuRecConfig(_Section):
     reverse steps at inference, a ``space_timesteps`` spec ("8", "4,4", "ddim8") fewer.
     ``logit_chunk``: items per chunk of the training logsumexp (None: ``chunk_mib``).
     ``mask_history``: evaluation excludes the items of each user's input from the ranking
-    (the official protocol, false, masks nothing)."""
+    (the official protocol, false, masks nothing). ``n_clusters``: E's rows in this many
+    blocks of consecutive item ids (``Partition.blocks``), placed on the workers of a
+    W-worker run (W <= n_clusters; the checkpoints are cut by block, so any W' resumes)."""
     hidden: PositiveInt = 128
     blocks: PositiveInt = 4
     heads: PositiveInt = 4
@@ -269,6 +271,7 @@ class DiffuRecConfig(_Section):
     reverse_steps: Optional[Annotated[str, BeforeValidator(_spec)]] = None
     logit_chunk: Optional[PositiveInt] = None
     mask_history: bool = False
+    n_clusters: PositiveInt = 1           # E's row blocks, placed on the workers (>= W)
 
     @model_validator(mode="after")
     def _process(self):
@@ -382,17 +385,21 @@ class Config(_Section):
         if sequential and self.data.time_weights is not None:
             raise key_error("data.time_weights", "are T-DiffRec's interaction weights: "
                                                  "model 'diffurec' reads the sequence order")
-        workers, clusters = self.distributed.workers, self.ldiffrec.n_clusters
-        if (workers > 1 or self.distributed.address) and self.model != Model.ldiffrec:
+        sharded = (Model.ldiffrec, Model.diffurec)
+        if (self.distributed.workers > 1 or self.distributed.address) and \
+                self.model not in sharded:
             raise key_error("model", f"('{self.model}') cannot train distributed: distributed "
-                                     f"training shards L-DiffRec's catalogue; model "
-                                     f"'{self.model}' trains in one process (set "
-                                     f"distributed.workers=1 and no distributed.address)")
-        if self.model == Model.ldiffrec and workers > clusters:
-            raise key_error("distributed.workers",
-                            f"is {workers} but ldiffrec.n_clusters is {clusters}: every "
-                            f"worker holds at least one item cluster (use --workers <= "
-                            f"{clusters} or more clusters)")
+                                     f"training shards the catalogue of L-DiffRec and "
+                                     f"DiffuRec; model '{self.model}' trains in one process "
+                                     f"(set distributed.workers=1 and no distributed.address)")
+        if self.model in sharded:
+            workers, section = self.distributed.workers, f"{self.model}.n_clusters"
+            clusters = getattr(self, str(self.model)).n_clusters
+            if workers > clusters:
+                raise key_error("distributed.workers",
+                                f"is {workers} but {section} is {clusters}: every worker "
+                                f"holds at least one item cluster (use --workers <= "
+                                f"{clusters} or more clusters)")
         return self
 
 

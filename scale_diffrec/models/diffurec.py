@@ -36,14 +36,15 @@ r holds E's rows of its items ascending (``item_embeddings``, a bias-free
 global batch of B rows, the same on every rank, rank r with its consecutive block B_r:
 
     emb    = shard.sum(E_r[ids] where owned, else 0)    [B, L + 1, d]  all-reduce
-    x0hat  = shard.gather(approximator(own rows))       [B, d]         all-gather
+    x0hat  = shard.gather(denoiser(own rows))           [B, d]         all-gather
     nll    = catalogue_nll(x0hat, E_r, targets owned)   [B]            parallel logsumexp
     L_r    = sum_{b in B_r} nll_b / B
 
 sum_r L_r is the one-process loss and each replicated value enters it once (through the
 rank's own rows), so the collectives' backward gives exact gradients
-(``shard/collectives.py``); the approximator is data-parallel (its gradients are summed over
-ranks by DeepSpeed or the caller). t, eps and lambda are drawn for all B rows from one
+(``shard/collectives.py``); ``denoiser`` (``SequenceDenoiser``: the LayerNorm and the
+approximator) is data-parallel (its gradients are summed over ranks by DeepSpeed, the
+engine set by ``use_engine``, or the caller). t, eps and lambda are drawn for all B rows from one
 (seed, step) stream, so every rank takes its rows of the one-process draws; the dropouts
 use the process's RNG (equal only with dropout 0).
 """
@@ -69,6 +70,26 @@ from .diffusion import GaussianDiffusion
 from .linear_logsumexp import catalogue_nll
 from .respace import model_timesteps, respaced_betas, space_timesteps
 from .samplers import named_sampler
+
+
+class SequenceDenoiser(nn.Module):
+    """The data-parallel part (a DeepSpeed engine's module in a W-worker run): the
+    sequence encoding LayerNorm(dropout_emb(.)) (model.py ``forward``) and the
+    approximator. forward(emb [n, L, d] item embeddings of the inputs, mask [n, L], x_t
+    [n, d], t [n] model timesteps, lam [n, L, d]) -> x0hat [n, d]."""
+
+    def __init__(self, cfg: DiffuRecConfig, seed: int):
+        super().__init__()
+        self.emb_dropout = cfg.emb_dropout
+        self.norm = nn.LayerNorm(cfg.hidden, eps=LN_EPS)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.approximator = Approximator(cfg.hidden, cfg.blocks, cfg.heads, cfg.dropout,
+                                             cfg.lambda_uncertainty)
+
+    def forward(self, emb, mask, x_t, t, lam) -> torch.Tensor:
+        seq = self.norm(F.dropout(emb, self.emb_dropout, self.training))
+        return self.approximator(seq, mask, x_t, t, lam)
 
 
 class DiffuRec(Recommender):
@@ -102,11 +123,9 @@ class DiffuRec(Recommender):
                 rows = self.row_of[torch.from_numpy(partition.items_of(c))]
                 self.item_embeddings.weight[rows] = torch.randn(len(rows), cfg.hidden,
                                                                 generator=g)
-        self.norm = nn.LayerNorm(cfg.hidden, eps=LN_EPS)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            self.approximator = Approximator(cfg.hidden, cfg.blocks, cfg.heads, cfg.dropout,
-                                             cfg.lambda_uncertainty)
+        self.partition = partition
+        self.denoiser = SequenceDenoiser(cfg, self.seed)
+        object.__setattr__(self, "_engine", None)
         self.sampler = named_sampler(cfg.sampler.value, cfg.steps)
         betas = named_betas(cfg.schedule.value, cfg.steps)
         self.diffusion = GaussianDiffusion.from_betas(betas)
@@ -134,9 +153,43 @@ class DiffuRec(Recommender):
         local = self.item_embeddings.weight[rows.clamp(min=0)]
         return self.shard.sum(torch.where(own, local, torch.zeros_like(local)))
 
-    def encode(self, emb: torch.Tensor) -> torch.Tensor:
-        """[B, L, d] item embeddings -> LayerNorm(dropout_emb(.)) (model.py ``forward``)."""
-        return self.norm(F.dropout(emb, self.cfg.emb_dropout, self.training))
+    def dense(self, emb, mask, x_t, t, lam) -> torch.Tensor:
+        """``denoiser``(...) (``SequenceDenoiser``), through the DeepSpeed engine when one
+        is set (``use_engine``)."""
+        return (self._engine or self.denoiser)(emb, mask, x_t, t, lam)
+
+    def use_engine(self, engine) -> None:
+        """Run the denoiser through ``engine`` (a DeepSpeed engine around ``self.denoiser``,
+        data-parallel over the ranks); not a submodule, so names stay ``denoiser.*``."""
+        object.__setattr__(self, "_engine", engine)
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
+        """Two AdamW groups at ``lr`` / ``weight_decay``: the catalogue (E's owned rows;
+        first: a W-worker run's rank-local optimizer) and the denoiser."""
+        return [{"name": "catalogue", "params": [self.item_embeddings.weight], "lr": lr,
+                 "weight_decay": weight_decay},
+                {"name": "denoiser", "params": list(self.denoiser.parameters()), "lr": lr,
+                 "weight_decay": weight_decay}]
+
+    def items_of(self, c: int) -> torch.Tensor:
+        """[n_c] cluster c's items (ascending): their rows in the one-process table."""
+        return torch.from_numpy(self.partition.items_of(c))
+
+    def catalogue_rows(self) -> int:
+        """Rows of this process's part of E (``checkpoint.merge_catalogue``)."""
+        return len(self.item_embeddings.items)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """{item_embeddings, denoiser, total} of the whole model (sharded: collective)."""
+        table = self.shard.sum(torch.tensor(self.item_embeddings.weight.numel()))
+        denoiser = sum(getattr(p, "ds_numel", p.numel()) for p in self.denoiser.parameters())
+        return {"item_embeddings": int(table), "denoiser": denoiser,
+                "total": int(table) + denoiser}
+
+    def decoder_rows(self, c: int) -> torch.Tensor:
+        """[n_c] the rows of cluster c's items in this rank's table (the name L-DiffRec's
+        global decoder gives them: ``checkpoint.split_catalogue``)."""
+        return self.row_of[self.items_of(c)].cpu()
 
     def model_t(self, k: torch.Tensor, kept: list[int]) -> torch.Tensor:
         """[B] float timestep the approximator sees at step k [B] of the process on
@@ -149,7 +202,7 @@ class DiffuRec(Recommender):
         g = torch.Generator().manual_seed(stream_key("diffurec", self.seed, "step", step))
         t, _ = self.sampler.sample(batch, "cpu", generator=g)
         eps = torch.randn(batch, self.cfg.hidden, generator=g)
-        lam = self.approximator.draw_lambda((batch, length, self.cfg.hidden), g)
+        lam = self.denoiser.approximator.draw_lambda((batch, length, self.cfg.hidden), g)
         return t.to(device), eps.to(device), lam.to(device)
 
     def chunk(self, rows: int, device) -> int:
@@ -175,8 +228,8 @@ class DiffuRec(Recommender):
         emb = self.embed(torch.cat([inputs, targets[:, None]], dim=1))       # [B, L + 1, d]
         x_t = self.diffusion.q_sample(emb[own, -1], t[own], eps[own])
         mask = (inputs[own] != self.n_items).float()
-        x0hat_r = self.approximator(self.encode(emb[own, :-1]), mask, x_t,
-                                    self.model_t(t[own], list(range(self.cfg.steps))), lam[own])
+        x0hat_r = self.dense(emb[own, :-1], mask, x_t,
+                             self.model_t(t[own], list(range(self.cfg.steps))), lam[own])
         x0hat = self.shard.gather(x0hat_r, splits)
         nll = self.catalogue_ce(x0hat, targets)
         self.sampler.update_with_local_losses(t[own], nll[own].detach())
@@ -207,14 +260,15 @@ class DiffuRec(Recommender):
         try:
             b, length = inputs.shape
             splits, own = self.shard.rows(b)
-            seq = self.encode(self.embed(inputs)[own])
+            emb = self.embed(inputs)[own]
             mask = (inputs[own] != self.n_items).float()
-            n, d, dev = seq.shape[0], self.cfg.hidden, inputs.device
+            n, d, dev = emb.shape[0], self.cfg.hidden, inputs.device
             x = torch.randn(b, d, generator=generator, device=dev)[own]
             for k in reversed(range(len(self.kept))):
                 t = torch.full((n,), k, dtype=torch.long, device=dev)
-                lam = self.approximator.draw_lambda((b, length, d), generator, dev)[own]
-                x0hat = self.approximator(seq, mask, x, self.model_t(t, self.kept), lam)
+                lam = self.denoiser.approximator.draw_lambda((b, length, d), generator,
+                                                             dev)[own]
+                x0hat = self.dense(emb, mask, x, self.model_t(t, self.kept), lam)
                 if k == 0:
                     break
                 x = self.reverse.posterior_mean(x0hat, x, t) + torch.exp(

@@ -376,6 +376,11 @@ class LDiffRec(PerCluster, Recommender):
              "lr": lr, "weight_decay": weight_decay},
         ]
 
+    def catalogue_rows(self) -> int | None:
+        """Rows of this process's part of the row-sharded global decoder (None: per-cluster
+        decoders), as ``checkpoint.merge_catalogue`` rebuilds them."""
+        return len(self.decoder.items) if self.global_decoder else None
+
     def parameter_counts(self) -> dict[str, int]:
         """{encoders, decoder, denoiser, total} over all clusters (sharded: collective)."""
         count = lambda ps: sum(getattr(p, "ds_numel", p.numel()) for p in ps)  # noqa: E731

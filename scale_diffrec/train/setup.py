@@ -1,5 +1,5 @@
 """The set-up every run shares, one process or a Ray worker: the seeds and the item
-partition."""
+partition (L-DiffRec's k-means clusters, DiffuRec's row blocks of its item table)."""
 from __future__ import annotations
 
 import random
@@ -10,7 +10,8 @@ import torch
 
 from .. import runs
 from ..choices import Model
-from ..data import InteractionData
+from ..errors import ConfigError
+from ..data import InteractionData, Sequences
 from ..partition import Partition, build_partition, check_made_by
 
 
@@ -20,12 +21,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_partition(cfg: dict, data: InteractionData, run_dir: Path | None,
+def prepare_partition(cfg: dict, data: InteractionData | Sequences, run_dir: Path | None,
                       rebuild: bool = False):
-    """L-DiffRec's item partition (None for other models), validated and not yet written:
+    """The run's item partition (None for models without one), validated and not yet
+    written. DiffuRec: ``diffurec.n_clusters`` blocks of item ids (``Partition.blocks``;
+    ConfigError naming the key when there are fewer items). L-DiffRec:
     ``ldiffrec.partition`` when given, else the run's own artifact when it matches the
     config that would build it (``partition.check_made_by``; ``rebuild``: ignored), else
     built from the data."""
+    if cfg["model"] == Model.diffurec:
+        n_clusters = cfg["diffurec"]["n_clusters"]
+        if n_clusters > data.n_items:
+            raise ConfigError(f"config key 'diffurec.n_clusters' ({n_clusters}) exceeds the "
+                              f"{data.n_items} items of the data")
+        return Partition.blocks(data.n_items, n_clusters)
     if cfg["model"] != Model.ldiffrec:
         return None
     given = cfg["ldiffrec"]["partition"]

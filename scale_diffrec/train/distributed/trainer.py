@@ -1,4 +1,5 @@
-"""W-worker L-DiffRec training on Ray Train: the same run as ``scale_diffrec.train.train``.
+"""W-worker L-DiffRec and DiffuRec training on Ray Train: the same run as
+``scale_diffrec.train.train``.
 
 The driver (``train_distributed``) loads the data, builds the item partition and the
 placement plan (clusters -> workers, DESIGN.md "Hybrid parallelism"), writes them to the run
@@ -62,21 +63,25 @@ RAY_NAME = "ray"                  # Ray Train's run name: RUN_DIR/checkpoints/ra
 
 # ============================================================================ the driver
 def check_workers(cfg: dict) -> int:
-    """W from ``train.distributed.workers``; a ConfigError unless the model is L-DiffRec."""
-    if cfg["model"] != "ldiffrec":
-        raise ConfigError(f"config key 'model': distributed training shards L-DiffRec's "
-                          f"catalogue; model '{cfg['model']}' trains in one process "
-                          f"(set distributed.workers=1 and no distributed.address)")
+    """W from ``train.distributed.workers``; a ConfigError unless the model is L-DiffRec or
+    DiffuRec."""
+    if cfg["model"] not in ("ldiffrec", "diffurec"):
+        raise ConfigError(f"config key 'model': distributed training shards the catalogue of "
+                          f"L-DiffRec and DiffuRec; model '{cfg['model']}' trains in one "
+                          f"process (set distributed.workers=1 and no distributed.address)")
     return int(cfg["distributed"]["workers"])      # 1 <= W <= n_clusters: config schema
 
 
 def build_plan(cfg: dict, partition: Partition, n_workers: int) -> Plan:
     """Clusters -> workers by ``distributed.placement`` (items | params), with latent widths
-    and per-cluster parameters (bytes counted with grads and Adam's two moments)."""
+    and per-cluster parameters (bytes counted with grads and Adam's two moments); DiffuRec's
+    row blocks by items (a row of E is one parameter vector, whichever the placement)."""
     placement = cfg["distributed"]["placement"]
     sizes = partition.sizes.tolist()
     if n_workers > len(sizes):
         raise ConfigError(f"{n_workers} workers but the partition has {len(sizes)} clusters")
+    if cfg["model"] == "diffurec":
+        return plan_placement(sizes, n_workers)
     widths = [d[-1] for d in latent_dims(sizes, cfg["ldiffrec"]["in_dims"])]
     return plan_placement(sizes, n_workers, weight=placement, latent_dims=widths,
                           decoder_params=cluster_parameters(cfg, sizes), bytes_per_param=16)
@@ -146,8 +151,8 @@ def _prepare_run_dir(cfg: dict, run_dir: Path, n_workers: int, resume: bool,
     if not saved.is_file() or Partition.load(saved, n_items=data.n_items) != partition:
         partition.save(saved)
     runs.write_json(run_dir / PLAN, plan.to_dict())
-    log.info("data %s: %d users x %d items, %d train interactions",
-             data.name, data.n_users, data.n_items, data.train.nnz)
+    log.info("data %s: %d users x %d items, %d train interactions (sequences: items)",
+             data.name, data.n_users, data.n_items, runs.data_record(data)["nnz"])
     log.info("%s", plan.describe())
     return plan
 
@@ -159,7 +164,8 @@ def _storage(run_dir: Path) -> Path:
 def train_distributed(cfg: dict, run_dir: str | Path, resume: bool = False,
                       overwrite: bool = False, callbacks: tuple = (), test: bool = True,
                       on_epoch: Callable[[dict, dict], None] | None = None) -> dict:
-    """Train L-DiffRec on ``train.distributed.workers`` Ray Train workers; returns metrics.json.
+    """Train L-DiffRec or DiffuRec on ``train.distributed.workers`` Ray Train workers;
+    returns metrics.json.
     The driver claims the run directory for the whole run (``claim.claim``; the workers
     write under its claim). Nothing is written before the run directory, data, partition
     and plan are validated.

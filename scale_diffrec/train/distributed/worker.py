@@ -1,13 +1,17 @@
-"""One rank's wiring of a W-worker L-DiffRec run (DESIGN.md, "Hybrid parallelism").
+"""One rank's wiring of a W-worker L-DiffRec or DiffuRec run (DESIGN.md, "Hybrid
+parallelism").
 
-The model itself is sharded by construction (``models/ldiffrec.py`` with a ``Shard``): rank
-r builds the encoders and decoder parts of its clusters ``plan.clusters(r)`` and computes
-its share of the loss with collectives. What stays here is wiring:
+The model itself is sharded by construction (``models/ldiffrec.py`` / ``models/diffurec.py``
+with a ``Shard``): rank r builds the catalogue parts of its clusters ``plan.clusters(r)``
+(L-DiffRec's encoders and decoder rows, DiffuRec's rows of the item table) and computes its
+share of the loss with collectives. What stays here is wiring:
 
-* the denoiser in a DeepSpeed ZeRO engine (data-parallel over the batch rows), which the
-  model runs it through (``LDiffRec.use_engine``);
+* the model's ``denoiser`` (L-DiffRec's MLP; DiffuRec's ``SequenceDenoiser``, the
+  Transformer approximator) in a DeepSpeed ZeRO engine (data-parallel over the batch
+  rows), which the model runs it through (``use_engine``);
 * the ``HybridOptimizer``: a rank-local torch AdamW over the rank's catalogue parameters
-  (the autoencoder group: ``ldiffrec.lr_vae``) beside the engine's optimizer, and the
+  (the model's first ``param_groups`` group: L-DiffRec's autoencoder at
+  ``ldiffrec.lr_vae``, DiffuRec's item table) beside the engine's optimizer, and the
   backward that gives both exact gradients (``zero.hybrid_backward``);
 * checkpoint shards: the rank's clusters' parameters and AdamW state under cluster names
   (``checkpoint.split_catalogue``), the common part (denoiser, sampler, progress), and the
@@ -24,7 +28,7 @@ import torch.distributed as dist
 
 from ...checkpoint import (FORMAT, load_optimizer_state, merge_catalogue, optimizer_state,
                           split_catalogue)
-from ...data.dataset import InteractionData
+from ...data import InteractionData, Sequences
 from ...models import Progress, build_model
 from ..loop import split_metrics, train_epoch, train_step
 from ...shard.plan import Plan
@@ -51,11 +55,17 @@ class HybridOptimizer:
         self.engine.step()
         self.local.step()
 
+    @property
+    def param_groups(self) -> list[dict]:
+        """Both optimizers' groups (``loop.epoch_lr`` sets their lr)."""
+        return [*self.engine.optimizer.param_groups, *self.local.param_groups]
+
 
 class ShardedRun:
-    """One rank's part of a W-worker L-DiffRec run (torch.distributed already initialized)."""
+    """One rank's part of a W-worker L-DiffRec or DiffuRec run (torch.distributed already
+    initialized)."""
 
-    def __init__(self, cfg: dict, data: InteractionData, partition, plan: Plan,
+    def __init__(self, cfg: dict, data: InteractionData | Sequences, partition, plan: Plan,
                  device: torch.device):
         self.cfg, self.data, self.plan = cfg, data, plan
         self.device = torch.device(device)
@@ -64,7 +74,8 @@ class ShardedRun:
         self.progress = Progress()
         # this rank's clusters' parts, each from its keyed stream, and the denoiser from
         # the global seed: the values one process starts from
-        self.model = model = build_model(cfg, data.n_items, partition, train=data.train,
+        self.model = model = build_model(cfg, data.n_items, partition,
+                                         train=getattr(data, "train", None),
                                          shard=shard).to(self.device)
         # precision bf16 on a GPU: DeepSpeed's torch_autocast mode (fp32 master weights,
         # bf16 matmuls, bf16 gradient communication of its Linear layers), the same
@@ -133,8 +144,8 @@ class ShardedRun:
         content, which it returns. Collective."""
         common = source.common()
         part = source.catalogue(self.model, self.clusters)
-        n_rows = len(self.model.decoder.items) if self.model.global_decoder else None
-        own = {key: merge_catalogue(part[key], self.model, self.model.decoder_rows, n_rows)
+        own = {key: merge_catalogue(part[key], self.model, self.model.decoder_rows,
+                                    self.model.catalogue_rows())
                for key in ("model", "optimizer")}
         missing = {n for n, _ in self._local_named()} - set(own["model"])
         if missing:
@@ -148,7 +159,7 @@ class ShardedRun:
         return common
 
     def full_model_state(self) -> dict | None:
-        """On rank 0 the single-process LDiffRec state_dict assembled from all ranks (for
+        """On rank 0 the single-process model's state_dict assembled from all ranks (for
         ``scale-diffrec evaluate``/``export``); None on the other ranks. Collective."""
         local = self.catalogue_state()["model"]
         parts = [None] * self.world if self.rank == 0 else None
