@@ -1,9 +1,12 @@
 """W-worker DiffuRec through the product's wiring (``train/distributed/worker.py``
 ``ShardedRun``: the item table's row blocks on their ranks, the ``SequenceDenoiser`` under a
 DeepSpeed ZeRO engine, the hybrid optimizer) equals the one-process run of the same config:
-every parameter after an epoch of the one loop (``train_epoch``, with the StepLR decay) and
-the valid metrics of the one evaluator; W = 2 gloo processes, 3 row blocks, dropout 0."""
+every parameter after two epochs of the one loop (``train_epoch``, with the StepLR decay)
+and the valid metrics of the one evaluator (W = 2 gloo processes, 3 row blocks, dropout 0);
+and ``train --workers 2`` on Ray writes the run a one-process ``train`` writes, to 1e-6."""
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -60,3 +63,27 @@ def test_two_workers_equal_one_process_after_two_epochs():
         assert counts == model.parameter_counts()
         for key in ("hr@5", "hr@10", "hr@20", "ndcg@10"):
             assert sharded[key] == pytest.approx(metrics[key], abs=1e-6), key
+
+
+@pytest.mark.ray
+def test_train_on_two_ray_workers_equals_one_process(ray_local, tmp_path, capsys):
+    from scale_diffrec.cli import main
+    from scale_diffrec.config import absolute_paths, load_config
+    from scale_diffrec.train import train
+    from scale_diffrec.train.distributed.trainer import train_distributed
+    sets = SETS + ["epochs=2"]
+    cfg = absolute_paths(load_config("configs/diffurec-quickstart.yaml", sets))
+    two = train_distributed({**cfg, "distributed": {**cfg["distributed"], "workers": 2}},
+                            tmp_path / "two")
+    one = train(cfg, tmp_path / "one")
+    assert len(two["plan"]["assignment"]) == 2 and two["parameters"] == one["parameters"]
+    assert [h["loss"] for h in two["history"]] == pytest.approx(
+        [h["loss"] for h in one["history"]], rel=1e-5)
+    assert two["best_epoch"] == one["best_epoch"]
+    for split in ("valid", "test"):
+        for key in ("hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20"):
+            assert two[split][key] == pytest.approx(one[split][key], abs=1e-6), (split, key)
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(tmp_path / "two"), "--split", "test"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["hr@10"] == pytest.approx(two["test"]["hr@10"], abs=1e-9)

@@ -138,10 +138,8 @@ def train_epoch(model, optimizer, data: InteractionData, cfg: dict, epoch: int,
 
 def headline(metrics: dict, select_metric: str) -> dict:
     """The metrics an epoch line and the history show: the selection metric, and
-    recall@20 / ndcg@20 when ``topk`` has 20 (hr@10 / ndcg@10 when it selects on hr)."""
-    shown = ["hr@10", "ndcg@10"] if select_metric.startswith("hr@") else ["recall@20",
-                                                                          "ndcg@20"]
-    keys = dict.fromkeys([select_metric, *shown])
+    recall@20 / ndcg@20 when ``topk`` has 20."""
+    keys = dict.fromkeys([select_metric, "recall@20", "ndcg@20"])
     return {k: metrics[k] for k in keys if k in metrics}
 
 
