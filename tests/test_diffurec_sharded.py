@@ -3,7 +3,9 @@
 DeepSpeed ZeRO engine, the hybrid optimizer) equals the one-process run of the same config:
 every parameter after two epochs of the one loop (``train_epoch``, with the StepLR decay)
 and the valid metrics of the one evaluator (W = 2 gloo processes, 3 row blocks, dropout 0);
-and ``train --workers 2`` on Ray writes the run a one-process ``train`` writes, to 1e-6."""
+a W = 2 run's sharded checkpoint (cut by row block) resumed in one process continues as
+the uninterrupted run; and ``train --workers 2`` on Ray writes the run a one-process
+``train`` writes, to 1e-6."""
 from __future__ import annotations
 
 import json
@@ -63,6 +65,45 @@ def test_two_workers_equal_one_process_after_two_epochs():
         assert counts == model.parameter_counts()
         for key in ("hr@5", "hr@10", "hr@20", "ndcg@10"):
             assert sharded[key] == pytest.approx(metrics[key], abs=1e-6), key
+
+
+def _sharded_checkpoint(rank, world, run_dir):
+    """One epoch on ``world`` workers, then its sharded checkpoint, as a Ray worker writes
+    it (``ShardedCheckpoints.save``)."""
+    from pathlib import Path
+    from scale_diffrec.train.distributed import trainer
+    from scale_diffrec.train.distributed.worker import ShardedRun
+    cfg, data, partition = _setup()
+    run = ShardedRun(cfg, data, partition, trainer.build_plan(cfg, partition, world), "cpu")
+    record = trainer._restore(run, None, rank)
+    run.train_epoch(0)
+    run.progress.epoch = 1
+    trainer.ShardedCheckpoints(run, Path(run_dir), {}, record).save(run.progress, record, False)
+
+
+def test_a_two_worker_checkpoint_resumes_in_one_process_as_the_uninterrupted_run(tmp_path):
+    from scale_diffrec import runs
+    from scale_diffrec.train import train
+    cfg = {**_setup()[0], "epochs": 2}
+    train(cfg, tmp_path / "straight")
+    run_distributed(_sharded_checkpoint, 2, args=(str(tmp_path / "run"),),
+                    env={"DS_ACCELERATOR": "cpu"}, timeout=300)
+    resumed = train(cfg, tmp_path / "run", resume=True)
+    assert [h["epoch"] for h in resumed["history"]] == [2]
+    want = runs.load_checkpoint(tmp_path / "straight", "last")
+    got = runs.load_checkpoint(tmp_path / "run", "last")
+    assert (got["epoch"], got["step"]) == (want["epoch"], want["step"])
+    assert set(got["model"]) == set(want["model"]) and set(got["optimizer"]) == set(
+        want["optimizer"])
+    for name, value in want["model"].items():
+        if not name.endswith(KEY_BIAS):
+            torch.testing.assert_close(got["model"][name], value, rtol=1e-4, atol=1e-5,
+                                       msg=name)
+    for name, state in want["optimizer"].items():
+        if not name.endswith(KEY_BIAS):
+            for key, value in state.items():
+                torch.testing.assert_close(got["optimizer"][name][key], value, rtol=1e-4,
+                                           atol=1e-6, msg=f"{name}.{key}")
 
 
 @pytest.mark.ray

@@ -123,7 +123,7 @@ class DiffuRec(Recommender):
                 rows = self.row_of[torch.from_numpy(partition.items_of(c))]
                 self.item_embeddings.weight[rows] = torch.randn(len(rows), cfg.hidden,
                                                                 generator=g)
-        self.partition = partition
+        self.partition, self.n_clusters = partition, partition.n_clusters
         self.denoiser = SequenceDenoiser(cfg, self.seed)
         object.__setattr__(self, "_engine", None)
         self.sampler = named_sampler(cfg.sampler.value, cfg.steps)
