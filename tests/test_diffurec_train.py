@@ -106,9 +106,39 @@ def test_the_evaluator_gives_hand_computed_hr_and_ndcg_official_and_masked():
     assert masked["ndcg@3"] == pytest.approx((1 + 1 / math.log2(4) + 1 / math.log2(3)) / 3)
 
 
-def test_export_of_a_diffurec_run_is_refused_in_one_line(tmp_path, capsys):
-    assert _train(tmp_path / "run", "epochs=1") == 0
+def test_the_exported_flat_index_equals_brute_force_and_recommend_takes_a_sequence(
+        tmp_path, capsys):
+    pytest.importorskip("faiss")
+    from scale_diffrec.retrieval import Retriever
+    assert _train(tmp_path / "run", "epochs=1", "diffurec.n_clusters=2") == 0
+    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "b")]) == 0
+    retriever = Retriever.load(tmp_path / "b")
+    histories = [[3, 17, 3, 52], [9], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 1, 2]]
+    for exclude in (True, False):
+        flat = retriever.recommend(histories, k=10, exclude_seen=exclude)
+        brute = retriever.recommend(histories, k=10, exclude_seen=exclude, brute_force=True)
+        assert np.array_equal(flat[0], brute[0])
+        np.testing.assert_allclose(flat[1], brute[1], rtol=1e-5, atol=1e-5)
+        assert np.array_equal(retriever.recommend(histories, k=10, exclude_seen=exclude)[0],
+                              flat[0])                                     # deterministic
+    seen_out = retriever.recommend(histories, k=10)[0]          # seen items excluded
+    assert all(not set(row) & set(h) for row, h in zip(seen_out, histories))
+    # the order of the sequence is the query: reordered, another query
+    again = retriever.recommend([[52, 3, 17, 3]], k=10, exclude_seen=False)
+    assert not np.array_equal(again[1][0], flat[1][0])
     capsys.readouterr()
-    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "b")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "DiffuRec bundle" in err[0] and not (tmp_path / "b").exists()
+    assert main(["recommend", "--index", str(tmp_path / "b"), "--items", "3,17,3,52",
+                 "-k", "10"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["items"] == retriever.recommend(histories[:1], k=10)[0][0].tolist()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    two = [histories[0], histories[2]]       # batch mode: each user's rows in file order
+    pq.write_table(pa.table({"user_id": np.repeat([7, 8], [len(h) for h in two]),
+                             "item_id": np.concatenate(two)}), tmp_path / "h.parquet")
+    assert main(["recommend", "--index", str(tmp_path / "b"), "--histories",
+                 str(tmp_path / "h.parquet"), "--out", str(tmp_path / "r.parquet"),
+                 "-k", "5"]) == 0
+    recs = pq.read_table(tmp_path / "r.parquet").to_pydict()
+    want = retriever.recommend(two, k=5)[0]
+    assert recs["item"] == want.ravel().tolist() and recs["user"] == [7] * 5 + [8] * 5

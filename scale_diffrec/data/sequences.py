@@ -135,14 +135,29 @@ class Sequences:
         ``positions`` [B]: targets = items[g]; inputs = the up to max_len (default
         ``self.max_len``) items before g in g's user, oldest first, left-padded with
         ``pad``."""
-        max_len = self.max_len if max_len is None else max_len
         g = np.asarray(positions, dtype=np.int64)
         user = np.searchsorted(self.offsets, g, side="right") - 1
-        before = g[:, None] - max_len + np.arange(max_len, dtype=np.int64)[None, :]
-        inside = before >= self.offsets[user][:, None]
-        inputs = np.where(inside, self.items[np.maximum(before, 0)], self.pad)
-        return (torch.from_numpy(inputs.astype(np.int64, copy=False)),
+        return (torch.from_numpy(self.inputs_before(g, user, max_len)),
                 torch.from_numpy(self.items[g].astype(np.int64)))
+
+    def inputs_before(self, g: np.ndarray, users: np.ndarray, max_len: int | None = None
+                      ) -> np.ndarray:
+        """[B, max_len] int64: the up to max_len (default ``self.max_len``) items before
+        position g[b] (at most the end of user users[b]'s items) of users[b], oldest first,
+        left-padded with ``pad``."""
+        max_len = self.max_len if max_len is None else max_len
+        before = g[:, None] - max_len + np.arange(max_len, dtype=np.int64)[None, :]
+        inside = before >= self.offsets[users][:, None]
+        return np.where(inside, self.items[np.maximum(before, 0)], self.pad).astype(
+            np.int64, copy=False)
+
+    def next_items(self, device=None) -> SequenceBatch:
+        """The batch that asks for every user's NEXT item (serving): inputs = the last
+        max_len items of each whole sequence (left-padded), targets = ``pad``, key 0."""
+        users = np.arange(self.n_users, dtype=np.int64)
+        inputs = torch.from_numpy(self.inputs_before(self.offsets[1:], users))
+        return SequenceBatch(inputs.to(device), torch.full((self.n_users,), self.pad,
+                                                           device=device), 0)
 
     def iter_batches(self, positions: np.ndarray, batch_size: int, max_len: int | None = None):
         """``batch`` of consecutive slices of ``positions`` (the last may be shorter).

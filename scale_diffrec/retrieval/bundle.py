@@ -9,10 +9,12 @@ A bundle is a folder of immutable versions and a pointer to the current one:
     INDEX_DIR/VERSION/config.yaml      the run's resolved config (rebuilds the query tower)
     INDEX_DIR/VERSION/query_tower.pt   the model's state_dict: encoder, the reverse
                                        diffusion's denoiser, decoder hidden layers (and, for
-                                       --brute-force checks, the output layer FAISS also holds)
+                                       --brute-force checks, the output layer FAISS also holds;
+                                       DiffuRec: the item table, which is also its input
+                                       embedding, and the sequence denoiser)
     INDEX_DIR/VERSION/item_ids.parquet index -> original item id (integers or strings; the
                                        run directory's id-map codec, ``data.id_maps``)
-    INDEX_DIR/VERSION/partition.parquet  item -> cluster (L-DiffRec only)
+    INDEX_DIR/VERSION/partition.parquet  item -> cluster (L-DiffRec; DiffuRec's row blocks)
     INDEX_DIR/VERSION/units/U.faiss    one FAISS index per search unit (a head, or a shard)
     INDEX_DIR/VERSION/units/U.items.npy  [n_U] the item index of each row of unit U
 
@@ -92,9 +94,6 @@ def export(run, out: str | Path, kind: str = "flat", params: dict | None = None,
     """
     out = Path(out)
     reason = run.model.export_error()
-    if run.cfg["model"] == "diffurec":        # its query tower reads sequences, not rows
-        reason = ("a DiffuRec bundle (sequence encoder + reverse chain as the query tower) "
-                  "is not implemented yet; rank it with `scale-diffrec evaluate`")
     if reason is not None:
         raise ConfigError(f"cannot export {run.run_dir}: {reason}")
     if not has_linear_heads(run.model):

@@ -4,7 +4,10 @@
     items, scores = retriever.recommend([[12, 40, 7], [3]], k=20)    # original item ids
 
 A history is a list of the user's items in their original ids, oldest first (the order
-matters only for T-/LT-DiffRec, whose input weights grow linearly with recency). The query
+matters for T-/LT-DiffRec, whose input weights grow linearly with recency, and for DiffuRec,
+whose query tower reads the sequence: its last ``diffurec.max_len`` items, repeats kept,
+through the reverse chain, with noise from the model's (seed, 0) stream, so a history
+gets the same recommendations every time within the same batch). The query
 tower (the model rebuilt from the bundle's config and weights) turns the histories into one
 query per head; FAISS searches each unit for ``k`` plus the most seen items any user of the
 batch has in that unit, so after dropping seen items at least ``k`` candidates remain per
@@ -29,6 +32,7 @@ import torch
 
 from ..config import load_config
 from ..data.csr import CSR
+from ..data.sequences import Sequences
 from ..data.time_weights import time_weights
 from ..device import model_device, resolve_device
 from ..errors import ConfigError, DataError
@@ -88,7 +92,7 @@ class Retriever:
             raise DataError(folder / ITEM_IDS, f"{len(item_ids)} item ids but the manifest "
                                                f"says {n_items} items")
         partition = None
-        if cfg["model"] == "ldiffrec":
+        if cfg["model"] in ("ldiffrec", "diffurec"):
             partition = Partition.load(folder / PARTITION, n_items=n_items)
         model = build_model(cfg, n_items, partition)
         load_model_state(model, torch.load(folder / TOWER, map_location="cpu",
@@ -178,11 +182,21 @@ class Retriever:
         cols = self.lookup([x for h in histories for x in h], source)
         return self.rows_csr(cols, [len(h) for h in histories])
 
+    @property
+    def sequential(self) -> bool:
+        """Whether the query tower reads sequences (DiffuRec)."""
+        return self.cfg["model"] == "diffurec"
+
     def rows_csr(self, items: np.ndarray, lengths: Sequence[int]) -> CSR:
         """[B, I] rows of item indexes ``items`` (rows concatenated, oldest first) with
         ``lengths`` [B]; values 1, or the T-DiffRec recency weights when the model was
-        trained with them."""
+        trained with them. For a sequential model each row keeps its items in their order,
+        repeats included (the sequence its query tower reads; ``model_batch``)."""
         lengths = np.asarray(lengths, dtype=np.int64)
+        if self.sequential:
+            indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+            return CSR(indptr, np.asarray(items, np.int64), np.ones(len(items), np.float32),
+                       self.n_items)
         r = np.repeat(np.arange(len(lengths)), lengths)
         values = np.ones(len(r), np.float32)
         tw = self.cfg["data"]["time_weights"]
@@ -216,7 +230,7 @@ class Retriever:
         when given (e.g. train + valid items when ranking for the test split).
         """
         k = check_setting("k", k)
-        batch = rows.to_torch(model_device(self.model))
+        batch = self.model_batch(rows)
         seen = exclude if exclude is not None else (rows if exclude_seen else None)
         if brute_force:
             items, top = topk_excluding(self.model.score(batch).float().cpu(), seen,
@@ -232,6 +246,17 @@ class Retriever:
             return merge_topk(np.concatenate([items, held_items], 1),
                               np.concatenate([scores, held_scores], 1), k)
         return search_units(self.units, queries, k, seen, self.unit_of)
+
+    def model_batch(self, rows: CSR):
+        """The query tower's input for the histories ``rows`` on the model's device: the
+        rows themselves, or (sequential) the ``SequenceBatch`` asking for each history's
+        next item (``Sequences.next_items``)."""
+        device = model_device(self.model)
+        if not self.sequential:
+            return rows.to_torch(device)
+        histories = Sequences("histories", rows.indices, rows.indptr, self.n_items,
+                              max_len=self.cfg["diffurec"]["max_len"])
+        return histories.next_items(device)
 
     def _held_candidates(self, rows: CSR, queries: dict) -> tuple[np.ndarray, np.ndarray]:
         """Each row's own items [B, L] (-1 padding) with their exact scores [B, L]."""
