@@ -70,9 +70,11 @@ def _draws_x0hat(model, inputs, targets, step):
     """x0hat [B, d] recomputed from the model's own parts and draws (module docstring)."""
     t, eps, lam = model.draws(B, L, step, "cpu")
     e = model.item_embeddings.weight
-    seq = model.denoiser.norm(e[inputs.clamp(max=N_ITEMS - 1)] * (inputs != N_ITEMS)[..., None])
+    seq = model.denoiser.norm(e[inputs.clamp(max=N_ITEMS - 1)]
+                              * (inputs != N_ITEMS)[..., None])
     x_t = model.diffusion.q_sample(e[targets], t, eps)
-    return model.denoiser.approximator(seq, (inputs != N_ITEMS).float(), x_t, t * 1000.0 / 8, lam)
+    return model.denoiser.approximator(seq, (inputs != N_ITEMS).float(), x_t,
+                                       t * 1000.0 / 8, lam)
 
 
 def test_training_loss_is_the_mean_ce_of_the_approximators_x0():
@@ -140,7 +142,8 @@ def test_sharded_loss_gradients_history_and_ranking_equal_one_process(world):
 def test_reverse_chain_runs_the_space_timesteps_steps(spec, kept):
     model = DiffuRec(N_ITEMS, tiny_cfg(reverse_steps=spec), partition())
     seen = []
-    model.denoiser.approximator.register_forward_hook(lambda m, args, out: seen.append(args[3][0].item()))
+    model.denoiser.approximator.register_forward_hook(
+        lambda m, args, out: seen.append(args[3][0].item()))
     q = model.denoise(batch()[0], torch.Generator().manual_seed(1))
     assert seen == [k * 1000.0 / 8 for k in reversed(kept)]
     assert torch.isfinite(q).all()

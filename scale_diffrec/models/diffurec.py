@@ -22,9 +22,10 @@ the pad is never a softmax entry and never ranked. Initialisation: E ~ N(0, 1) a
 ``nn.Embedding``'s default, drawn per cluster from a (seed, cluster) stream so that a rank
 builds its rows exactly as one process does; the approximator from ``torch.manual_seed(seed)``.
 
-Inference (``denoise``; ``query`` for the evaluator and export): x_K ~ N(0, I), then K reverse steps k = K-1 .. 0 of the process on the
-kept steps ``space_timesteps(T, reverse_steps)`` (every step when None, as released):
-x0hat = approximator(.., model_timesteps(k)); x_{k-1} = posterior_mean(x0hat, x_k) +
+Inference (``denoise``; ``query`` for the evaluator and export): x_K ~ N(0, I), then K
+reverse steps k = K-1 .. 0 of the process on the kept steps ``space_timesteps(T,
+reverse_steps)`` (every step when None, as released): x0hat = approximator(..,
+model_timesteps(k)); x_{k-1} = posterior_mean(x0hat, x_k) +
 exp(logvar_k / 2) z with the fixed-large variance log(append(posterior_var[1], beta[1:]))
 (DiffuRec ``p_mean_variance``), no noise at k = 0, where the result is x0hat itself.
 Scores = x0hat . E^T.
