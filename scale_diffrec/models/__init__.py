@@ -24,9 +24,9 @@ def build_model(cfg: Config | dict, n_items: int, partition=None, train=None,
     """The config's ``model`` (``choices.Model``), built by its ``from_config(cfg: Config,
     ...)``; a dict is made ``config.typed`` first (ConfigError naming the key at fault).
     L-DiffRec needs the item partition (ValueError without one; DiffuRec's is optional),
-    ``train`` (CSR) is what its warm start is fitted on (``ldiffrec.warm_start``; None when a checkpoint's weights
-    follow), and ``shard`` (``shard.Shard``) the clusters this process owns in a W-worker
-    run (None: all)."""
+    ``train`` (CSR) is what its warm start is fitted on (``ldiffrec.warm_start``; None when
+    a checkpoint's weights follow), and ``shard`` (``shard.Shard``) the clusters this
+    process owns in a W-worker run (None: all)."""
     cfg = typed(cfg)
     kind = cfg.model
     if kind == Model.diffrec:

@@ -6,12 +6,13 @@ One epoch = every user once, in a seeded order (``epoch_order``), in batches of
 sample (every train prefix) once, in a seeded order, ``batch_size`` samples a batch
 (``epoch_batches``). ``lr_decay_every`` multiplies the learning rate by ``lr_decay`` every
 so many epochs (StepLR, as DiffuRec's released runs; ``epoch_lr``). Validation every
-``eval_every`` epochs on the ``select_metric`` (Recall@20); training stops after ``patience`` epochs without improvement, and the test
-metrics are those of the best validation checkpoint (the reference's model selection). A
-``FittedRecommender`` (the baselines) trains in one epoch, ``fit`` on the train matrix, with
-no optimizer; validation, checkpoints and metrics are the same. What differs between one
-process and a Ray worker is passed in: the optimizer (a torch optimizer, or the W-worker
-hybrid one that owns its backward) and the checkpoints (``LocalCheckpoints`` here,
+``eval_every`` epochs on the ``select_metric`` (Recall@20); training stops after
+``patience`` epochs without improvement, and the test metrics are those of the best
+validation checkpoint (the reference's model selection). A ``FittedRecommender`` (the
+baselines) trains in one epoch, ``fit`` on the train matrix, with no optimizer; validation,
+checkpoints and metrics are the same. What differs between one process and a Ray worker is
+passed in: the optimizer (a torch optimizer, or the W-worker hybrid one that owns its
+backward) and the checkpoints (``LocalCheckpoints`` here,
 ``train.distributed.trainer.ShardedCheckpoints`` for sharded ones reported to Ray).
 """
 from __future__ import annotations
