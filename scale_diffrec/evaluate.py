@@ -135,9 +135,9 @@ def evaluate(model: Recommender, data: InteractionData | Sequences, split: str =
     docstring; interaction data always masks train, + valid for test). ``device``: where
     batches go (default: the model's device). The forward pass in ``precision``
     (``device.autocast``), the ranking on fp32 scores, made a ``chunk_mib`` block of items
-    at a time (``device.chunk_items``;
-    ``score_chunks``) into a ``ranking.RunningTopK``. The model's train/eval mode is
-    restored afterwards. NonFiniteError when a score is NaN or infinite.
+    at a time (``device.chunk_items``; ``score_chunks``) into a ``ranking.RunningTopK``.
+    The model's train/eval mode is restored afterwards. NonFiniteError when a score is NaN
+    or infinite.
     """
     _check_split(split)
     _check_convention(convention)
