@@ -1,11 +1,11 @@
 """W-worker DiffuRec through the product's wiring (``train/distributed/worker.py``
 ``ShardedRun``: the item table's row blocks on their ranks, the ``SequenceDenoiser`` under a
 DeepSpeed ZeRO engine, the hybrid optimizer) equals the one-process run of the same config:
-every parameter after two epochs of the one loop (``train_epoch``, with the StepLR decay)
-and the valid metrics of the one evaluator (W = 2 gloo processes, 3 row blocks, dropout 0);
-a W = 2 run's sharded checkpoint (cut by row block) resumed in one process continues as
-the uninterrupted run; and ``train --workers 2`` on Ray writes the run a one-process
-``train`` writes, to 1e-6."""
+every parameter after two epochs of the one loop (``train_epoch``, with the StepLR decay),
+the losses and the valid metrics of the one evaluator (W = 2 gloo processes, 3 row blocks,
+dropout 0); the W = 2 run's sharded checkpoint (cut by row block) resumed in one process
+continues as the uninterrupted run; and ``train --workers 2`` on Ray writes the run a
+one-process ``train`` writes, to 1e-6."""
 from __future__ import annotations
 
 import json
@@ -34,76 +34,63 @@ def _setup():
     return cfg, data, prepare_partition(cfg, data, None)
 
 
-def _sharded_epochs(rank, world):
-    from scale_diffrec.train.distributed.trainer import build_plan
-    from scale_diffrec.train.distributed.worker import ShardedRun
-    cfg, data, partition = _setup()
-    run = ShardedRun(cfg, data, partition, build_plan(cfg, partition, world), "cpu")
-    losses = [run.train_epoch(epoch) for epoch in range(2)]
-    return run.full_model_state(), losses, run.evaluate("valid"), run.model.parameter_counts()
-
-
-def test_two_workers_equal_one_process_after_two_epochs():
-    from scale_diffrec.models import build_model, parameter_groups
-    from scale_diffrec.models.base import Progress
-    from scale_diffrec.train.loop import split_metrics, train_epoch
-    cfg, data, partition = _setup()
-    model = build_model(cfg, data.n_items, partition)
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg))
-    progress = Progress()
-    losses = [train_epoch(model, optimizer, data, cfg, epoch, progress) for epoch in range(2)]
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5)   # epoch 2's lr
-    single, metrics = model.state_dict(), split_metrics(model, data, "valid", cfg)
-    results = run_distributed(_sharded_epochs, 2, env={"DS_ACCELERATOR": "cpu"}, timeout=300)
-    full = results[0][0]
-    assert set(full) == set(single) and results[1][0] is None
-    for name, value in single.items():
-        if not name.endswith(KEY_BIAS):
-            torch.testing.assert_close(full[name], value, rtol=1e-4, atol=1e-5, msg=name)
-    for _, sharded_losses, sharded, counts in results:
-        assert sharded_losses == pytest.approx(losses, rel=1e-5)
-        assert counts == model.parameter_counts()
-        for key in ("hr@5", "hr@10", "hr@20", "ndcg@10"):
-            assert sharded[key] == pytest.approx(metrics[key], abs=1e-6), key
-
-
-def _sharded_checkpoint(rank, world, run_dir):
-    """One epoch on ``world`` workers, then its sharded checkpoint, as a Ray worker writes
-    it (``ShardedCheckpoints.save``)."""
+def _sharded_epochs(rank, world, run_dir):
+    """Two epochs on ``world`` workers, the first one's sharded checkpoint written as a Ray
+    worker writes it (``ShardedCheckpoints.save``): (the one-process state assembled on
+    rank 0, the epochs' losses, the valid metrics, the parameter counts)."""
     from pathlib import Path
     from scale_diffrec.train.distributed import trainer
     from scale_diffrec.train.distributed.worker import ShardedRun
     cfg, data, partition = _setup()
     run = ShardedRun(cfg, data, partition, trainer.build_plan(cfg, partition, world), "cpu")
     record = trainer._restore(run, None, rank)
-    run.train_epoch(0)
-    run.progress.epoch = 1
-    trainer.ShardedCheckpoints(run, Path(run_dir), {}, record).save(run.progress, record, False)
+    losses = []
+    for epoch in range(2):
+        losses.append(run.train_epoch(epoch))
+        run.progress.epoch = epoch + 1
+        if epoch == 0:
+            trainer.ShardedCheckpoints(run, Path(run_dir), {}, record).save(
+                run.progress, record, False)
+    return run.full_model_state(), losses, run.evaluate("valid"), run.model.parameter_counts()
 
 
-def test_a_two_worker_checkpoint_resumes_in_one_process_as_the_uninterrupted_run(tmp_path):
+def _assert_states_close(got: dict, want: dict, atol: float, where: str) -> None:
+    assert set(got) == set(want), where
+    for name, value in want.items():
+        if name.endswith(KEY_BIAS):
+            continue
+        if isinstance(value, dict):
+            _assert_states_close(got[name], value, atol, f"{where}.{name}")
+        else:
+            torch.testing.assert_close(got[name], value, rtol=1e-4, atol=atol,
+                                       msg=f"{where}.{name}")
+
+
+def test_two_workers_equal_one_process_and_their_checkpoint_resumes_in_one_process(
+        tmp_path):
     from scale_diffrec import runs
     from scale_diffrec.train import train
-    cfg = {**_setup()[0], "epochs": 2}
-    train(cfg, tmp_path / "straight")
-    run_distributed(_sharded_checkpoint, 2, args=(str(tmp_path / "run"),),
-                    env={"DS_ACCELERATOR": "cpu"}, timeout=300)
+    cfg = {**_setup()[0], "epochs": 2, "eval_every": 2}
+    straight = train(cfg, tmp_path / "straight")
+    want = runs.load_checkpoint(tmp_path / "straight", "last")
+    assert want["optimizer"]["item_embeddings.weight"]["step"] > 0
+    results = run_distributed(_sharded_epochs, 2, args=(str(tmp_path / "run"),),
+                              env={"DS_ACCELERATOR": "cpu"}, timeout=300)
+    assert results[1][0] is None
+    _assert_states_close(results[0][0], want["model"], 1e-5, "model")
+    for _, losses, valid, parameters in results:
+        assert losses == pytest.approx([h["loss"] for h in straight["history"]], rel=1e-5)
+        assert parameters == straight["parameters"]
+        for key in ("hr@5", "hr@10", "hr@20", "ndcg@10"):      # epoch 2 is the best
+            assert valid[key] == pytest.approx(straight["valid"][key], abs=1e-6), key
+    # the W = 2 checkpoint of epoch 1 (cut by row block), resumed in one process
     resumed = train(cfg, tmp_path / "run", resume=True)
     assert [h["epoch"] for h in resumed["history"]] == [2]
-    want = runs.load_checkpoint(tmp_path / "straight", "last")
     got = runs.load_checkpoint(tmp_path / "run", "last")
     assert (got["epoch"], got["step"]) == (want["epoch"], want["step"])
-    assert set(got["model"]) == set(want["model"]) and set(got["optimizer"]) == set(
-        want["optimizer"])
-    for name, value in want["model"].items():
-        if not name.endswith(KEY_BIAS):
-            torch.testing.assert_close(got["model"][name], value, rtol=1e-4, atol=1e-5,
-                                       msg=name)
-    for name, state in want["optimizer"].items():
-        if not name.endswith(KEY_BIAS):
-            for key, value in state.items():
-                torch.testing.assert_close(got["optimizer"][name][key], value, rtol=1e-4,
-                                           atol=1e-6, msg=f"{name}.{key}")
+    _assert_states_close(got["model"], want["model"], 1e-5, "model")
+    _assert_states_close(got["optimizer"], want["optimizer"], 1e-6, "optimizer")
+    assert resumed["test"]["hr@10"] == pytest.approx(straight["test"]["hr@10"], abs=1e-6)
 
 
 @pytest.mark.ray

@@ -23,6 +23,7 @@ import dataclasses
 
 from ..choices import DataSource, Model
 from ..config import validate_section
+from ..errors import ConfigError
 from ..schema import DataConfig
 from .csr import CSR, SparseRows
 from .dataset import InteractionData
@@ -68,7 +69,8 @@ def load_data(cfg: dict) -> InteractionData | Sequences:
 
 def load_sequences(d: dict, max_len: int = MAX_LEN) -> Sequences:
     """``Sequences`` of the validated ``data`` section ``d`` (module docstring), inputs of
-    ``max_len`` items. Bad input: DataError naming the file, field and row."""
+    ``max_len`` items. Bad input: DataError naming the file, field and row; a declared
+    ``data.n_items`` other than the data's: ConfigError naming it."""
     source, name = d["source"], d["name"]
     if source == DataSource.diffurec_release:
         seqs = load_diffurec_release(d["path"], name=name)
@@ -82,4 +84,7 @@ def load_sequences(d: dict, max_len: int = MAX_LEN) -> Sequences:
                                            d["synthetic"]["n_items"], times,
                                            name=name or "synthetic")
         seqs.meta.update({"source": "synthetic", "params": d["synthetic"]})
+    if d["n_items"] is not None and d["n_items"] != seqs.n_items:
+        raise ConfigError(f"config key 'data.n_items' ({d['n_items']}) differs from the "
+                          f"{seqs.n_items} items of the data")
     return dataclasses.replace(seqs, max_len=int(max_len))
