@@ -7,9 +7,9 @@
 
 Rows: most-popular, ItemKNN and ALS (tuned on valid Recall@20 over the small grids in
 ``ROWS``; test is read only for the selected point), Mult-VAE, L-DiffRec in one process
-and on 2 Ray workers (``configs/epinions-ldiffrec.yaml`` when it exists, else
-``LDIFFREC_DEFAULT``), and DiffRec only when asked (its dense I x 600 layers are ~290M
-parameters here: ~4.6 GiB with Adam and minutes per epoch on 2 cores). Every run is a
+and on 2 Ray workers (``configs/epinions-ldiffrec.yaml``; 2 clusters and 2 epochs on the
+workers: a time and memory row), and DiffRec only when asked (its dense I x 600 layers are
+~290M parameters here: ~4.6 GiB with Adam and minutes per epoch on 2 cores). Every run is a
 ``scale-diffrec train`` subprocess on the same data and split, so its peak RSS (VmHWM, in
 metrics.json) is its own. Then one run's model is loaded and ``evaluate`` timed over the
 test split (``--repeats`` passes, median), beside the bound of a pass for linear heads:
@@ -53,12 +53,6 @@ from scale_diffrec.runs import load_run, write_json  # noqa: E402
 
 MATMUL_GFLOPS = 210.0        # torch fp32 matmul on these 2 cores (the project's roofline)
 KEYS = ("recall@20", "ndcg@20")
-# the L-DiffRec settings of configs/ml1m-clean-ldiffrec.yaml with SVD item embeddings,
-# 10 epochs (the issue's run): used when configs/epinions-ldiffrec.yaml does not exist
-LDIFFREC_DEFAULT = [
-    "model=ldiffrec", "epochs=10", "eval_every=5", "batch_size=400", "lr=5e-4",
-    "diffusion.noise_max=0.02", "ldiffrec.n_clusters=2", "ldiffrec.in_dims=[300]",
-    "ldiffrec.mlp_dims=[300]", "ldiffrec.lr_vae=1e-3", "ldiffrec.embeddings=svd"]
 ROWS = {   # name: (overrides, {key: grid values} tuned on valid, workers, on by default)
     "mostpop": (["model=mostpop"], {}, 1, True),
     "als": (["model=als", "als.iterations=15"],
@@ -66,9 +60,12 @@ ROWS = {   # name: (overrides, {key: grid values} tuned on valid, workers, on by
              "als.alpha": [1.0, 10.0]}, 1, True),
     "itemknn": (["model=itemknn"], {"itemknn.k": [50, 200], "itemknn.shrink": [10.0, 100.0]},
                 1, True),
-    "ldiffrec": ("ldiffrec", {}, 1, True),
+    "ldiffrec": ("ldiffrec", {"ldiffrec.reparam": [True, False]}, 1, True),
+    # the same settings on 2 Ray workers need 2 clusters (a worker owns whole clusters);
+    # 2 epochs: a time and memory row, not an accuracy one
     "ldiffrec-2workers": ("ldiffrec", {}, 2, True),
-    "multvae": (["model=multvae", "epochs=10", "eval_every=5", "batch_size=500"], {}, 1, True),
+    # 3 epochs: its two 242k x 600 layers make an epoch ~10 min here
+    "multvae": (["model=multvae", "epochs=3", "eval_every=3", "batch_size=500"], {}, 1, True),
     "diffrec": (["model=diffrec", "epochs=10", "eval_every=5"], {}, 1, False),
 }
 
@@ -92,8 +89,9 @@ def row_config(name: str) -> tuple[Path | None, list[str]]:
     """(config file or None, overrides) of a row, before the data and the grid point."""
     overrides = ROWS[name][0]
     if overrides == "ldiffrec":
-        tuned = ROOT / "configs" / "epinions-ldiffrec.yaml"
-        return (tuned, []) if tuned.is_file() else (None, LDIFFREC_DEFAULT)
+        extra = (["ldiffrec.n_clusters=2", "epochs=2", "eval_every=2"]
+                 if ROWS[name][2] > 1 else [])
+        return ROOT / "configs" / "epinions-ldiffrec.yaml", extra
     return None, list(overrides)
 
 
