@@ -60,7 +60,7 @@ ROWS = {   # name: (overrides, {key: grid values} tuned on valid, workers, on by
              "als.alpha": [1.0, 10.0]}, 1, True),
     "itemknn": (["model=itemknn"], {"itemknn.k": [50, 200], "itemknn.shrink": [10.0, 100.0]},
                 1, True),
-    "ldiffrec": ("ldiffrec", {"ldiffrec.reparam": [True, False]}, 1, True),
+    "ldiffrec": ("ldiffrec", {}, 1, True),
     # the same settings on 2 Ray workers need 2 clusters (a worker owns whole clusters);
     # 2 epochs: a time and memory row, not an accuracy one
     "ldiffrec-2workers": ("ldiffrec", {}, 2, True),

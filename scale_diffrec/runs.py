@@ -149,7 +149,9 @@ def inputs_of(cfg: dict, data: InteractionData | Sequences, partition=None) -> d
 
 def check_inputs(run_dir: Path, cfg: dict, data: InteractionData, partition=None) -> None:
     """DataError naming the file and what differs when the run's config, data or partition
-    are not those its checkpoints were trained on (inputs.json); runs without it pass."""
+    are not those its checkpoints were trained on (inputs.json); runs without it pass.
+    A key the record lacks was added to the schema after the run was trained, with a
+    default that keeps the behaviour the run was trained with: it is not a difference."""
     run_dir = Path(run_dir)
     path = run_dir / INPUTS
     if not path.is_file():
@@ -161,8 +163,7 @@ def check_inputs(run_dir: Path, cfg: dict, data: InteractionData, partition=None
     except ValueError as err:
         raise DataError(path, f"not a scale_diffrec inputs file: {first_line(err)}") from None
     now = inputs_of(cfg, data, partition)
-    differs = [k for k in dict.fromkeys([*saved["config"], *now["config"]])
-               if saved["config"].get(k) != now["config"].get(k)]
+    differs = [k for k in saved["config"] if saved["config"][k] != now["config"].get(k)]
     if differs:
         raise DataError(run_dir / CONFIG, f"config key '{differs[0]}' "
                                           f"({saved['config'].get(differs[0])!r} -> "

@@ -221,6 +221,22 @@ def test_a_run_whose_inputs_changed_is_refused_by_evaluate_export_and_resume(
         assert torch.load(run / "checkpoints" / "last.pt", weights_only=False)["epoch"] == 1
 
 
+def test_a_run_recorded_before_a_config_key_existed_still_loads(tmp_path, capsys):
+    # inputs.json of a run trained before 'lr_decay' was a key: evaluate and export load it
+    from scale_diffrec.files import write_sealed
+    assert _train(tmp_path, "run", "epochs=1") == 0
+    run = tmp_path / "run"
+    saved = json.loads((run / "inputs.json").read_bytes().split(b"\nscale_diffrec")[0])
+    del saved["config"]["lr_decay"]
+    write_sealed(run / "inputs.json", lambda f: f.write(json.dumps(saved).encode()))
+    assert main(["evaluate", "--run", str(run)]) == 0
+    saved["config"]["lr_decay"] = 0.5                 # a recorded value that differs still fails
+    write_sealed(run / "inputs.json", lambda f: f.write(json.dumps(saved).encode()))
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run)]) == 2
+    assert "config key 'lr_decay' (0.5 -> 0.1) differs" in _one_error_line(capsys)
+
+
 def test_resumed_finished_runs_do_not_train_again(tmp_path, caplog):
     assert _train(tmp_path, "stop", "epochs=40", "patience=1", "lr=0.05") == 0
     last = torch.load(tmp_path / "stop" / "checkpoints" / "last.pt", weights_only=False)
