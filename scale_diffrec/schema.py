@@ -223,6 +223,8 @@ class LDiffRecConfig(_Section):
     als_reg: NonNegativeFloat = 0.1       #   the warm start's ALS: L2 regularisation,
     als_alpha: NonNegativeFloat = 10.0    #   confidence 1 + alpha x (Hu et al. 2008),
     als_iters: PositiveInt = 15           #   alternating sweeps (embeddings.als_factors)
+    frozen_autoencoder_epochs: NonNegativeInt = 0  # first epochs train the denoiser only,
+                                          #   on the autoencoder's latents (0: joint)
 
     @model_validator(mode="after")
     def _every_cluster_gets_a_width(self):

@@ -242,6 +242,48 @@ def test_chunked_logsumexp_equals_logsumexp_with_gradients():
             torch.testing.assert_close(a, r)
 
 
+def test_chunked_logsumexp_with_a_frozen_weight_gives_the_hidden_gradient_alone():
+    from scale_diffrec.models.linear_logsumexp import chunked_logsumexp
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(23, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(23, generator=g, dtype=torch.float64)
+    upstream = torch.randn(5, generator=g, dtype=torch.float64)
+    ref = torch.autograd.grad((torch.logsumexp(h @ w.T + b, 1) * upstream).sum(), h)[0]
+    for chunk in (4, 23):
+        got = torch.autograd.grad((chunked_logsumexp(h, w, b, chunk) * upstream).sum(), h)[0]
+        torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("out_dims", ["[]", "[8]"])
+def test_frozen_autoencoder_epochs_train_the_denoiser_alone_then_everything(out_dims):
+    model, cfg = make_model("ldiffrec.frozen_autoencoder_epochs=2", f"ldiffrec.out_dims={out_dims}")
+    joint, _ = make_model(f"ldiffrec.out_dims={out_dims}")
+    joint.load_state_dict(model.state_dict())
+    batch = batch_of(toy_csr(weights=True))
+    opt = torch.optim.AdamW(parameter_groups(model, cfg))
+    auto = {n for n, _ in model.named_parameters() if not n.startswith("denoiser")}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.train()
+    joint.train()
+    for step, epoch in enumerate([0, 1, 2]):
+        opt.zero_grad(set_to_none=True)
+        loss = model.training_loss(batch, Progress(epoch=epoch, step=step))["loss"]
+        if step == 0:           # the loss itself does not depend on the freezing
+            torch.testing.assert_close(loss, joint.training_loss(batch, Progress(0, 0))["loss"])
+        loss.backward()
+        grads = {n for n, p in model.named_parameters() if p.grad is not None}
+        assert grads == (set(before) - auto if epoch < 2 else set(before))
+        opt.step()
+        if epoch == 1:
+            for n in auto:
+                assert torch.equal(model.get_parameter(n), before[n]), n
+            assert all(not torch.equal(model.get_parameter(n), before[n])
+                       for n in before if n.startswith("denoiser.") and n.endswith("weight"))
+    assert all(not torch.equal(model.get_parameter(n), before[n]) for n in auto
+               if n.endswith("weight"))
+
+
 @pytest.mark.parametrize("out_dims", ["[]", "[8]"])
 @pytest.mark.parametrize("owned", [[1], [0, 2]])
 def test_cluster_parts_built_alone_equal_the_whole_models(out_dims, owned):

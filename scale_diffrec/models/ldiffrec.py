@@ -32,6 +32,14 @@ cluster's encoder and decoder from ALS factors of its columns (``warm_factors``,
 ``embeddings.als_warm_start``; NCF's pre-training, He et al. WWW 2017, section 3.4.1), for
 catalogues too sparse for the Xavier start (Epinions: ~2 train interactions per item).
 
+Not in the reference (an option, off by default): ``ldiffrec.frozen_autoencoder_epochs``
+trains only the denoiser during the first epochs, on the latents of the autoencoder as it
+starts (the warm start's): the two-stage training of latent diffusion models (Rombach et
+al., "High-Resolution Image Synthesis with Latent Diffusion Models", CVPR 2022, section
+3), then the reference's joint training. The loss is the same; the autoencoder's
+parameters just take no gradient (``requires_grad`` off), so its optimizer leaves them
+and their Adam state untouched.
+
 Inference (main / L-DiffRec/inference.py ``evaluate``): mu (eval mode: no dropout, no
 reparameterisation) -> ``diffusion.p_sample(denoiser, mu, sampling_steps, sampling_noise)``
 -> decoder -> logits.
@@ -301,6 +309,9 @@ class LDiffRec(PerCluster, Recommender):
         process; the module docstring's formula), "diffusion", "recon", "kl" (batch means
         over all ranks), "lamda", "beta"}."""
         device, b = batch.values.device, batch.batch_size
+        frozen = progress.epoch < self.lcfg.frozen_autoencoder_epochs
+        for p in self.autoencoder_parameters():
+            p.requires_grad_(not frozen)
         splits, own = self.shard.rows(b)
         gens = [self.cluster_generator(progress.step, c, device) for c in self.clusters]
         inputs, mu, logvar, z_r = self.encode(batch, gens)

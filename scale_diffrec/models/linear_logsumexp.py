@@ -66,7 +66,10 @@ class LinearLogSumExp(torch.autograd.Function):
         mm, acc, h = hidden1.dtype, lse.dtype, weight.shape[1]
         grad = grad.to(acc)
         grad_h = torch.zeros(hidden1.shape[0], h, device=grad.device, dtype=acc)
-        grad_wb = torch.empty(weight.shape[0], h + 1, device=grad.device, dtype=acc)
+        # the weight's gradient only when asked (a frozen decoder: ``hidden``'s alone)
+        want_wb = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        grad_wb = (torch.empty(weight.shape[0], h + 1, device=grad.device, dtype=acc)
+                   if want_wb else None)
         for s in range(0, weight.shape[0], ctx.chunk):
             wb = with_bias(weight, bias, s, ctx.chunk).to(mm)
             if probs is not None:
@@ -76,11 +79,15 @@ class LinearLogSumExp(torch.autograd.Function):
                 p.sub_(lse[:, None]).exp_().mul_(grad[:, None])        # [B, chunk]
             if mm == acc:
                 grad_h.addmm_(p, wb[:, :h])
-                torch.mm(p.T, hidden1, out=grad_wb[s:s + ctx.chunk])
+                if want_wb:
+                    torch.mm(p.T, hidden1, out=grad_wb[s:s + ctx.chunk])
             else:                          # bf16 products, fp32 accumulation
                 p = p.to(mm)
                 grad_h += (p @ wb[:, :h]).to(acc)
-                grad_wb[s:s + ctx.chunk] = (p.T @ hidden1).to(acc)
+                if want_wb:
+                    grad_wb[s:s + ctx.chunk] = (p.T @ hidden1).to(acc)
+        if not want_wb:
+            return grad_h.to(ctx.out_dtype), None, None, None
         return (grad_h.to(ctx.out_dtype), grad_wb[:, :h].to(weight.dtype),
                 grad_wb[:, h].to(bias.dtype), None)
 
