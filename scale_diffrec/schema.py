@@ -184,6 +184,8 @@ class DenoiserConfig(_Section):
     emb_size: PositiveInt = 10
     norm: bool = False
     dropout: DropoutRate = 0.5
+    residual: bool = False        # x0_hat = x_t + f(x_t, t), f's last Linear at zero (an
+                                  #   identity at the start; models/denoiser.py)
 
 
 class MultVAEConfig(_Section):
@@ -387,6 +389,11 @@ class Config(_Section):
         if sequential and self.data.time_weights is not None:
             raise key_error("data.time_weights", "are T-DiffRec's interaction weights: "
                                                  "model 'diffurec' reads the sequence order")
+        if self.denoiser.residual and self.model != Model.ldiffrec:
+            raise key_error("denoiser.residual", f"is L-DiffRec's (a latent denoiser): model "
+                                                 f"'{self.model}' scores items with the "
+                                                 f"denoiser's last Linear, and x_t + f is no "
+                                                 f"inner product to serve")
         sharded = (Model.ldiffrec, Model.diffurec)
         if (self.distributed.workers > 1 or self.distributed.address) and \
                 self.model not in sharded:

@@ -70,6 +70,8 @@ def test_numbers_without_a_dot_are_numbers_and_wrong_kinds_are_named():
     (["diffusion.noise_scale=100"], r"'diffusion.noise_scale' x noise_max = 1 must be < 1"),
     (["diffusion.schedule=trunc_lin", "diffusion.steps=10"], r"'diffusion.schedule' gives beta_"),
     (["diffusion.steps=1"], r"'diffusion.steps' must be >= 2"),
+    (["denoiser.residual=true"], r"config key 'denoiser.residual' is L-DiffRec's .* model "
+                                 r"'diffrec'"),
     (["diffusion.sampling_steps=41"],
      r"'diffusion.sampling_steps' \(41\) must not exceed 'diffusion.steps' \(40\)"),
     (["diffusion.uniform_prob=2"], r"'diffusion.uniform_prob' must be <= 1"),

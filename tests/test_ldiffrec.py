@@ -242,6 +242,24 @@ def test_chunked_logsumexp_equals_logsumexp_with_gradients():
             torch.testing.assert_close(a, r)
 
 
+def test_residual_denoiser_starts_as_the_identity_and_learns():
+    model, cfg = make_model("denoiser.residual=true", "ldiffrec.n_clusters=1",
+                            partition=Partition.single(N_ITEMS))
+    plain, _ = make_model("ldiffrec.n_clusters=1", partition=Partition.single(N_ITEMS))
+    model.train()
+    batch = batch_of(toy_csr())
+    _, mu, _, _ = model.encode(batch)
+    t = torch.arange(N_USERS) % 5
+    assert torch.equal(model.denoiser(mu, t), mu)              # x_t + 0
+    assert not torch.allclose(plain.denoiser(mu, t), mu)       # the reference's is not
+    model.training_loss(batch, Progress(0, 0))["loss"].backward()
+    last = model.denoiser.last_layer
+    assert last.weight.grad.abs().sum() > 0 and last.bias.grad.abs().sum() > 0
+    # export and score read the same residual query: score == heads
+    queries, (head,) = model.query(batch), model.item_heads()
+    torch.testing.assert_close(model.score(batch), queries["items"] @ head.weight.T + head.bias)
+
+
 def test_chunked_logsumexp_with_a_frozen_weight_gives_the_hidden_gradient_alone():
     from scale_diffrec.models.linear_logsumexp import chunked_logsumexp
     g = torch.Generator().manual_seed(1)

@@ -6,6 +6,17 @@
     f   = last_layer(hidden)                          [B, out_dims[-1]]
 
 ``hidden`` is the input of the last Linear, so retrieval can score items as hidden @ W.T + b.
+
+Not in the reference (an option, off by default; L-DiffRec only): ``residual`` predicts
+x0_hat = x_t + f(x_t, t) with f's last Linear initialised to zero, so the untrained
+denoiser is the identity. It is the skip connection of EDM's preconditioning
+(x0_hat = c_skip x_t + c_out F, with c_skip -> 1 as the noise -> 0; Karras et al.,
+"Elucidating the Design Space of Diffusion-Based Generative Models", NeurIPS 2022,
+section 5 and table 1) at the small noise levels DiffRec uses, with the zero-initialised
+output layer of improved-diffusion's residual blocks (``zero_module``). Without it an
+untrained denoiser, applied at every one of the T reverse steps, wipes out a warm-started
+latent (measured on Epinions: valid Recall@20 0.0056 before training, against 0.0549 for
+the autoencoder alone).
 """
 from __future__ import annotations
 
@@ -39,7 +50,7 @@ def reference_init(layer: nn.Linear) -> None:
 
 class Denoiser(nn.Module):
     def __init__(self, in_dims: list[int], out_dims: list[int], emb_size: int = 10,
-                 norm: bool = False, dropout: float = 0.5):
+                 norm: bool = False, dropout: float = 0.5, residual: bool = False):
         super().__init__()
         if out_dims[-1] != in_dims[0]:
             raise ValueError(f"denoiser output size {out_dims[-1]} != input size {in_dims[0]}")
@@ -51,13 +62,17 @@ class Denoiser(nn.Module):
         self.drop = nn.Dropout(dropout)
         for layer in [self.emb_layer, *self.in_layers, *self.out_layers]:
             reference_init(layer)
+        self.residual = residual
+        if residual:
+            nn.init.zeros_(self.last_layer.weight)
+            nn.init.zeros_(self.last_layer.bias)
 
     @classmethod
     def from_config(cls, ncfg: DenoiserConfig, in_dims: list[int],
                     out_dims: list[int]) -> "Denoiser":
         """The ``denoiser`` section's MLP (emb_size, norm, dropout) between the caller's
         widths (DiffRec: over items; L-DiffRec: over the latent)."""
-        return cls(in_dims, out_dims, ncfg.emb_size, ncfg.norm, ncfg.dropout)
+        return cls(in_dims, out_dims, ncfg.emb_size, ncfg.norm, ncfg.dropout, ncfg.residual)
 
     @property
     def last_layer(self) -> nn.Linear:
@@ -86,4 +101,6 @@ class Denoiser(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor,
                 keep: torch.Tensor | None = None) -> torch.Tensor:
-        return self.last_layer(self.hidden(x_t, t, keep))
+        """[B, D] x0_hat: f = last_layer(hidden), plus x_t with ``residual``."""
+        f = self.last_layer(self.hidden(x_t, t, keep))
+        return f + x_t if self.residual else f
