@@ -23,3 +23,14 @@ def ray_local():
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: on tiny matrices its thread pool costs more than it
+    gains (40x on a busy CPU)."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
