@@ -4,7 +4,8 @@ Without Ray: space files parse into the choices they list (joint choices include
 refuse malformed input with one line naming the file and key, before anything is written;
 the train loop's ``on_epoch`` hook sees every epoch and Tune's report only the evaluations;
 ``test=False`` leaves the test split alone until the selected run is finished; the progress
-line counts trials by state; ``train --log-dir`` writes TensorBoard scalars. With Ray (marked
+line counts trials by state; ``train --log-dir`` writes TensorBoard scalars, on rank 0 only
+when W gloo ranks call it (the Ray 2-worker run's are checked in test_ray_trainer). With Ray (marked
 ``ray``): a 3-trial search on a local cluster, interrupted by SIGINT and resumed, selects the
 trial whose run reached the highest valid metric, and its run directory works with
 ``evaluate``.
@@ -14,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -147,33 +147,30 @@ def test_on_epoch_sees_every_epoch_and_tune_reports_each_evaluation(tmp_path):
     assert json.loads((tmp_path / "run" / runs.METRICS).read_text())["test"] == finished["test"]
 
 
-def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """{tag: [(step, value)]} read back from tensorboardX event files (TFRecord framing)."""
-    from tensorboardX.proto.event_pb2 import Event
-    out: dict = {}
-    for path in log_dir.glob("events.out.tfevents.*"):
-        data = path.read_bytes()
-        pos = 0
-        while pos < len(data):
-            (length,) = struct.unpack("<Q", data[pos:pos + 8])
-            event = Event.FromString(data[pos + 12:pos + 12 + length])
-            pos += 12 + length + 4
-            for value in event.summary.value:
-                out.setdefault(value.tag, []).append((event.step, value.simple_value))
-    return out
-
-
-def test_train_log_dir_writes_losses_and_valid_metrics_for_tensorboard(tmp_path, files):
+def test_train_log_dir_writes_losses_and_valid_metrics_for_tensorboard(tmp_path, files,
+                                                                        tensorboard_scalars):
     config, _ = files
     assert main(["train", "--config", str(config), "--set", "epochs=3", "--out",
                  str(tmp_path / "run"), "--log-dir", str(tmp_path / "tb")]) == 0
     history = json.loads((tmp_path / "run" / runs.METRICS).read_text())["history"]
-    scalars = _scalars(tmp_path / "tb")
-    assert scalars["train/loss"] == [(h["epoch"], pytest.approx(h["loss"], rel=1e-6))
-                                     for h in history]
-    assert scalars["valid/recall_20"] == [        # tensorboardX writes "@" as "_"
-        (h["epoch"], pytest.approx(h["valid"]["recall@20"], rel=1e-6))
-        for h in history if "valid" in h]
+    tensorboard_scalars.assert_history(tmp_path / "tb", history)
+
+
+def _log_one_epoch(rank, world, log_dir):
+    """Every rank calls the hook, as a W-worker run's ranks do; rank r's loss is r + 1."""
+    from scale_diffrec.tblog import TensorBoardLog
+    board = TensorBoardLog(log_dir)
+    board({"epoch": 1, "loss": rank + 1.0, "seconds": 0.5, "valid": {"recall@20": 0.25}},
+          {"best": 0.25})
+    board.close()
+
+
+def test_log_dir_is_written_by_rank_0_only(tmp_path, tensorboard_scalars):
+    from scale_diffrec.train.distributed.local import run_distributed
+    run_distributed(_log_one_epoch, 2, args=(str(tmp_path / "tb"),), timeout=120)
+    scalars = tensorboard_scalars(tmp_path / "tb")
+    assert scalars["train/loss"] == [(1, 1.0)]
+    assert scalars["valid/recall_20"] == [(1, 0.25)] and scalars["valid/best"] == [(1, 0.25)]
 
 
 # ----------------------------------------------------------------------------- progress
