@@ -8,10 +8,11 @@ line counts trials by state; ``train --log-dir`` writes TensorBoard scalars, on 
 when W gloo ranks call it (the Ray 2-worker run's are checked in test_ray_trainer). With Ray (marked
 ``ray``): a 3-trial search on a local cluster, interrupted by SIGINT and resumed, selects the
 trial whose run reached the highest valid metric, and its run directory works with
-``evaluate``.
+``evaluate``; a DiffuRec trial on the paper-diffurec space runs end to end on the quickstart.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -316,6 +317,28 @@ def test_a_trial_can_be_a_two_worker_run(ray_local, tmp_path, files, capsys):
         metrics["test"]["recall@20"], abs=1e-12)
 
 
+@pytest.mark.ray
+def test_a_diffurec_trial_on_the_paper_space_runs_end_to_end(ray_local, tmp_path, capsys):
+    """DiffuRec selects on hr@10: Tune gets it at every evaluation, the table, plot and
+    summary use it; the paper space's ASHA grace period (40 epochs) exceeds the quickstart's
+    3 epochs, so the trial runs out."""
+    out = tmp_path / "search"
+    assert main(["tune", "--config", str(REPO / "configs" / "diffurec-quickstart.yaml"),
+                 "--space", str(REPO / "configs" / "tune" / "paper-diffurec.yaml"),
+                 "--search", "random", "--trials", "1", "--seed", "0", "--out",
+                 str(out)]) == 0
+    table = pd.read_csv(out / "trials.csv")
+    assert list(table["state"]) == ["done"] and list(table["epochs"]) == [3]
+    summary = json.loads((out / "tune.json").read_text())
+    assert summary["metric"] == "valid hr@10" and (out / "trials.png").stat().st_size > 0
+    metrics = json.loads((out / "best" / runs.METRICS).read_text())
+    assert metrics["model"] == "diffurec" and "test" in metrics
+    assert table["best_valid"][0] == pytest.approx(metrics["valid"]["hr@10"], abs=1e-12)
+    progress = pd.read_csv(next((out / "tune").glob("*/progress.csv")))
+    assert progress["valid/hr@10"].max() == pytest.approx(metrics["valid"]["hr@10"])
+    assert load_config(out / "best.yaml")["model"] == "diffurec"
+
+
 def test_workers_per_trial_beyond_a_choice_of_clusters_is_refused(tmp_path, files, capsys):
     config, space_file = files
     _write(space_file, {"params": {"ldiffrec.n_clusters": [2, 3]}})
@@ -336,7 +359,8 @@ SHIPPED = {"quickstart.yaml": "quickstart.yaml", "paper-diffrec.yaml": "ml1m-cle
            "paper-ldiffrec.yaml": "ml1m-noisy-ldiffrec.yaml",
            "paper-multvae.yaml": "ml1m-clean-multvae.yaml",
            "paper-tdiffrec.yaml": "synthetic-tdiffrec.yaml",
-           "paper-ltdiffrec.yaml": "synthetic-ltdiffrec.yaml"}
+           "paper-ltdiffrec.yaml": "synthetic-ltdiffrec.yaml",
+           "paper-diffurec.yaml": "diffurec-beauty.yaml"}
 
 
 def test_every_shipped_space_loads_and_lists_no_impossible_combination():
@@ -354,3 +378,32 @@ def test_every_shipped_space_loads_and_lists_no_impossible_combination():
                     assert values["diffusion.sampling_steps"] in (0, steps // 4, steps // 2)
     paper = load_space(REPO / "configs" / "tune" / "paper-ldiffrec.yaml")
     assert paper.grid_size == 4 * 3 * 17 * 5 * 5 * 5     # 5 noise scales: 0 is refused
+
+
+def test_the_diffurec_space_holds_every_valid_steps_and_schedule_pair_and_no_other():
+    from scale_diffrec.errors import ConfigError
+    space = load_space(REPO / "configs" / "tune" / "paper-diffurec.yaml")
+    space.check(REPO / "configs" / "diffurec-quickstart.yaml")   # what tune runs it on below
+    assert space.grid_size == 4 * 14 * 3 * 2 * 3 * 2
+    (pairs,) = [p for p in space.params if p.name == "diffurec.steps,diffurec.schedule"]
+    beauty = REPO / "configs" / "diffurec-beauty.yaml"
+    for steps in {s for s, _ in pairs.choices}:
+        for schedule in ("trunc_lin", "linear", "cosine", "sqrt"):     # paper Table 3
+            try:
+                load_config(beauty, [f"diffurec.steps={steps}",
+                                     f"diffurec.schedule={schedule}"])
+                valid = True
+            except ConfigError:
+                valid = False
+            assert ((steps, schedule) in pairs.choices) == valid, (steps, schedule)
+    assert pairs.choices[0] == (32, "trunc_lin")                  # the released setting
+
+
+@pytest.mark.parametrize("grace, epochs, asha", [(2, 40, True), (40, 40, False),
+                                                  (40, 3, False)])
+def test_asha_runs_only_when_the_runs_are_longer_than_its_grace_period(grace, epochs, asha):
+    from scale_diffrec.tune.search import _scheduler
+    space = load_space(REPO / "configs" / "tune" / "paper-diffurec.yaml")
+    space = dataclasses.replace(space, scheduler={"grace_period": grace})
+    scheduler = _scheduler(space, {"epochs": epochs, "eval_every": 1})
+    assert (scheduler is not None) == asha
