@@ -37,22 +37,20 @@ def cmd_train(args) -> int:
     cfg = absolute_paths(load_config(args.config, overrides))
     out = Path(args.out)
     distributed = cfg["distributed"]["workers"] > 1 or cfg["distributed"]["address"]
-    if distributed and args.log_dir:
-        raise ConfigError("--log-dir: TensorBoard logs are written by single-process runs "
-                          "(and by every tune trial); not yet by distributed ones")
-    if distributed:
-        from .train.distributed.trainer import train_distributed
-        metrics = train_distributed(cfg, out, resume=args.resume, overwrite=args.overwrite)
-    else:
-        from .train import train
-        with contextlib.ExitStack() as stack:
-            board = None
-            if args.log_dir:          # created (or refused) before any work, like --out
-                from .claim import claim
-                from .tblog import TensorBoardLog
-                stack.enter_context(claim(args.log_dir, shared=True))
-                board = TensorBoardLog(args.log_dir)
-                stack.callback(board.close)
+    with contextlib.ExitStack() as stack:
+        board = None
+        if args.log_dir:              # created (or refused) before any work, like --out
+            from .claim import claim
+            from .tblog import TensorBoardLog
+            stack.enter_context(claim(args.log_dir, shared=True))
+            board = TensorBoardLog(Path(args.log_dir).resolve())   # workers: other cwd
+            stack.callback(board.close)
+        if distributed:               # the hook runs on every worker; rank 0 writes
+            from .train.distributed.trainer import train_distributed
+            metrics = train_distributed(cfg, out, resume=args.resume,
+                                        overwrite=args.overwrite, on_epoch=board)
+        else:
+            from .train import train
             metrics = train(cfg, out, resume=args.resume, overwrite=args.overwrite,
                             on_epoch=board)
     print(json.dumps({"valid": _short(metrics["valid"]), "test": _short(metrics["test"])}))
@@ -174,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="Ray Train workers (distributed.workers)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
     p.add_argument("--log-dir", help="write per-epoch loss and valid metrics as TensorBoard "
-                   "event files to this folder")
+                   "event files to this folder (W workers: rank 0 writes; shared storage "
+                   "on several machines)")
     p.set_defaults(func=cmd_train, interrupted=train_interrupted)
 
     p = sub.add_parser("evaluate", help="metrics of a trained run's checkpoint")

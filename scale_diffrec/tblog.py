@@ -6,21 +6,31 @@ Tune install): every epoch writes ``train/loss`` (trained models) and ``train/se
 ``ndcg_20``) and ``valid/best`` (the best ``select_metric`` so far),
 all at step = epoch. ``tensorboard --logdir DIR`` shows them. (Tuned trials get the same
 through Ray Tune's default TBX logger callback, in OUT/tune/TRIAL_ID.)
+
+A W-worker run (``train --workers W --log-dir DIR``) calls the hook on every rank after
+each epoch (``distributed.trainer.train_loop``); rank 0 writes and the others do nothing,
+so DIR holds one run's figures, the same epochs and values as the run's metrics.json
+history (its loss and valid metrics are every rank's, equal across ranks).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+from .shard.collectives import world
+
 
 class TensorBoardLog:
     """Writes one run's epochs to event files in ``log_dir`` from the first epoch's end (the
     command line claims ``log_dir`` first, shared: an unwritable one stops the run before
-    it starts, and one left empty by a failed run is removed again)."""
+    it starts, and one left empty by a failed run is removed again). Picklable before its
+    first call (Ray sends it to the workers); rank 0 of a process group writes."""
 
     def __init__(self, log_dir: str | Path):
         self.log_dir, self.writer = Path(log_dir), None
 
     def __call__(self, entry: dict, record: dict) -> None:
+        if world()[1] != 0:                           # a W-worker run's other ranks
+            return
         if self.writer is None:
             from tensorboardX import SummaryWriter
             self.writer = SummaryWriter(str(self.log_dir))

@@ -2,7 +2,8 @@
 ranking, or export refuses the setting in one line and writes nothing.
 
 The combinations (model x decoder form x mean_type x schedule x sampling_steps / sampling
-noise) are enumerated on untrained models (random weights rank as well as trained ones for this);
+noise) are enumerated on untrained models (random weights rank as well as trained ones for this;
+the noised settings' draws are keyed by each row, ``models/row_noise.py``, so no RNG set-up);
 the one setting whose score is not a linear head (DiffRec predicting the noise from a
 noised start) must be refused."""
 import itertools
@@ -56,19 +57,7 @@ def not_linear(cfg) -> bool:
         and (d["sampling_steps"] > 0 or d["sampling_noise"])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: torch's thread pool costs more than it gains (40x on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def seeded(fn, *args, **kwargs):
-    """Sampling steps > 0 noise the start: every ranking below draws the same noise."""
-    torch.manual_seed(123)
-    return fn(*args, **kwargs)
+pytestmark = pytest.mark.usefixtures("one_thread")     # tiny matrices (conftest)
 
 
 def test_every_setting_is_exact_or_refused(tmp_path):
@@ -105,23 +94,22 @@ def check_settings(tmp_path, full: bool):
             continue
         retriever = Retriever.load(export(run, out))
         rows = data.train
-        items, scores = seeded(retriever.recommend_indexes, rows, 20)
-        brute, brute_scores = seeded(retriever.recommend_indexes, rows, 20, brute_force=True)
-        ref, ref_scores = topk_excluding(seeded(model.score, rows.to_torch()), rows, 20)
+        items, scores = retriever.recommend_indexes(rows, 20)
+        brute, brute_scores = retriever.recommend_indexes(rows, 20, brute_force=True)
+        ref, ref_scores = topk_excluding(model.score(rows.to_torch()), rows, 20)
         tol = 1e-5 * max(1.0, float(np.abs(ref_scores.numpy()).max()))
         for got, got_scores in ((items, scores), (brute, brute_scores)):
             np.testing.assert_allclose(got_scores, ref_scores.numpy(), rtol=1e-5, atol=tol,
                                        err_msg=name)
             assert (got == ref.numpy()).mean() > 0.99, name      # only float ties may swap
         via_index = evaluate_topk(items, data, "valid", ks=[10, 20])
-        direct = seeded(evaluate, model, data, "valid", ks=[10, 20])
+        direct = evaluate(model, data, "valid", ks=[10, 20])
         assert via_index["recall@20"] == pytest.approx(direct["recall@20"], abs=1e-9), name
         if cfg["model"] == "diffrec":
             # held items too (--include-seen): the index path still equals brute force
-            free, free_scores = seeded(retriever.recommend_indexes, rows, 20,
-                                       exclude_seen=False)
-            bf, bf_scores = seeded(retriever.recommend_indexes, rows, 20, exclude_seen=False,
-                                   brute_force=True)
+            free, free_scores = retriever.recommend_indexes(rows, 20, exclude_seen=False)
+            bf, bf_scores = retriever.recommend_indexes(rows, 20, exclude_seen=False,
+                                                        brute_force=True)
             np.testing.assert_allclose(free_scores, bf_scores, rtol=1e-5, atol=tol,
                                        err_msg=name)
             assert (free == bf).mean() > 0.99, name

@@ -2,8 +2,9 @@
 
 Without Ray: too many workers fail before anything starts; the plan's per-cluster parameter
 counts and latent widths are the model's. With Ray (marked ``ray``; about 3 minutes together, in the default suite):
-a 2-worker fit writes a run directory that ``scale-diffrec evaluate`` reproduces and equals
-the single-process trainer; a worker killed right after reporting an epoch is restarted from
+a 2-worker fit (``train --log-dir``) writes a run directory that ``scale-diffrec evaluate``
+reproduces and equals the single-process trainer, and rank 0's TensorBoard events hold its
+history; a worker killed right after reporting an epoch is restarted from
 that epoch's checkpoint and the run ends exactly as an uninterrupted one; ``ray job submit`` to a local head trains
 the quickstart end to end.
 """
@@ -27,7 +28,7 @@ import torch
 
 from scale_diffrec import checkpoint, runs
 from scale_diffrec.cli import main
-from scale_diffrec.config import absolute_paths, load_config
+from scale_diffrec.config import absolute_paths, load_config, save_config
 from scale_diffrec.data import load_data
 from scale_diffrec.errors import ConfigError
 from scale_diffrec.models import build_model
@@ -169,17 +170,23 @@ def test_plan_counts_each_clusters_parameters_and_latent_width(partition_file, o
 # ----------------------------------------------------------------------------- with Ray
 @pytest.fixture(scope="module")
 def two_workers(ray_local, tmp_path_factory, partition_file):
-    """A 2-worker fit of the tiny config: (run directory, its metrics, fit seconds)."""
-    run_dir = tmp_path_factory.mktemp("two-workers")
+    """A 2-worker fit of the tiny config by ``train --log-dir``: (run directory, its
+    metrics, fit seconds); the TensorBoard folder is RUN_DIR/../tb."""
+    base = tmp_path_factory.mktemp("two-workers")
+    save_config(_cfg(partition_file), base / "tiny.yaml")
     started = time.perf_counter()
-    metrics = trainer.train_distributed(_cfg(partition_file), run_dir)
-    return run_dir, metrics, time.perf_counter() - started
+    assert main(["train", "--config", str(base / "tiny.yaml"), "--out", str(base / "run"),
+                 "--log-dir", str(base / "tb")]) == 0
+    seconds = time.perf_counter() - started
+    return base / "run", json.loads((base / "run" / runs.METRICS).read_text()), seconds
 
 
 @pytest.mark.ray
 def test_two_worker_fit_writes_the_run_and_equals_one_process(two_workers, tmp_path, capsys,
-                                                              partition_file):
+                                                              partition_file,
+                                                              tensorboard_scalars):
     run_dir, metrics, seconds = two_workers
+    tensorboard_scalars.assert_history(run_dir.parent / "tb", metrics["history"])  # rank 0
     with capsys.disabled():
         print(f"\n2-worker tiny fit: {seconds:.1f} s, peak RSS per worker "
               f"{[round(w['peak_rss_mib']) for w in metrics['per_worker']]} MiB")

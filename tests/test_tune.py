@@ -4,17 +4,18 @@ Without Ray: space files parse into the choices they list (joint choices include
 refuse malformed input with one line naming the file and key, before anything is written;
 the train loop's ``on_epoch`` hook sees every epoch and Tune's report only the evaluations;
 ``test=False`` leaves the test split alone until the selected run is finished; the progress
-line counts trials by state; ``train --log-dir`` writes TensorBoard scalars. With Ray (marked
+line counts trials by state; ``train --log-dir`` writes TensorBoard scalars, on rank 0 only
+when W gloo ranks call it (the Ray 2-worker run's are checked in test_ray_trainer). With Ray (marked
 ``ray``): a 3-trial search on a local cluster, interrupted by SIGINT and resumed, selects the
 trial whose run reached the highest valid metric, and its run directory works with
-``evaluate``.
+``evaluate``; a DiffuRec trial on the paper-diffurec space runs end to end on the quickstart.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -147,33 +148,30 @@ def test_on_epoch_sees_every_epoch_and_tune_reports_each_evaluation(tmp_path):
     assert json.loads((tmp_path / "run" / runs.METRICS).read_text())["test"] == finished["test"]
 
 
-def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """{tag: [(step, value)]} read back from tensorboardX event files (TFRecord framing)."""
-    from tensorboardX.proto.event_pb2 import Event
-    out: dict = {}
-    for path in log_dir.glob("events.out.tfevents.*"):
-        data = path.read_bytes()
-        pos = 0
-        while pos < len(data):
-            (length,) = struct.unpack("<Q", data[pos:pos + 8])
-            event = Event.FromString(data[pos + 12:pos + 12 + length])
-            pos += 12 + length + 4
-            for value in event.summary.value:
-                out.setdefault(value.tag, []).append((event.step, value.simple_value))
-    return out
-
-
-def test_train_log_dir_writes_losses_and_valid_metrics_for_tensorboard(tmp_path, files):
+def test_train_log_dir_writes_losses_and_valid_metrics_for_tensorboard(tmp_path, files,
+                                                                        tensorboard_scalars):
     config, _ = files
     assert main(["train", "--config", str(config), "--set", "epochs=3", "--out",
                  str(tmp_path / "run"), "--log-dir", str(tmp_path / "tb")]) == 0
     history = json.loads((tmp_path / "run" / runs.METRICS).read_text())["history"]
-    scalars = _scalars(tmp_path / "tb")
-    assert scalars["train/loss"] == [(h["epoch"], pytest.approx(h["loss"], rel=1e-6))
-                                     for h in history]
-    assert scalars["valid/recall_20"] == [        # tensorboardX writes "@" as "_"
-        (h["epoch"], pytest.approx(h["valid"]["recall@20"], rel=1e-6))
-        for h in history if "valid" in h]
+    tensorboard_scalars.assert_history(tmp_path / "tb", history)
+
+
+def _log_one_epoch(rank, world, log_dir):
+    """Every rank calls the hook, as a W-worker run's ranks do; rank r's loss is r + 1."""
+    from scale_diffrec.tblog import TensorBoardLog
+    board = TensorBoardLog(log_dir)
+    board({"epoch": 1, "loss": rank + 1.0, "seconds": 0.5, "valid": {"recall@20": 0.25}},
+          {"best": 0.25})
+    board.close()
+
+
+def test_log_dir_is_written_by_rank_0_only(tmp_path, tensorboard_scalars):
+    from scale_diffrec.train.distributed.local import run_distributed
+    run_distributed(_log_one_epoch, 2, args=(str(tmp_path / "tb"),), timeout=120)
+    scalars = tensorboard_scalars(tmp_path / "tb")
+    assert scalars["train/loss"] == [(1, 1.0)]
+    assert scalars["valid/recall_20"] == [(1, 0.25)] and scalars["valid/best"] == [(1, 0.25)]
 
 
 # ----------------------------------------------------------------------------- progress
@@ -319,6 +317,28 @@ def test_a_trial_can_be_a_two_worker_run(ray_local, tmp_path, files, capsys):
         metrics["test"]["recall@20"], abs=1e-12)
 
 
+@pytest.mark.ray
+def test_a_diffurec_trial_on_the_paper_space_runs_end_to_end(ray_local, tmp_path, capsys):
+    """DiffuRec selects on hr@10: Tune gets it at every evaluation, the table, plot and
+    summary use it; the paper space's ASHA grace period (40 epochs) exceeds the quickstart's
+    3 epochs, so the trial runs out."""
+    out = tmp_path / "search"
+    assert main(["tune", "--config", str(REPO / "configs" / "diffurec-quickstart.yaml"),
+                 "--space", str(REPO / "configs" / "tune" / "paper-diffurec.yaml"),
+                 "--search", "random", "--trials", "1", "--seed", "0", "--out",
+                 str(out)]) == 0
+    table = pd.read_csv(out / "trials.csv")
+    assert list(table["state"]) == ["done"] and list(table["epochs"]) == [3]
+    summary = json.loads((out / "tune.json").read_text())
+    assert summary["metric"] == "valid hr@10" and (out / "trials.png").stat().st_size > 0
+    metrics = json.loads((out / "best" / runs.METRICS).read_text())
+    assert metrics["model"] == "diffurec" and "test" in metrics
+    assert table["best_valid"][0] == pytest.approx(metrics["valid"]["hr@10"], abs=1e-12)
+    progress = pd.read_csv(next((out / "tune").glob("*/progress.csv")))
+    assert progress["valid/hr@10"].max() == pytest.approx(metrics["valid"]["hr@10"])
+    assert load_config(out / "best.yaml")["model"] == "diffurec"
+
+
 def test_workers_per_trial_beyond_a_choice_of_clusters_is_refused(tmp_path, files, capsys):
     config, space_file = files
     _write(space_file, {"params": {"ldiffrec.n_clusters": [2, 3]}})
@@ -339,7 +359,8 @@ SHIPPED = {"quickstart.yaml": "quickstart.yaml", "paper-diffrec.yaml": "ml1m-cle
            "paper-ldiffrec.yaml": "ml1m-noisy-ldiffrec.yaml",
            "paper-multvae.yaml": "ml1m-clean-multvae.yaml",
            "paper-tdiffrec.yaml": "synthetic-tdiffrec.yaml",
-           "paper-ltdiffrec.yaml": "synthetic-ltdiffrec.yaml"}
+           "paper-ltdiffrec.yaml": "synthetic-ltdiffrec.yaml",
+           "paper-diffurec.yaml": "diffurec-beauty.yaml"}
 
 
 def test_every_shipped_space_loads_and_lists_no_impossible_combination():
@@ -357,3 +378,32 @@ def test_every_shipped_space_loads_and_lists_no_impossible_combination():
                     assert values["diffusion.sampling_steps"] in (0, steps // 4, steps // 2)
     paper = load_space(REPO / "configs" / "tune" / "paper-ldiffrec.yaml")
     assert paper.grid_size == 4 * 3 * 17 * 5 * 5 * 5     # 5 noise scales: 0 is refused
+
+
+def test_the_diffurec_space_holds_every_valid_steps_and_schedule_pair_and_no_other():
+    from scale_diffrec.errors import ConfigError
+    space = load_space(REPO / "configs" / "tune" / "paper-diffurec.yaml")
+    space.check(REPO / "configs" / "diffurec-quickstart.yaml")   # what tune runs it on below
+    assert space.grid_size == 4 * 14 * 3 * 2 * 3 * 2
+    (pairs,) = [p for p in space.params if p.name == "diffurec.steps,diffurec.schedule"]
+    beauty = REPO / "configs" / "diffurec-beauty.yaml"
+    for steps in {s for s, _ in pairs.choices}:
+        for schedule in ("trunc_lin", "linear", "cosine", "sqrt"):     # paper Table 3
+            try:
+                load_config(beauty, [f"diffurec.steps={steps}",
+                                     f"diffurec.schedule={schedule}"])
+                valid = True
+            except ConfigError:
+                valid = False
+            assert ((steps, schedule) in pairs.choices) == valid, (steps, schedule)
+    assert pairs.choices[0] == (32, "trunc_lin")                  # the released setting
+
+
+@pytest.mark.parametrize("grace, epochs, asha", [(2, 40, True), (40, 40, False),
+                                                  (40, 3, False)])
+def test_asha_runs_only_when_the_runs_are_longer_than_its_grace_period(grace, epochs, asha):
+    from scale_diffrec.tune.search import _scheduler
+    space = load_space(REPO / "configs" / "tune" / "paper-diffurec.yaml")
+    space = dataclasses.replace(space, scheduler={"grace_period": grace})
+    scheduler = _scheduler(space, {"epochs": epochs, "eval_every": 1})
+    assert (scheduler is not None) == asha

@@ -9,6 +9,13 @@ the start is the history itself: sampling_steps 0, no sampling noise) the score 
 (sum_i a_i h_i) W.T + (sum_i a_i) b: one retrieval head over all items, whose query is
 sum_i a_i h_i and whose bias is (sum_i a_i) b. Held items add ``seen_scale`` m times their
 input value.
+
+Inference noise (T' > 0 or ``sampling_noise``) is a deliberate departure from the reference,
+which draws it from torch's global RNG, so that re-evaluating one checkpoint gave a new
+number each time and model selection on valid was partly chance: each row's noise comes
+from a stream keyed by (``seed``, the row's input) (``row_noise.RowNoise``), the same in
+``evaluate``, ``recommend`` and the exported query tower, for any batch size. Its
+distribution is the reference's; only the draws are fixed.
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ import torch
 from ..data.csr import SparseRows
 from ..schema import Config
 from .diffusion import GaussianDiffusion
+from .row_noise import RowNoise
 from .samplers import build_sampler
 from .base import ItemHead, Progress, Recommender
 from .denoiser import Denoiser
@@ -24,11 +32,13 @@ from .denoiser import Denoiser
 
 class DiffRec(Recommender):
     def __init__(self, n_items: int, diffusion: GaussianDiffusion, sampler, denoiser: Denoiser,
-                 sampling_steps: int = 0, sampling_noise: bool = False):
+                 sampling_steps: int = 0, sampling_noise: bool = False, seed: int = 0):
+        """``seed`` keys the inference noise (module docstring)."""
         super().__init__()
         self.n_items, self.diffusion = n_items, diffusion
         self.sampler, self.denoiser = sampler, denoiser
         self.sampling_steps, self.sampling_noise = sampling_steps, sampling_noise
+        self.seed = int(seed)
 
     @classmethod
     def from_config(cls, cfg: Config, n_items: int) -> "DiffRec":
@@ -37,7 +47,7 @@ class DiffRec(Recommender):
         out_dims = list(cfg.denoiser.dims) + [n_items]
         denoiser = Denoiser.from_config(cfg.denoiser, out_dims[::-1], out_dims)
         return cls(n_items, GaussianDiffusion.from_config(d), build_sampler(d), denoiser,
-                   d.sampling_steps, d.sampling_noise)
+                   d.sampling_steps, d.sampling_noise, cfg.seed)
 
     def training_loss(self, batch: SparseRows, progress: Progress) -> dict[str, torch.Tensor]:
         x0 = batch.dense()                                   # [B, I]: the noise is dense
@@ -52,16 +62,19 @@ class DiffRec(Recommender):
         hook = self.denoiser.last_layer.register_forward_pre_hook(
             lambda module, args: hiddens.append(args[0]))
         try:
-            self.diffusion.p_sample(self.denoiser, batch.dense(), self.sampling_steps,
-                                    self.sampling_noise)
+            self._reverse(batch)
         finally:
             hook.remove()
         return hiddens
 
+    def _reverse(self, batch: SparseRows) -> torch.Tensor:
+        """[B, I] the reverse process from the rows, with their keyed noise."""
+        return self.diffusion.p_sample(self.denoiser, batch.dense(), self.sampling_steps,
+                                       self.sampling_noise, RowNoise(self.seed, batch))
+
     @torch.no_grad()
     def score(self, batch: SparseRows) -> torch.Tensor:
-        return self.diffusion.p_sample(self.denoiser, batch.dense(), self.sampling_steps,
-                                       self.sampling_noise)
+        return self._reverse(batch)
 
     @torch.no_grad()
     def query(self, batch: SparseRows) -> dict[str, torch.Tensor]:

@@ -9,7 +9,8 @@ loss per sample: w_t * mean_d (target - f(x_t, t))^2, with the SNR weight
 w_t = SNR(t-1) - SNR(t) (1 at t = 0) when ``reweight``, and divided by T p_t when t is
 importance-sampled (the sampler's ``weights``). Inference: noise x_0 to step T' =
 ``sampling_steps`` (T' = 0: no noise), then run the reverse process over all T steps by
-posterior means, as the DiffRec reference's ``p_sample`` does.
+posterior means, as the DiffRec reference's ``p_sample`` does (its noise from a source the
+caller chooses: the models key it by each row's input, ``row_noise``).
 """
 from __future__ import annotations
 
@@ -147,14 +148,17 @@ class GaussianDiffusion:
         return m, a
 
     def p_sample(self, model, x_start: torch.Tensor, steps: int,
-                 sampling_noise: bool = False) -> torch.Tensor:
+                 sampling_noise: bool = False, noise=torch.randn_like) -> torch.Tensor:
         """Reverse process from x_start [B, D] noised to ``steps`` - 1 (steps = 0: as is).
 
         Runs all T reverse steps T-1 .. 0 whatever ``steps`` is, by posterior means (plus
         posterior noise when sampling_noise, never at t = 0), as the DiffRec reference does.
         At t = 0 the posterior mean is exactly the x0 prediction (c0 = 1, ct = 0), so the
         result is returned as the model's final prediction itself: the retrieval identity
-        score == last layer(hidden) holds exactly.
+        score == last layer(hidden) holds exactly. ``noise(like)`` gives the standard
+        normal draws shaped as ``like`` [B, D]: the start's, then each step's posterior
+        noise (default: torch's global RNG, as the reference; the models pass
+        ``row_noise.RowNoise``, keyed by each row's input).
         """
         if steps > self.steps:
             raise ValueError(f"config key 'diffusion.sampling_steps' ({steps}) exceeds "
@@ -163,7 +167,7 @@ class GaussianDiffusion:
         x_t = x_start
         if steps > 0:
             t = torch.full((batch,), steps - 1, dtype=torch.long, device=x_start.device)
-            x_t = self.q_sample(x_start, t)
+            x_t = self.q_sample(x_start, t, noise(x_start))
         for i in reversed(range(self.steps)):
             t = torch.full((batch,), i, dtype=torch.long, device=x_start.device)
             output = model(x_t, t)
@@ -176,5 +180,5 @@ class GaussianDiffusion:
             x_t = self.posterior_mean(pred, x_t, t)
             if sampling_noise:
                 x_t = x_t + _gather((0.5 * self.posterior_log_variance).exp(), t, x_t) \
-                    * torch.randn_like(x_t)
+                    * noise(x_t)
         return x_t

@@ -42,7 +42,13 @@ and their Adam state untouched.
 
 Inference (main / L-DiffRec/inference.py ``evaluate``): mu (eval mode: no dropout, no
 reparameterisation) -> ``diffusion.p_sample(denoiser, mu, sampling_steps, sampling_noise)``
--> decoder -> logits.
+-> decoder -> logits. A deliberate departure: the reference draws the inference noise
+(T' > 0, ``sampling_noise``) from torch's global RNG, so one checkpoint evaluated twice gave
+two numbers, selection on valid was partly chance, and W workers or an exported query
+tower could not equal one process. Here each user's noise comes from a stream keyed by
+(cfg seed, the user's input row) (``row_noise.RowNoise``): the same for any batch size,
+worker count or device, and in ``evaluate``, ``recommend`` and the bundle alike; its
+distribution is the reference's.
 
 Sharded by construction (DESIGN.md, "Hybrid parallelism"). The model holds the parts of
 the clusters its ``shard`` owns (``shard/context.py``; every cluster in one process) and
@@ -88,6 +94,7 @@ from ..data.csr import CSR, SparseRows
 from ..device import chunk_items
 from ..schema import Config, LDiffRecConfig
 from .diffusion import GaussianDiffusion
+from .row_noise import RowNoise
 from .samplers import build_sampler
 from ..shard.context import Shard
 from .base import ItemHead, Progress, Recommender
@@ -288,14 +295,16 @@ class LDiffRec(PerCluster, Recommender):
         as fit ``chunk_mib`` for this batch and device (``device.chunk_items``)."""
         return self.logit_chunk or chunk_items(hidden.shape[0], hidden.device, self.chunk_mib)
 
-    def _zhat0(self, z_r: torch.Tensor, splits: list[int], own: slice, step: int | None):
+    def _zhat0(self, z_r: torch.Tensor, splits: list[int], own: slice, step: int | None,
+               row_noise: RowNoise | None = None):
         """(zhat0 [B, d], diffusion terms of the own rows or None): the latent rows go to
         their owners, the denoiser runs on them (training: ``training_losses`` at ``step``'s
-        draws; eval: the reverse process ``p_sample``), and every rank gets all rows back."""
+        draws; eval: the reverse process ``p_sample`` with the own rows' ``row_noise``), and
+        every rank gets all rows back."""
         z = self.shard.to_owners(z_r, splits)
         if step is None:
             return self.shard.gather(self.diffusion.p_sample(
-                self.denoise, z, self.sampling_steps, self.sampling_noise), splits), None
+                self.denoise, z, self.sampling_steps, self.sampling_noise, row_noise), splits), None
         t, weights, noise, keep = self.diffusion_draws(z_r.shape[0], step, z_r.device)
         keep = None if keep is None else keep[own]
         terms = self.diffusion.training_losses(lambda x_t, ts: self.denoise(x_t, ts, keep), z,
@@ -345,7 +354,7 @@ class LDiffRec(PerCluster, Recommender):
         with self._eval_mode():
             _, mu, _, _ = self.encode(batch)            # eval: no dropout, z = mu
             splits, own = self.shard.rows(batch.batch_size)
-            zhat0, _ = self._zhat0(mu, splits, own, None)
+            zhat0, _ = self._zhat0(mu, splits, own, None, RowNoise(self.seed, batch, own))
             if self.global_decoder:
                 return {"items": zhat0}
             return {f"cluster{c}": self.cluster_hidden(c, zhat0) for c in self.clusters}

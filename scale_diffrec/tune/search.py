@@ -9,10 +9,10 @@ every evaluation). The experiment lives in OUT/tune (Ray Tune's state, per-trial
 result.json / progress.csv and TensorBoard event files from Tune's default logger
 callbacks); the trials' run directories in OUT/runs. Searchers: Tune's grid or seeded random
 variant generation, or Optuna's TPE sampler (seeded) through ``OptunaSearch``; the scheduler
-is ASHA on the reported ``epoch`` (max_t = epochs). ``resume=True`` continues an interrupted
-search with ``Tuner.restore`` (unfinished and errored trials restart from their run's
-last.pt). Afterwards ``results`` writes the table, plot, best config and the selected run's
-test metrics.
+is ASHA on the reported ``epoch`` (max_t = epochs; none when epochs <= its grace period).
+``resume=True`` continues an interrupted search with ``Tuner.restore`` (unfinished and
+errored trials restart from their run's last.pt). Afterwards ``results`` writes the table,
+plot, best config and the selected run's test metrics.
 """
 from __future__ import annotations
 
@@ -85,11 +85,18 @@ def _searcher(space: Space, settings: Settings):
 
 
 def _scheduler(space: Space, cfg: dict):
+    """ASHA on epochs up to ``epochs``, or None (every trial runs out) without a scheduler
+    or when the runs are not longer than its grace period (a paper space on a short base
+    config: there is no rung to cut at)."""
     if space.scheduler is None:
         return None
+    grace = space.scheduler.get("grace_period", cfg["eval_every"])
+    if grace >= cfg["epochs"]:
+        log.info("%s: scheduler.grace_period %d is not below the base config's epochs (%d): "
+                 "no trial is stopped early", space.path, grace, cfg["epochs"])
+        return None
     from ray.tune.schedulers import ASHAScheduler
-    return ASHAScheduler(time_attr="epoch", max_t=cfg["epochs"],
-                         grace_period=space.scheduler.get("grace_period", cfg["eval_every"]),
+    return ASHAScheduler(time_attr="epoch", max_t=cfg["epochs"], grace_period=grace,
                          reduction_factor=space.scheduler.get("reduction_factor", 2),
                          stop_last_trials=False)
 

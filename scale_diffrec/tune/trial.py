@@ -8,7 +8,8 @@ would. After every epoch from the first evaluation on, the trial reports to Tune
 ``TuneReportCallback``):
 
     epoch, loss                      the epoch just trained
-    valid/recall@20, valid/ndcg@20   that epoch's valid metrics (evaluation epochs only)
+    valid/recall@20, valid/ndcg@20   that epoch's valid metrics (evaluation epochs only),
+    valid/SELECT_METRIC              and the config's ``select_metric`` (e.g. DiffuRec's hr@10)
     best_valid, best_epoch           the trial's best valid ``select_metric`` so far and its
                                      epoch (what ASHA and the searcher compare)
     best/recall@20, best/ndcg@20     the valid metrics of that best epoch
@@ -43,7 +44,8 @@ def evaluation_report(entry: dict, record: dict) -> dict | None:
     history entry and the run's record), or None before the run's first evaluation."""
     if record["best_epoch"] == 0:
         return None
-    valid = {f"valid/{k}": entry["valid"][k] for k in SHOWN} if "valid" in entry else {}
+    # the epoch's headline metrics (``train.loop.headline``): select_metric, recall/ndcg@20
+    valid = {f"valid/{k}": v for k, v in entry.get("valid", {}).items()}
     return {"epoch": entry["epoch"], "loss": entry["loss"], **valid,
             METRIC: record["best"], "best_epoch": record["best_epoch"],
             **{f"best/{k}": record["valid"][k] for k in SHOWN}}

@@ -173,7 +173,8 @@ def train_distributed(cfg: dict, run_dir: str | Path, resume: bool = False,
     0's per-epoch metrics, with ``tune.trial.evaluation_report``'s keys, go to Tune);
     ``test=False`` computes no test metrics (as ``train.train``); ``on_epoch(entry,
     record)``, a picklable function, runs on every worker after each epoch's report (as
-    ``train.train``'s)."""
+    ``train.train``'s), and its ``close()``, if it has one, on every worker at the end
+    (``train --log-dir`` passes ``tblog.TensorBoardLog``, which writes on rank 0)."""
     run_dir = Path(run_dir).resolve()
     n_workers = check_workers(cfg)       # before any data, file or Ray process
     cfg = absolute_paths(cfg)            # the workers run in other directories
@@ -302,7 +303,8 @@ def train_loop(config: dict) -> None:
     """Ray Train's per-worker function (``config``: cfg, run_dir, plan, use_gpu, test,
     on_epoch): the one-process epoch loop (``train.run_epochs``) and end (``train.finish``)
     on this rank's ``ShardedRun``, each epoch reported to Ray once its checkpoint is
-    complete, then ``on_epoch(entry, record)`` when given."""
+    complete, then ``on_epoch(entry, record)`` when given (and its ``close()``, if it has
+    one, when the loop ends: ``tblog.TensorBoardLog`` writes its last events then)."""
     import ray.train
     from ray.train.torch import get_device
     from ...tune.trial import evaluation_report   # cycle: tune.trial imports this module
@@ -317,14 +319,20 @@ def train_loop(config: dict) -> None:
     # a fresh run's storage was cleared: a checkpoint here is this run's (Ray restarted it)
     record = _restore(run, checkpoint.latest(run_dir), rank)
 
+    on_epoch = config.get("on_epoch")
+
     def report(entry: dict, record: dict) -> None:
         ray.train.report({"epoch": entry["epoch"], "loss": entry["loss"],
                           **(evaluation_report(entry, record) or {})})
-        if config.get("on_epoch") is not None:
-            config["on_epoch"](entry, record)
+        if on_epoch is not None:
+            on_epoch(entry, record)
 
     checkpoints = ShardedCheckpoints(run, run_dir, config, record)
-    trained = run_epochs(run.model, run.optimizer, data, cfg, run.progress, record, device,
-                         checkpoints, report)
-    finish(run.model, data, cfg, run_dir, record, test=config["test"], trained=trained,
-           checkpoints=checkpoints)
+    try:
+        trained = run_epochs(run.model, run.optimizer, data, cfg, run.progress, record,
+                             device, checkpoints, report)
+        finish(run.model, data, cfg, run_dir, record, test=config["test"], trained=trained,
+               checkpoints=checkpoints)
+    finally:
+        if hasattr(on_epoch, "close"):
+            on_epoch.close()
