@@ -60,7 +60,7 @@ ROWS = {   # name: (overrides, {key: grid values} tuned on valid, workers, on by
              "als.alpha": [1.0, 10.0]}, 1, True),
     "itemknn": (["model=itemknn"], {"itemknn.k": [50, 200], "itemknn.shrink": [10.0, 100.0]},
                 1, True),
-    "ldiffrec": ("ldiffrec", {}, 1, True),
+    "ldiffrec": ("ldiffrec", {"ldiffrec.dropout": [0.1, 0.5]}, 1, True),
     # the same settings on 2 Ray workers need 2 clusters (a worker owns whole clusters);
     # 2 epochs: a time and memory row, not an accuracy one
     "ldiffrec-2workers": ("ldiffrec", {}, 2, True),
@@ -118,14 +118,16 @@ def train_run(name: str, config: Path | None, overrides: list[str], workers: int
     return metrics
 
 
-def tune(name: str, data: list[str], runs: Path, first_point: bool = False
-         ) -> tuple[dict, list[dict], list[str]]:
-    """Train every grid point (only the first with ``first_point``); (the point best on
-    valid recall@20: its metrics, every point's valid figures, the selected overrides)."""
+def tune(name: str, data: list[str], runs: Path, first_point: bool = False,
+         point: int | None = None) -> tuple[dict, list[dict], list[str]]:
+    """Train every grid point (only the first with ``first_point``, only number ``point``
+    with it); (the point best on valid recall@20: its metrics, every point's valid
+    figures, the selected overrides)."""
     config, base = row_config(name)
     grid = ROWS[name][1]
     points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     points = points[:1] if first_point else points
+    points = points if point is None else points[point:point + 1]
     tried, best = [], None
     for point in points:
         overrides = data + base + [f"{k}={v}" for k, v in point.items()]
@@ -252,6 +254,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed evaluation passes")
     parser.add_argument("--first-point", action="store_true",
                         help="only the first point of each grid (a quick look, not tuned)")
+    parser.add_argument("--point", type=int,
+                        help="train only grid point POINT (0-based) of each row and write no "
+                             "row: points in parallel processes, then one run without "
+                             "--point reuses them")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "catalogue.json"))
     parser.add_argument("--table", action="store_true",
                         help="print the README table of --out and exit")
@@ -269,7 +275,9 @@ def main() -> None:
                "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                "load_average": os.getloadavg()}
     for name in args.only or [n for n, row in ROWS.items() if row[3]]:
-        metrics, tried, overrides = tune(name, data, runs, args.first_point)
+        metrics, tried, overrides = tune(name, data, runs, args.first_point, args.point)
+        if args.point is not None:
+            continue
         row = make_row(name, metrics, tried, overrides, time_passes(metrics["run_dir"],
                                                                     args.repeats))
         row["tuned"] = len(tried) > 1 or not ROWS[name][1]

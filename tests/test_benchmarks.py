@@ -39,6 +39,14 @@ def test_catalogue_benchmark_filters_ratings_tunes_on_valid_and_times_passes(tmp
                              (rng.pareto(1.0, n) * 10).astype(np.int64) % 300,
                              "rating": rng.integers(1, 6, n).astype(np.int8)}), ratings)
     out = tmp_path / "catalogue.json"
+    # one grid point alone (as parallel processes run them): its run, and no row
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "catalogue.py"), "--only",
+                    "itemknn", "--point", "3", "--ratings", str(ratings), "--runs",
+                    str(tmp_path / "runs"), "--out", str(out)],
+                   check=True, cwd=tmp_path, timeout=600, capture_output=True)
+    alone = sorted(p.name for p in (tmp_path / "runs" / "itemknn").iterdir() if p.is_dir())
+    assert alone == ["k200_shrink100.0"] and not out.exists()
+    made = (tmp_path / "runs" / "itemknn" / alone[0] / "metrics.json").stat().st_mtime_ns
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "catalogue.py"), "--only",
                     "mostpop", "--only", "itemknn", "--ratings", str(ratings), "--runs",
                     str(tmp_path / "runs"), "--repeats", "1", "--out", str(out)],
@@ -51,6 +59,8 @@ def test_catalogue_benchmark_filters_ratings_tunes_on_valid_and_times_passes(tmp
     rows = json.loads(out.read_text())["rows"]
     knn = rows["itemknn"]
     assert len(knn["grid"]) == 4                                # k x shrink, 2 x 2
+    # the point trained alone was reused, not trained again
+    assert (tmp_path / "runs" / "itemknn" / alone[0] / "metrics.json").stat().st_mtime_ns == made
     assert knn["valid"]["recall@20"] == max(p["valid"]["recall@20"] for p in knn["grid"])
     chosen = [p for p in knn["grid"] if p["point"] == knn["selected"]]
     assert chosen and chosen[0]["valid"] == knn["valid"]
