@@ -161,16 +161,16 @@ def part_sharded(items: int, users: int, precisions: list[str], steps: int) -> d
     from scale_diffrec.train.distributed.trainer import build_plan
     config = str(ROOT / "configs" / "synthetic-1m.yaml")
     workdir = Path(tempfile.mkdtemp(prefix="sdr-gpu-"))
-    overrides, cfg, data = prepare(config, [], items, users, workdir)
-    partition = Partition.load(workdir / f"partition-{items}.parquet")
+    overrides, cfg, data, partition = prepare(config, [], items, users, workdir)
     rows = []
     for precision in precisions:
         for w in sorted({1, min(max(torch.cuda.device_count(), 1), partition.n_clusters)}):
             point = {"config": config, "overrides": overrides + [f"precision={precision}"],
                      "items": items, "plan": build_plan(cfg, partition, w).to_dict(),
-                     "steps": steps, "warmup": 2, "profile": False, "workdir": str(workdir),
+                     "steps": steps, "warmup": 2, "profile": False, "eval": False,
+                     "workdir": str(workdir),
                      "result": str(workdir / f"ranks-{items}-{w}.json")}
-            row = summarize(items, w, data.n_users, cfg["batch_size"], run_local(point, w))
+            row = summarize(items, w, data, cfg["batch_size"], run_local(point, w))
             row["precision"] = precision
             row["peak_gpu_mib_max"] = max(r.get("peak_gpu_mib") or 0 for r in row["per_rank"])
             rows.append(row)

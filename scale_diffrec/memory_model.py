@@ -141,3 +141,95 @@ def predict(cfg: dict, n_items: int, n_users: int, interactions: int, workers: i
                              interactions, cfg["batch_size"] * per_user, workers,
                              runtime_bytes, phase=phase) for r in range(workers)),
                key=lambda terms: terms["total"])
+
+
+# ---------------------------------------------------------------------------- DiffuRec
+def diffurec_denoiser_parameters(cfg: dict) -> int:
+    """Parameters of DiffuRec's data-parallel ``SequenceDenoiser`` (the LayerNorm and the
+    Transformer approximator; built on the meta device, nothing allocated)."""
+    from .models.diffurec import SequenceDenoiser
+    from .schema import DiffuRecConfig
+    with torch.device("meta"):
+        return _count(SequenceDenoiser(DiffuRecConfig(**cfg["diffurec"]), 0))
+
+
+def diffurec_one_row(cfg: dict) -> tuple:
+    """(DiffuRec's ``SequenceDenoiser`` of ``cfg`` on the CPU, the arguments of one call
+    for one [1, max_len] row: embedded inputs, mask, x_t, timestep, lambda)."""
+    from .models.diffurec import SequenceDenoiser
+    from .schema import DiffuRecConfig
+    dcfg = DiffuRecConfig(**cfg["diffurec"])
+    length, d = dcfg.max_len, dcfg.hidden
+    return SequenceDenoiser(dcfg, 0), (torch.randn(1, length, d), torch.ones(1, length),
+                                       torch.randn(1, d), torch.ones(1),
+                                       torch.randn(1, length, d))
+
+
+def diffurec_activation_bytes(cfg: dict) -> int:
+    """Bytes autograd holds per training row of the ``SequenceDenoiser`` (a [1, max_len]
+    sequence: every tensor one train-mode forward saves, dropout masks included, counted
+    once per storage; parameters excluded), measured with ``saved_tensors_hooks`` on the
+    CPU."""
+    net, args = diffurec_one_row(cfg)
+    weights = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net(*args)
+    return sum(seen.values())
+
+
+def diffurec_worker_terms(cfg: dict, sizes, clusters, n_items: int, n_users: int,
+                          sequence_items: int, train_samples: int, workers: int,
+                          runtime_bytes: float = 0.0, phase: str = "train"
+                          ) -> dict[str, float]:
+    """DiffuRec's bytes for the worker holding the item-table rows of ``clusters`` (blocks
+    of ``Partition.blocks``, sizes ``sizes``), in the same terms as ``worker_terms``
+    (fp32, AdamW; README "Memory model"; the model in ``models/diffurec.py``):
+
+        data      4 N + 8 U + 24 S     ``Sequences`` (int32 items, int64 offsets; N items
+                                       over all sequences, U users) and an epoch's order
+                                       of its S training samples (positions, permutation,
+                                       permuted positions: int64)
+        tables    32 I + 8 I_r         the partition (24 I), the model's row-of-item table
+                                       (8 I) and its own item list (8 I_r)
+        sharded   16 I_r d             E's rows of the worker: weight, gradient, AdamW m, v
+        denoiser  P_den x z(stage, W)  the ``SequenceDenoiser`` under ZeRO (``ZERO_BYTES``)
+        step      train: max(a B_r + 4 (4 B (L + 1) d + 2 B chunk), 8 I_r d)
+                                       autograd's saved tensors of the worker's B_r = B / W
+                                       rows (a: ``diffurec_activation_bytes``), the
+                                       embedded batch of every rank ([B, L + 1, d]: rows,
+                                       the masked copy, the all-reduced sum, its
+                                       gradient) and the logsumexp's [B, chunk] buffers;
+                                       or, after the backward, the table's second gradient
+                                       (lookup + softmax, summed) / AdamW's denominator
+                                       (8 bytes per row parameter), whichever is larger
+                  eval:  8 B_eval min(I_r, chunk)   (a chunk of scores, the running top-K)
+    """
+    dcfg = cfg["diffurec"]
+    sizes = [int(s) for s in sizes]
+    items_r = sum(sizes[int(c)] for c in clusters)
+    d, length, b = int(dcfg["hidden"]), int(dcfg["max_len"]), int(cfg["batch_size"])
+    p_r = items_r * d
+    chunk = dcfg["logit_chunk"] or chunk_items(b, "cpu", cfg.get("chunk_mib"))
+    step = max(diffurec_activation_bytes(cfg) * -(-b // workers)
+               + 4 * (4 * b * (length + 1) * d + 2 * b * min(chunk, items_r)), 8 * p_r)
+    if phase == "eval":
+        b_eval = int(cfg["eval_batch_size"])
+        step = max(step, 8 * b_eval * min(chunk_items(b_eval, "cpu", cfg.get("chunk_mib")),
+                                          items_r))
+    terms = {"runtime": float(runtime_bytes),
+             "data": 4.0 * sequence_items + 8.0 * n_users + 24.0 * train_samples,
+             "tables": 32.0 * n_items + 8.0 * items_r,
+             "sharded": 16.0 * p_r,
+             "denoiser": diffurec_denoiser_parameters(cfg)
+             * ZERO_BYTES[int(cfg["distributed"]["zero_stage"])](workers),
+             "step": float(step)}
+    terms["total"] = sum(terms.values())
+    return terms

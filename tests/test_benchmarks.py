@@ -91,3 +91,81 @@ def test_ranking_benchmark_checks_the_pass_and_times_it_beside_its_bound(tmp_pat
                                    + result["bound_topk_seconds"][0]))      # one repeat
     assert result["scoring_gflop"] == pytest.approx(2 * 250 * 3000 * 65 / 1e9)
     assert len(result["bound_matmul_seconds"]) == len(result["bound_topk_seconds"]) == 1
+
+
+TINY_DIFFUREC = ["diffurec.hidden=16", "diffurec.blocks=1", "diffurec.heads=2",
+                 "diffurec.steps=4", "diffurec.max_len=10"]
+
+
+def test_scaling_benchmark_diffurec_shards_the_item_table_and_times_a_ranking_pass(tmp_path):
+    out = tmp_path / "scaling.json"
+    sets = [a for s in TINY_DIFFUREC + ["batch_size=64", "diffurec.dropout=0",
+                                         "diffurec.emb_dropout=0"] for a in ("--set", s)]
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scaling.py"), "--config",
+                    "configs/diffurec-synthetic-1m.yaml", "--items", "3000", "--workers", "1",
+                    "2", "--users", "150", "--steps", "2", "--warmup", "1", "--eval", *sets,
+                    "--workdir", str(tmp_path / "work"), "--out", str(out)],
+                   check=True, cwd=tmp_path, timeout=600, capture_output=True)
+    result = json.loads(out.read_text())
+    assert result["model"] == "diffurec"
+    one, two = sorted(result["rows"], key=lambda r: r["workers"])
+    # E's rows, gradient and AdamW moments: 16 bytes x 16 floats per item owned, exactly as
+    # the memory model says; 2 equal blocks halve them
+    for row in (one, two):
+        for rank in row["per_rank"]:
+            assert rank["sharded_mib"] * 2 ** 20 == 16 * 16 * rank["items"]
+            assert rank["model_mib"]["sharded"] == rank["sharded_mib"]
+    assert [r["items"] for r in two["per_rank"]] == [1500, 1500]
+    assert two["sharded_mib_max"] == one["sharded_mib_max"] / 2
+    assert two["collective_bytes_per_step"]["all_reduce"] > 0      # the embedded batch
+    for row in (one, two):
+        ev = row["eval"]
+        assert ev["eval_users"] == one["users"] and ev["eval_seconds"] > 0
+        assert ev["scoring_gflop"] == pytest.approx(2 * one["users"] * 3000 * 17 / 1e9)
+        assert ev["query_gflop"] > 0 and ev["topk_seconds"] > 0
+        assert ev["pass_over_bound"] == pytest.approx(ev["eval_seconds"] / ev["bound_seconds"])
+    # the same parameters rank the same items: the W-worker pass gives one process's metrics
+    assert two["eval"]["eval_metrics"] == pytest.approx(one["eval"]["eval_metrics"])
+
+
+def _reproduce_module():
+    import importlib.util
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("reproduce",
+                                                      ROOT / "benchmarks" / "reproduce.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_reproduce_runs_diffurec_rows_only_with_cuda_unless_asked():
+    reproduce = _reproduce_module()
+    diffurec = {"diffurec-beauty", "diffurec-toys", "diffurec-ml1m"}
+    assert diffurec <= set(reproduce.default_rows(cuda=True))
+    assert not diffurec & set(reproduce.default_rows(cuda=False))
+    assert "diffrec-clean" in reproduce.default_rows(cuda=False)
+    assert reproduce.PAPER["diffurec-beauty"]["hr@10"] == 7.9068
+
+
+def test_reproduce_diffurec_row_trains_the_product_and_records_percent_beside_the_paper(
+        tmp_path):
+    tiny = ["data.source=synthetic", "data.path=null", "data.synthetic.n_users=120",
+            "data.synthetic.n_items=80", "data.synthetic.mean_items_per_user=8", "epochs=2",
+            "eval_every=1", "batch_size=64", *TINY_DIFFUREC]
+    out, runs = tmp_path / "reproduce.json", tmp_path / "runs"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "reproduce.py"), "--only",
+                    "diffurec-beauty", *[a for s in tiny for a in ("--set", s)], "--runs",
+                    str(runs), "--out", str(out)],
+                   check=True, cwd=tmp_path, timeout=300, capture_output=True)
+    row = json.loads(out.read_text())["rows"]["diffurec-beauty"]
+    metrics = json.loads((runs / "diffurec-beauty" / "metrics.json").read_text())
+    assert (runs / "diffurec-beauty.yaml").is_file()        # the config the CLI ran
+    assert row["unit"] == "%" and row["epochs_run"] == 2 and row["workers"] == 1
+    assert row["best_epoch"] == metrics["best_epoch"]       # selected on valid hr@10
+    for k in ("hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20"):
+        assert row["test"][k] == pytest.approx(100 * metrics["test"][k])
+        assert row["ratio_to_paper"][k] == pytest.approx(row["test"][k] / row["paper"][k])
+    assert (row["paper"]["hr@10"], row["paper"]["ndcg@10"]) == (7.9068, 4.7494)

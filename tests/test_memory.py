@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from scale_diffrec.config import load_config
+from scale_diffrec.config import load_config, typed
 from scale_diffrec.models.ldiffrec import LDiffRec
 from scale_diffrec.memory_model import ZERO_BYTES, predict, worker_terms
 from scale_diffrec.partition import Partition
@@ -50,3 +50,38 @@ def test_balanced_prediction_halves_the_sharded_term_with_twice_the_workers():
     assert two["data"] == one["data"] and two["runtime"] == one["runtime"] == 5e8
     evaluation = predict(cfg, 80_000, 1000, 30_000, 1, 5e8, phase="eval")
     assert evaluation["step"] >= one["step"] and evaluation["total"] >= one["total"]
+
+
+def _diffurec_cfg(*extra):
+    return load_config(None, ["model=diffurec", "diffurec.hidden=16", "diffurec.heads=2",
+                              "diffurec.max_len=10", "diffurec.n_clusters=2", "batch_size=40",
+                              *extra])
+
+
+def test_diffurec_terms_count_the_owned_table_rows_and_the_denoiser():
+    from scale_diffrec.models.diffurec import DiffuRec
+    from scale_diffrec.memory_model import diffurec_worker_terms
+    from scale_diffrec.shard.context import Shard
+    cfg = _diffurec_cfg()
+    partition = Partition.blocks(1000, 2)
+    shell = DiffuRec.from_config(typed(cfg), 1000, partition,
+                                 Shard.single(partition.sizes.tolist(), None))
+    one, two = (diffurec_worker_terms(cfg, partition.sizes, clusters, 1000, n_users=50,
+                                      sequence_items=900, train_samples=750, workers=w)
+                for clusters, w in (([0, 1], 1), ([1], 2)))
+    assert one["sharded"] == 16 * shell.item_embeddings.weight.numel() == 2 * two["sharded"]
+    assert one["denoiser"] == 16 * sum(p.numel() for p in shell.denoiser.parameters())
+    assert one["tables"] == 32 * 1000 + 8 * 1000 and two["tables"] == 32 * 1000 + 8 * 500
+    assert one["data"] == two["data"] == 4 * 900 + 8 * 50 + 24 * 750
+    assert one["total"] == pytest.approx(sum(v for k, v in one.items() if k != "total"))
+
+
+def test_diffurec_activations_grow_by_one_blocks_worth_per_block_and_leave_out_weights():
+    from scale_diffrec.memory_model import diffurec_activation_bytes
+    by_blocks = [diffurec_activation_bytes(_diffurec_cfg(
+        f"diffurec.blocks={n}", "diffurec.hidden=64", "diffurec.max_len=2")) for n in (1, 2, 3)]
+    per_block = by_blocks[1] - by_blocks[0]
+    assert per_block > 0 and by_blocks[2] - by_blocks[1] == per_block
+    # a block's weights are 12 d^2 floats (192 KiB at d = 64); its activations on one
+    # row of 2 positions a few dozen [2, 64] tensors: counting the weights would show
+    assert per_block < 12 * 64 * 64 * 4 / 4

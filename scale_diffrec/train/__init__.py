@@ -3,10 +3,11 @@
 ``train(cfg, run_dir)`` trains in one process; ``train.distributed.trainer.train_distributed``
 runs the same loop on W Ray Train workers.
 """
-from .loop import (batches, epoch_order, finish, run_epochs, split_metrics, train_epoch,
-                   train_step)
+from .loop import (batches, epoch_order, epoch_units, finish, make_batch, run_epochs,
+                   split_metrics, train_epoch, train_step)
 from .run import train
 from .setup import prepare_partition, seed_everything
 
 __all__ = ["train", "train_epoch", "train_step", "run_epochs", "finish", "split_metrics",
-           "batches", "epoch_order", "prepare_partition", "seed_everything"]
+           "batches", "epoch_order", "epoch_units", "make_batch", "prepare_partition",
+           "seed_everything"]

@@ -44,17 +44,28 @@ def batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def epoch_batches(data: InteractionData | Sequences, cfg: dict, epoch: int, device):
-    """(n, batches): the epoch's ``n`` training batches, built on the host one at a time and
-    copied to ``device``: CSR rows of the users in ``epoch_order``, or (sequences) the
-    ``SequenceBatch`` of the training samples in ``epoch_order``."""
+def epoch_units(data: InteractionData | Sequences, seed: int, epoch: int) -> np.ndarray:
+    """[n] what an epoch visits, in its seeded order (``epoch_order``): user indexes, or
+    (sequences) the positions of the training samples (``Sequences.train_positions``)."""
     if isinstance(data, Sequences):
         samples = data.train_positions()
-        order = batches(samples[epoch_order(len(samples), cfg["seed"], epoch)],
-                        cfg["batch_size"])
-        return len(order), (data.samples(g, device) for g in order)
-    order = batches(epoch_order(data.n_users, cfg["seed"], epoch), cfg["batch_size"])
-    return len(order), (data.train.take_rows(u).to_torch(device) for u in order)
+        return samples[epoch_order(len(samples), seed, epoch)]
+    return epoch_order(data.n_users, seed, epoch)
+
+
+def make_batch(data: InteractionData | Sequences, units: np.ndarray, device):
+    """The model's training batch of ``units`` (a slice of ``epoch_units``) on ``device``:
+    the users' train CSR rows, or (sequences) the ``SequenceBatch`` of the samples."""
+    if isinstance(data, Sequences):
+        return data.samples(units, device)
+    return data.train.take_rows(units).to_torch(device)
+
+
+def epoch_batches(data: InteractionData | Sequences, cfg: dict, epoch: int, device):
+    """(n, batches): the epoch's ``n`` training batches of ``batch_size`` ``epoch_units``,
+    built on the host one at a time (``make_batch``) and copied to ``device``."""
+    order = batches(epoch_units(data, cfg["seed"], epoch), cfg["batch_size"])
+    return len(order), (make_batch(data, u, device) for u in order)
 
 
 def epoch_lr(optimizer, cfg: dict, epoch: int) -> None:

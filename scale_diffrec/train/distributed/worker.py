@@ -30,7 +30,7 @@ from ...checkpoint import (FORMAT, load_optimizer_state, merge_catalogue, optimi
                           split_catalogue)
 from ...data import InteractionData, Sequences
 from ...models import Progress, build_model
-from ..loop import split_metrics, train_epoch, train_step
+from ..loop import make_batch, split_metrics, train_epoch, train_step
 from ...shard.plan import Plan
 from ...shard.context import Shard
 from .zero import (full_optimizer_state, gathered_state_dict, hybrid_backward,
@@ -95,11 +95,11 @@ class ShardedRun:
                                          autoencoder["params"])
 
     # ------------------------------------------------------------------ the one-process code
-    def loss_and_backward(self, users: np.ndarray) -> float:
-        """One step on the users ``users`` (``train.train_step``); the global loss."""
-        batch = self.data.train.take_rows(users).to_torch(self.device)
-        return train_step(self.model, self.optimizer, batch, self.progress,
-                          self.cfg["precision"])
+    def loss_and_backward(self, units: np.ndarray) -> float:
+        """One step on ``units`` (users, or sequences' training samples: a slice of
+        ``loop.epoch_units``; ``train.train_step``); the global loss."""
+        return train_step(self.model, self.optimizer, make_batch(self.data, units, self.device),
+                          self.progress, self.cfg["precision"])
 
     def train_epoch(self, epoch: int) -> float:
         """Every user once, in the one-process order; the mean batch loss (all ranks)."""
