@@ -201,15 +201,20 @@ def diffurec_worker_terms(cfg: dict, sizes, clusters, n_items: int, n_users: int
                                        (8 I) and its own item list (8 I_r)
         sharded   16 I_r d             E's rows of the worker: weight, gradient, AdamW m, v
         denoiser  P_den x z(stage, W)  the ``SequenceDenoiser`` under ZeRO (``ZERO_BYTES``)
-        step      train: max(a B_r + 4 (4 B (L + 1) d + 2 B chunk), 8 I_r d)
+        step      train: a B_r + 4 (4 B (L + 1) d + 2 B chunk) + 8 I_r d
                                        autograd's saved tensors of the worker's B_r = B / W
                                        rows (a: ``diffurec_activation_bytes``), the
                                        embedded batch of every rank ([B, L + 1, d]: rows,
                                        the masked copy, the all-reduced sum, its
-                                       gradient) and the logsumexp's [B, chunk] buffers;
-                                       or, after the backward, the table's second gradient
-                                       (lookup + softmax, summed) / AdamW's denominator
-                                       (8 bytes per row parameter), whichever is larger
+                                       gradient), the logsumexp's [B, chunk] buffers, and
+                                       the softmax's gradients of E's rows, which the
+                                       backward makes first, while the Transformer's saved
+                                       tensors are still held (``LinearLogSumExp``'s
+                                       [I_r, d + 1] buffer, the sparse target product's
+                                       dense [I_r, d]; measured in one process at 400k
+                                       items: 8.7 bytes per row parameter beyond the
+                                       gradient); AdamW's step after it needs 8 I_r d
+                                       (its denominator's two temporaries), no more
                   eval:  8 B_eval min(I_r, chunk)   (a chunk of scores, the running top-K)
     """
     dcfg = cfg["diffurec"]
@@ -218,8 +223,8 @@ def diffurec_worker_terms(cfg: dict, sizes, clusters, n_items: int, n_users: int
     d, length, b = int(dcfg["hidden"]), int(dcfg["max_len"]), int(cfg["batch_size"])
     p_r = items_r * d
     chunk = dcfg["logit_chunk"] or chunk_items(b, "cpu", cfg.get("chunk_mib"))
-    step = max(diffurec_activation_bytes(cfg) * -(-b // workers)
-               + 4 * (4 * b * (length + 1) * d + 2 * b * min(chunk, items_r)), 8 * p_r)
+    step = (diffurec_activation_bytes(cfg) * -(-b // workers)
+            + 4 * (4 * b * (length + 1) * d + 2 * b * min(chunk, items_r)) + 8 * p_r)
     if phase == "eval":
         b_eval = int(cfg["eval_batch_size"])
         step = max(step, 8 * b_eval * min(chunk_items(b_eval, "cpu", cfg.get("chunk_mib")),

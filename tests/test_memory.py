@@ -73,6 +73,11 @@ def test_diffurec_terms_count_the_owned_table_rows_and_the_denoiser():
     assert one["denoiser"] == 16 * sum(p.numel() for p in shell.denoiser.parameters())
     assert one["tables"] == 32 * 1000 + 8 * 1000 and two["tables"] == 32 * 1000 + 8 * 500
     assert one["data"] == two["data"] == 4 * 900 + 8 * 50 + 24 * 750
+    # the softmax's gradient parts of the owned rows (8 bytes each) on top of the
+    # activations of B / W rows (a 40-row batch: 40 vs 20 rows per worker)
+    from scale_diffrec.memory_model import diffurec_activation_bytes
+    rows_saved = diffurec_activation_bytes(cfg) * 20
+    assert one["step"] - two["step"] == rows_saved + 8 * 500 * 16 + 4 * 2 * 40 * 500
     assert one["total"] == pytest.approx(sum(v for k, v in one.items() if k != "total"))
 
 
