@@ -16,7 +16,8 @@ sequences) on a synthetic catalogue of I items with ``--users`` users, for ``--w
 ``--steps`` optimizer steps of ``ShardedRun`` (the code Ray Train workers run; batches of
 ``train.epoch_units``: users, or DiffuRec's training samples), and measures per rank and
 step:
-    seconds per step (the slowest rank's), users/s (batch / step; DiffuRec: samples/s),
+    seconds per step (the slowest rank's; wall, and the process's CPU seconds: the
+    steadier figure on a shared machine), users/s (batch / step; DiffuRec: samples/s),
     seconds per epoch (steps per epoch x median step: extrapolated), peak RSS and, on GPU, peak allocated
     memory, the exact bytes of the rank's catalogue-sharded tensors (its clusters'
     weights, gradients and AdamW moments), and the calls, bytes and seconds inside each
@@ -104,14 +105,15 @@ def measure(point: dict, device=None) -> dict:
     steps = point["warmup"] + point["steps"]
     batches = [order[(i * b) % len(order):][:b] for i in range(steps)]
     del order
-    seconds = []
+    seconds, cpu = [], []
     for i, users in enumerate(batches):
         if i == point["warmup"]:
             meter.reset()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         _step(run, users, device)
         if i >= point["warmup"]:
             seconds.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
     peak = peak_rss_mib()                  # before profiling, which holds its events
     collectives = {k: {"calls_per_step": v["calls"] / point["steps"],
                        "seconds_per_step": v["seconds"] / point["steps"],
@@ -134,7 +136,7 @@ def measure(point: dict, device=None) -> dict:
                    for v in s.values() if torch.is_tensor(v))
     model = model_terms(cfg, data, partition, plan.clusters(rank), world, run)
     out = {"rank": rank, "clusters": plan.clusters(rank), "items": plan.items(rank),
-           "step_seconds": seconds, "collectives": collectives,
+           "step_seconds": seconds, "step_cpu_seconds": cpu, "collectives": collectives,
            "runtime_rss_mib": runtime_mib, "peak_rss_mib": peak,
            "sharded_mib": sharded / 2 ** 20,
            "model_mib": {k: v / 2 ** 20 for k, v in model.items()},
@@ -167,13 +169,14 @@ def eval_pass(run, cfg: dict, device) -> dict:
 
     import torch
     from scale_diffrec.progress import peak_rss_mib
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     metrics = run.evaluate("test")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     items = sum(len(h.items) for h in run.model.item_heads())
-    return {"eval_seconds": seconds, "eval_peak_rss_mib": peak_rss_mib(),
+    return {"eval_seconds": seconds, "eval_cpu_seconds": cpu,
+            "eval_peak_rss_mib": peak_rss_mib(),
             "eval_items": items, "eval_users": run.data.n_users,
             "eval_scoring_flop": 2.0 * run.data.n_users * sum(
                 len(h.items) * (h.weight.shape[1] + 1) for h in run.model.item_heads()),
@@ -213,6 +216,7 @@ def eval_bound(row: dict, cfg: dict, query_flop: float) -> dict:
     gflops, seconds = matmul_gflops(), max(r["eval_seconds"] for r in ranks)
     bound = flop / w / (MATMUL_GFLOPS * 1e9) + topk
     return {"eval_users": users, "eval_seconds": seconds, "pass_over_bound": seconds / bound,
+            "eval_cpu_seconds": max(r["eval_cpu_seconds"] for r in ranks),
             "eval_peak_rss_mib_max": max(r["eval_peak_rss_mib"] for r in ranks),
             "scoring_gflop": sum(r["eval_scoring_flop"] for r in ranks) / 1e9,
             "query_gflop": users * query_flop / 1e9, "topk_seconds": topk,
@@ -299,13 +303,15 @@ def summarize(items: int, workers: int, data, batch: int, ranks: list[dict]) -> 
     visits (users, or DiffuRec's training samples, ``unit``)."""
     from scale_diffrec.data import Sequences
     steps = len(ranks[0]["step_seconds"])
-    step = statistics.median(max(r["step_seconds"][i] for r in ranks) for i in range(steps))
+    step, cpu = (statistics.median(max(r[key][i] for r in ranks) for i in range(steps))
+                 for key in ("step_seconds", "step_cpu_seconds"))
     names = sorted({k for r in ranks for k in r["collectives"]})
     unit, per_epoch = (("samples", len(data.train_positions())) if isinstance(data, Sequences)
                        else ("users", data.n_users))
     return {
         "items": items, "workers": workers, "users": data.n_users, "batch_size": batch,
-        "step_seconds_median": step, f"{unit}_per_second": batch / step,
+        "step_seconds_median": step, "step_cpu_seconds_median": cpu,
+        f"{unit}_per_second": batch / step,
         f"{unit}_per_epoch": per_epoch,
         "epoch_seconds_extrapolated": math.ceil(per_epoch / batch) * step,
         "peak_rss_mib_max": max(r["peak_rss_mib"] for r in ranks),
