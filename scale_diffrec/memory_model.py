@@ -1,4 +1,5 @@
-"""Bytes per worker of a W-worker L-DiffRec run: the memory model (README, "Memory model").
+"""Bytes per worker of a W-worker L-DiffRec run: the memory model (README, "Memory model");
+DiffuRec's terms in ``diffurec_worker_terms``.
 
 Worker r holds the clusters ``plan.clusters(r)`` (I_r items, P_r parameters); every
 worker holds the data and the item lookup tables. fp32 throughout; AdamW keeps two
@@ -187,8 +188,7 @@ def diffurec_activation_bytes(cfg: dict) -> int:
 
 def diffurec_worker_terms(cfg: dict, sizes, clusters, n_items: int, n_users: int,
                           sequence_items: int, train_samples: int, workers: int,
-                          runtime_bytes: float = 0.0, phase: str = "train"
-                          ) -> dict[str, float]:
+                          runtime_bytes: float = 0.0) -> dict[str, float]:
     """DiffuRec's bytes for the worker holding the item-table rows of ``clusters`` (blocks
     of ``Partition.blocks``, sizes ``sizes``), in the same terms as ``worker_terms``
     (fp32, AdamW; README "Memory model"; the model in ``models/diffurec.py``):
@@ -215,7 +215,8 @@ def diffurec_worker_terms(cfg: dict, sizes, clusters, n_items: int, n_users: int
                                        items: 8.7 bytes per row parameter beyond the
                                        gradient); AdamW's step after it needs 8 I_r d
                                        (its denominator's two temporaries), no more
-                  eval:  8 B_eval min(I_r, chunk)   (a chunk of scores, the running top-K)
+
+    Training steps only (evaluation's scores are a chunk of B_eval x chunk, far below).
     """
     dcfg = cfg["diffurec"]
     sizes = [int(s) for s in sizes]
@@ -225,10 +226,6 @@ def diffurec_worker_terms(cfg: dict, sizes, clusters, n_items: int, n_users: int
     chunk = dcfg["logit_chunk"] or chunk_items(b, "cpu", cfg.get("chunk_mib"))
     step = (diffurec_activation_bytes(cfg) * -(-b // workers)
             + 4 * (4 * b * (length + 1) * d + 2 * b * min(chunk, items_r)) + 8 * p_r)
-    if phase == "eval":
-        b_eval = int(cfg["eval_batch_size"])
-        step = max(step, 8 * b_eval * min(chunk_items(b_eval, "cpu", cfg.get("chunk_mib")),
-                                          items_r))
     terms = {"runtime": float(runtime_bytes),
              "data": 4.0 * sequence_items + 8.0 * n_users + 24.0 * train_samples,
              "tables": 32.0 * n_items + 8.0 * items_r,
