@@ -171,7 +171,8 @@ def test_an_out_that_cannot_be_created_is_one_line_before_any_work(tmp_path, cap
 def test_ctrl_c_is_one_line_exit_130_and_the_run_resumes(tmp_path, capsys):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "scale_diffrec",
-                             *_train_argv(out, "epochs=100000")], env=ENV,
+                             *_train_argv(out, "epochs=100000", "patience=100000")],
+                            env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:                  # progress lines: epoch 1 is saved by now
         if " epoch 2/" in line:
@@ -184,7 +185,8 @@ def test_ctrl_c_is_one_line_exit_130_and_the_run_resumes(tmp_path, capsys):
     assert not (out / LOCK).exists()
     trained = runs.load_checkpoint(out, "last")["epoch"]
     assert trained >= 1
-    assert main(_train_argv(out, f"epochs={trained + 1}", flags=["--resume"])) == 0
+    assert main(_train_argv(out, f"epochs={trained + 1}", "patience=100000",
+                            flags=["--resume"])) == 0
     assert runs.load_checkpoint(out, "last")["epoch"] == trained + 1
 
 
