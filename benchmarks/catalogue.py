@@ -8,7 +8,7 @@
 Rows: most-popular, ItemKNN and ALS (tuned on valid Recall@20 over the small grids in
 ``ROWS``; test is read only for the selected point), Mult-VAE, L-DiffRec in one process
 and on 2 Ray workers (``configs/epinions-ldiffrec.yaml``; 2 clusters and 2 epochs on the
-workers: a time and memory row), and DiffRec only when asked (its dense I x 600 layers are
+workers: a time and memory row), and DiffRec for 2 epochs (its dense I x 600 layers are
 ~290M parameters here: ~4.6 GiB with Adam and minutes per epoch on 2 cores). Every run is a
 ``scale-diffrec train`` subprocess on the same data and split, so its peak RSS (VmHWM, in
 metrics.json) is its own. Then one run's model is loaded and ``evaluate`` timed over the
@@ -66,7 +66,8 @@ ROWS = {   # name: (overrides, {key: grid values} tuned on valid, workers, on by
     "ldiffrec-2workers": ("ldiffrec", {}, 2, True),
     # 3 epochs: its two 242k x 600 layers make an epoch ~10 min here
     "multvae": (["model=multvae", "epochs=3", "eval_every=3", "batch_size=500"], {}, 1, True),
-    "diffrec": (["model=diffrec", "epochs=10", "eval_every=5"], {}, 1, False),
+    # 2 epochs: ~290M parameters (two dense 242k-wide layers); a time and memory row
+    "diffrec": (["model=diffrec", "epochs=2", "eval_every=2", "batch_size=500"], {}, 1, True),
 }
 
 
