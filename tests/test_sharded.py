@@ -24,6 +24,9 @@ BASE = ["model=ldiffrec", "data.source=synthetic", "data.synthetic.n_users=90",
         "ldiffrec.vae_anneal_steps=4", "lr=1e-2", "ldiffrec.lr_vae=2e-2"]
 FORMS = {"global-decoder": [], "cluster-decoders": ["ldiffrec.out_dims=[6]"],
          "chunked-logits": ["ldiffrec.logit_chunk=7"]}
+# epoch-level only: a frozen autoencoder takes no gradients in the step test's epoch 0
+EPOCH_FORMS = {**FORMS, "frozen-residual": ["ldiffrec.frozen_autoencoder_epochs=1",
+                                            "denoiser.residual=true"]}
 
 
 def _setup(overrides):
@@ -118,18 +121,23 @@ def _epoch(rank, world, overrides, zero_stage, eval_chunk):
 
 @pytest.mark.parametrize("world, zero_stage, form, eval_chunk", [
     (2, 1, "global-decoder", None), (3, 1, "global-decoder", 5), (2, 2, "global-decoder", None),
-    (2, 3, "global-decoder", None), (3, 1, "cluster-decoders", 5)])
+    (2, 3, "global-decoder", None), (3, 1, "cluster-decoders", 5),
+    (2, 1, "frozen-residual", None)])
 def test_epoch_parameters_and_evaluation_equal_single_process(world, zero_stage, form,
                                                                eval_chunk):
     # eval_chunk 5: each rank scores its items 5 at a time into a running top-k
     from scale_diffrec.evaluate import evaluate
     from scale_diffrec.models import Progress
     from scale_diffrec.train import train_epoch
-    cfg, data, partition, _ = _setup(FORMS[form])
+    cfg, data, partition, _ = _setup(EPOCH_FORMS[form])
     model, optimizer = _single(cfg, data, partition)
+    before = {n: v.clone() for n, v in model.state_dict().items()}
     train_epoch(model, optimizer, data, cfg, 0, Progress())
     single, metrics = model.state_dict(), evaluate(model, data, "valid", ks=cfg["topk"])
-    results = run_distributed(_epoch, world, args=(FORMS[form], zero_stage, eval_chunk),
+    if form == "frozen-residual":       # the epoch moved the denoiser (and sampler) alone
+        assert {n for n in single if not torch.equal(single[n], before[n])} == \
+            {n for n in single if n.startswith(("denoiser.", "sampler."))}
+    results = run_distributed(_epoch, world, args=(EPOCH_FORMS[form], zero_stage, eval_chunk),
                               env={"DS_ACCELERATOR": "cpu"}, timeout=240)
     full = results[0][0]
     assert set(full) == set(single) and all(r[0] is None for r in results[1:])
