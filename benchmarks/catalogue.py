@@ -246,13 +246,23 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", choices=sorted(ROWS))
     parser.add_argument("--ratings", default=str(
         ROOT.parent / "shared" / "data" / "tang-trust" / "epinions" / "ratings.parquet"))
-    parser.add_argument("--runs", default=str(ROOT / "runs" / "catalogue"))
-    parser.add_argument("--repeats", type=int, default=3, help="timed evaluation passes")
+    parser.add_argument("--runs", default=str(ROOT / "runs" / "catalogue"),
+                        help="run directories and the prepared dataset (default runs/catalogue)")
+    parser.add_argument("--repeats", type=positive_int, default=3,
+                        help="timed evaluation passes (>= 1)")
     parser.add_argument("--first-point", action="store_true",
                         help="only the first point of each grid (a quick look, not tuned)")
     parser.add_argument("--point", type=int,
@@ -264,8 +274,21 @@ def main() -> None:
                         help="print the README table of --out and exit")
     args = parser.parse_args()
     if args.table:
+        if not Path(args.out).is_file():
+            print(f"error: {args.out}: no results to tabulate (run the benchmark or give "
+                  f"--out)", file=sys.stderr)
+            sys.exit(2)
         print(markdown_table(json.loads(Path(args.out).read_text())))
         return
+    for name in (args.only or []) if args.point is not None else []:
+        size = 1 if args.first_point else len(list(itertools.product(*ROWS[name][1].values())))
+        if not 0 <= args.point < size:
+            print(f"error: --point {args.point}: row '{name}' has {size} grid point(s) "
+                  f"(0..{size - 1})", file=sys.stderr)
+            sys.exit(2)
+    if args.point is not None and not args.only:
+        print("error: --point needs --only ROW (a point of that row's grid)", file=sys.stderr)
+        sys.exit(2)
     setup_logging()
     ratings = Path(args.ratings)
     if not ratings.is_file():

@@ -39,6 +39,12 @@ def test_catalogue_benchmark_filters_ratings_tunes_on_valid_and_times_passes(tmp
                              (rng.pareto(1.0, n) * 10).astype(np.int64) % 300,
                              "rating": rng.integers(1, 6, n).astype(np.int8)}), ratings)
     out = tmp_path / "catalogue.json"
+    # a point outside the grid: one line, exit 2, before anything is prepared
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "catalogue.py"), "--only",
+                          "itemknn", "--point", "4", "--ratings", str(ratings), "--runs",
+                          str(tmp_path / "runs")], cwd=tmp_path, capture_output=True, text=True)
+    assert bad.returncode == 2 and not (tmp_path / "runs").exists()
+    assert bad.stderr.strip() == "error: --point 4: row 'itemknn' has 4 grid point(s) (0..3)"
     # one grid point alone (as parallel processes run them): its run, and no row
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "catalogue.py"), "--only",
                     "itemknn", "--point", "3", "--ratings", str(ratings), "--runs",

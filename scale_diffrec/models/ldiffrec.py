@@ -92,6 +92,7 @@ from ..choices import WarmStart
 from ..config import typed
 from ..data.csr import CSR, SparseRows
 from ..device import chunk_items
+from ..progress import log
 from ..schema import Config, LDiffRecConfig
 from .diffusion import GaussianDiffusion
 from .row_noise import RowNoise
@@ -319,6 +320,12 @@ class LDiffRec(PerCluster, Recommender):
         over all ranks), "lamda", "beta"}."""
         device, b = batch.values.device, batch.batch_size
         frozen = progress.epoch < self.lcfg.frozen_autoencoder_epochs
+        if frozen != getattr(self, "_frozen", False) and self.shard.rank == 0:
+            log.info("epoch %d: %s", progress.epoch + 1,
+                     f"the autoencoder is frozen through epoch "
+                     f"{self.lcfg.frozen_autoencoder_epochs} (the denoiser trains alone)"
+                     if frozen else "the autoencoder trains from now on")
+        self._frozen = frozen
         for p in self.autoencoder_parameters():
             p.requires_grad_(not frozen)
         splits, own = self.shard.rows(b)
