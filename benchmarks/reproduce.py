@@ -10,6 +10,8 @@ the reference implementation's measured ones.
     python benchmarks/reproduce.py --tuned runs/tune     # a row's config = its search's best
                                                          # (runs/tune/ROW/best.yaml, from
                                                          # scale-diffrec tune --out runs/tune/ROW)
+    python benchmarks/reproduce.py --seeds 2,3           # and the same config under seeds 2, 3:
+                                                         # the row's "seeds" and "seed_spread"
 
 Every row is the product: a ``scale-diffrec train --config CONFIG --out RUNS/ROW`` process
 (``--workers W`` when given; ``catalogue.train_run``, which reuses a finished run of the
@@ -97,11 +99,21 @@ def row_config(name: str, tuned: Path | None) -> tuple[Path, dict | None]:
                   "params": summary["best"]["params"], "table": summary["table"]}
 
 
+def seed_spread(runs: dict[int, dict], keys: tuple[str, ...]) -> dict:
+    """{metric: {mean, sd, min, max}} of the test metrics of the same config under several
+    seeds (sd: the sample standard deviation)."""
+    return {k: {"mean": statistics.mean(r[k] for r in runs.values()),
+                "sd": statistics.stdev(r[k] for r in runs.values()),
+                "min": min(r[k] for r in runs.values()),
+                "max": max(r[k] for r in runs.values())} for k in keys}
+
+
 def run_row(name: str, overrides: list[str], runs_dir: Path, tuned: Path | None = None,
-            workers: int = 1) -> dict:
+            workers: int = 1, seeds: tuple[int, ...] = ()) -> dict:
     """Train the row (``catalogue.train_run``: the ``scale-diffrec train`` process, on
-    ``workers`` Ray workers when > 1) and make its JSON row; a row whose data folder is
-    absent is skipped, with the reason."""
+    ``workers`` Ray workers when > 1) and make its JSON row; with ``seeds``, also train the
+    same config under each other seed (RUNS/ROW-seedN) and add their test metrics and
+    spread. A row whose data folder is absent is skipped, with the reason."""
     config, search = row_config(name, tuned)
     path = load_config(config, overrides)["data"]["path"]
     if path:
@@ -111,6 +123,15 @@ def run_row(name: str, overrides: list[str], runs_dir: Path, tuned: Path | None 
         overrides = [*overrides, f"data.path={path}"]
     metrics = train_run(name, config, overrides, workers, runs_dir / name)
     row = make_row(name, overrides, metrics, metrics["wall_seconds"], config, workers)
+    own = load_config(config, overrides)["seed"]
+    if len(set(seeds) | {own}) > 1:
+        runs = {own: row["test"]}
+        for seed in sorted(set(seeds) - {own}):
+            other = train_run(name, config, [*overrides, f"seed={seed}"], workers,
+                              runs_dir / f"{name}-seed{seed}")
+            runs[seed] = make_row(name, overrides, other, other["wall_seconds"])["test"]
+        row["seeds"] = {str(seed): test for seed, test in runs.items()}
+        row["seed_spread"] = seed_spread(runs, tuple(row["test"]))
     return {**row, "tuned": search} if search else row
 
 
@@ -153,7 +174,15 @@ def main() -> None:
                         "search's best.yaml")
     parser.add_argument("--workers", type=int, default=1, help="train each row on this many "
                         "Ray workers (models that shard: L-DiffRec, DiffuRec)")
+    parser.add_argument("--seeds", default="", help="comma-separated seeds: train each row's "
+                        "config under these too and record the test metrics' spread")
     args = parser.parse_args()
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+    except ValueError:
+        print(f"error: --seeds must be comma-separated integers, got {args.seeds!r}",
+              file=sys.stderr)
+        sys.exit(2)
     setup_logging()
     out = Path(args.out)
     machine = {"platform": platform.platform(), "processor": platform.machine(),
@@ -164,7 +193,7 @@ def main() -> None:
             continue
         row = (make_row(name, args.overrides, json.loads(metrics_file.read_text()), None)
                if args.from_runs else run_row(name, args.overrides, Path(args.runs),
-                                              args.tuned, args.workers))
+                                              args.tuned, args.workers, seeds))
         # re-read before writing: rows may be run by separate, concurrent invocations
         results = json.loads(out.read_text()) if out.is_file() else {"rows": {}}
         results["rows"][name] = row

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from scale_diffrec.config import load_config
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -176,3 +178,28 @@ def test_reproduce_diffurec_row_trains_the_product_and_records_percent_beside_th
         assert row["test"][k] == pytest.approx(100 * metrics["test"][k])
         assert row["ratio_to_paper"][k] == pytest.approx(row["test"][k] / row["paper"][k])
     assert (row["paper"]["hr@10"], row["paper"]["ndcg@10"]) == (7.9068, 4.7494)
+
+
+def test_reproduce_seeds_train_the_row_config_under_each_seed_and_record_the_spread(tmp_path):
+    tiny = ["data.source=synthetic", "data.path=null", "data.synthetic.n_users=120",
+            "data.synthetic.n_items=80", "data.synthetic.mean_items_per_user=8", "epochs=1",
+            "eval_every=1", "batch_size=64", "seed=5", *TINY_DIFFUREC]
+    out, runs = tmp_path / "reproduce.json", tmp_path / "runs"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "reproduce.py"), "--only",
+           "diffurec-beauty", *[a for s in tiny for a in ("--set", s)], "--runs", str(runs),
+           "--out", str(out)]
+    bad = subprocess.run(cmd + ["--seeds", "2,x"], cwd=tmp_path, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --seeds"), bad.stderr
+    assert not out.exists() and not runs.exists()
+    subprocess.run(cmd + ["--seeds", "2,5"], check=True, cwd=tmp_path, timeout=300,
+                   capture_output=True)
+    row = json.loads(out.read_text())["rows"]["diffurec-beauty"]
+    assert sorted(row["seeds"]) == ["2", "5"]               # the config's own seed is the row
+    assert row["seeds"]["5"] == row["test"]
+    other = json.loads((runs / "diffurec-beauty-seed2" / "metrics.json").read_text())
+    assert load_config(runs / "diffurec-beauty-seed2.yaml")["seed"] == 2
+    for k, spread in row["seed_spread"].items():
+        values = [row["test"][k], 100 * other["test"][k]]
+        assert spread["mean"] == pytest.approx(sum(values) / 2)
+        assert spread["sd"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
+        assert (spread["min"], spread["max"]) == pytest.approx((min(values), max(values)))

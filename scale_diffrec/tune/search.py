@@ -21,6 +21,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from .. import runs
 from ..config import absolute_paths, load_config, save_config
 from ..data import load_data
@@ -75,12 +77,13 @@ def _searcher(space: Space, settings: Settings):
         import optuna
         from ray.tune.search.optuna import OptunaSearch
         sampler = optuna.samplers.TPESampler(seed=settings.seed)
-        return (OptunaSearch(space=_OptunaSpace(space), metric=METRIC, mode="max", sampler=sampler),
-                {})
+        return (OptunaSearch(space=_OptunaSpace(space), metric=METRIC, mode="max", sampler=sampler,
+                             points_to_evaluate=list(space.start) or None), {})
     from ray.tune.search.basic_variant import BasicVariantGenerator
     pick = tune.grid_search if settings.search == "grid" else tune.choice
     return (BasicVariantGenerator(random_state=settings.seed,
-                                  max_concurrent=settings.max_concurrent or 0),
+                                  max_concurrent=settings.max_concurrent or 0,
+                                  points_to_evaluate=list(space.start) or None),
             {p.name: pick(p.labels) for p in space.params})
 
 
@@ -154,7 +157,8 @@ def prepare(config: str | Path, overrides: list[str], space_path: str | Path, ou
         shutil.rmtree(path, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     runs.atomic_write(out / BASE, lambda tmp: save_config(cfg, tmp))
-    runs.atomic_write(out / SPACE, lambda tmp: shutil.copyfile(space.path, tmp))
+    runs.atomic_write(out / SPACE, lambda tmp: tmp.write_text(
+        f"# {space.path}, resolved\n" + yaml.safe_dump(space.resolved(), sort_keys=False)))
     runs.write_json(out / SETTINGS, settings.__dict__)
     return cfg, load_space(out / SPACE, settings.search)
 

@@ -10,6 +10,12 @@ A space file is YAML:
       lr: [1.0e-4, 1.0e-3]
       denoiser.dims: [[300], [200, 600]]
       diffusion.noise_min,diffusion.noise_max: [[5.0e-4, 5.0e-3], [1.0e-3, 1.0e-2]]
+    start:                    # optional: points tried first (e.g. the released settings),
+      - lr: 1.0e-3            #   each naming one choice of every parameter; then the
+        denoiser.dims: [200, 600]   # searcher's own (Tune's ``points_to_evaluate``)
+        diffusion.noise_min,diffusion.noise_max: [1.0e-3, 1.0e-2]
+    extends: paper.yaml       # optional: another space file (relative to this one) whose
+                              #   keys this file's own replace, e.g. a paper grid + a start
 
 A parameter whose name joins several keys with commas is a JOINT choice: each value is a
 list with one entry per key. That is how a space excludes impossible combinations (e.g.
@@ -33,6 +39,7 @@ from ..errors import ConfigError
 
 SEARCHES = ("grid", "random", "optuna")
 SCHEDULER_KEYS = ("grace_period", "reduction_factor")
+KEYS = ("extends", "search", "scheduler", "params", "start")
 
 
 def label(value) -> str:
@@ -74,6 +81,7 @@ class Space:
     params: tuple[Param, ...]
     search: str
     scheduler: dict | None
+    start: tuple[dict, ...] = ()    # {param name: choice label} per start point
 
     @property
     def grid_size(self) -> int:
@@ -93,9 +101,19 @@ class Space:
         """A trial's choices as ``--set`` overrides ('key=value')."""
         return [f"{k}={label(v)}" for k, v in self.values(config).items()]
 
+    def resolved(self) -> dict:
+        """The space as one self-contained space file's content (no ``extends``)."""
+        params = {p.name: [c[0] if len(p.keys) == 1 else list(c) for c in p.choices]
+                  for p in self.params}
+        start = [{name: yaml.safe_load(chosen) for name, chosen in point.items()}
+                 for point in self.start]
+        return {"search": self.search, "scheduler": self.scheduler, "params": params,
+                **({"start": start} if start else {})}
+
     def check(self, base_path: Path, base_overrides: list[str] = (), check_cfg=None) -> None:
-        """Every choice, applied alone to the base config, must load (and pass
-        ``check_cfg(cfg)`` if given); ConfigError naming the space file and the choice."""
+        """Every choice, applied alone to the base config, and every start point must load
+        (and pass ``check_cfg(cfg)`` if given); ConfigError naming the space file and the
+        choice or point."""
         for p in self.params:
             for choice in p.choices:
                 config = {q.name: q.labels[0] for q in self.params}
@@ -108,6 +126,14 @@ class Space:
                 except ConfigError as err:
                     raise ConfigError(f"{self.path}: params '{p.name}' choice "
                                       f"{p.label(choice)}: {err}") from None
+        for i, point in enumerate(self.start):
+            try:
+                cfg = load_config(base_path, [*base_overrides,
+                                              *(("", o) for o in self.overrides(point))])
+                if check_cfg is not None:
+                    check_cfg(cfg)
+            except ConfigError as err:
+                raise ConfigError(f"{self.path}: start[{i}]: {err}") from None
 
 
 def _param(path: Path, name, values) -> Param:
@@ -131,15 +157,56 @@ def _param(path: Path, name, values) -> Param:
     return param
 
 
+def _start(path: Path, points, params: tuple[Param, ...]) -> tuple[dict, ...]:
+    if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
+        raise ConfigError(f"{path}: start must be a list of points (mappings of parameter "
+                          f"names to one of their values)")
+    by_name = {p.name: p for p in params}
+    out = []
+    for i, point in enumerate(points):
+        unknown = sorted(set(point) - set(by_name))
+        missing = [name for name in by_name if name not in point]
+        if unknown or missing:
+            raise ConfigError(f"{path}: start[{i}]: " + (
+                f"'{unknown[0]}' is not a parameter of the space" if unknown else
+                f"parameter '{missing[0]}' has no value (a point names every parameter)"))
+        chosen = {}
+        for name, value in point.items():
+            param = by_name[name]
+            value = tuple(value) if len(param.keys) > 1 and isinstance(value, list) else (value,)
+            if value not in param.choices:
+                raise ConfigError(f"{path}: start[{i}]: '{name}' value {point[name]!r} is not "
+                                  f"one of the parameter's values")
+            chosen[name] = param.label(value)
+        out.append(chosen)
+    return tuple(out)
+
+
+def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The space file's mapping, with ``extends`` resolved (its keys under this file's)."""
+    raw = read_yaml_mapping(path, "space file")
+    unknown = set(raw) - set(KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key '{sorted(unknown)[0]}' (known: "
+                          f"{', '.join(KEYS)})")
+    if "extends" not in raw:
+        return raw
+    parent = raw.pop("extends")
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError(f"{path}: extends must be the path of another space file")
+    parent = (path.parent / parent).resolve()
+    if parent in seen:
+        raise ConfigError(f"{path}: extends {parent}, which extends it back")
+    if not parent.is_file():
+        raise ConfigError(f"{path}: extends {parent}, which does not exist")
+    return {**_read(parent, (*seen, path.resolve())), **raw}
+
+
 def load_space(path: str | Path, search: str | None = None) -> Space:
     """Parse and validate a space file; ``search`` (grid | random | optuna) overrides the
     file's. ConfigError (one line naming the file and key) on anything malformed."""
     path = Path(path)
-    raw = read_yaml_mapping(path, "space file")
-    unknown = set(raw) - {"search", "scheduler", "params"}
-    if unknown:
-        raise ConfigError(f"{path}: unknown key '{sorted(unknown)[0]}' (known: search, "
-                          f"scheduler, params)")
+    raw = _read(path)
     search = search or raw.get("search", "optuna")
     if search not in SEARCHES:
         raise ConfigError(f"{path}: search must be one of {', '.join(SEARCHES)}, got {search!r}")
@@ -161,4 +228,8 @@ def load_space(path: str | Path, search: str | None = None) -> Space:
     repeated = sorted({k for k in keys if keys.count(k) > 1})
     if repeated:
         raise ConfigError(f"{path}: params: key '{repeated[0]}' appears in two parameters")
-    return Space(path, parsed, search, scheduler)
+    start = _start(path, raw.get("start", []), parsed)
+    if start and search == "grid":
+        raise ConfigError(f"{path}: start points have no use with search grid (the grid "
+                          f"tries every point); use random or optuna")
+    return Space(path, parsed, search, scheduler, start)
