@@ -24,7 +24,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from .errors import ConfigError
-from .schema import PATH_KEYS, Config
+from .progress import log
+from .schema import PATH_KEYS, Config, unread_keys
 
 
 # ------------------------------------------------------------------------- messages
@@ -146,6 +147,16 @@ def typed(cfg: dict | Config) -> Config:
     ``load_config`` returns it, edited or not) validated, ConfigError naming the dotted key
     at fault. About 0.5 ms for a dict (the schedule check computes the betas)."""
     return cfg if isinstance(cfg, Config) else _validated(Config, cfg)
+
+
+def warn_unread(cfg: dict | Config) -> list[str]:
+    """Log one warning naming the keys set in model sections that ``cfg``'s model does not
+    read (``schema.READS``): they change nothing in this run. Returns them."""
+    unread, read = unread_keys(typed(cfg))
+    if unread:
+        log.warning("config keys not read by model '%s' (it reads %s), ignored: %s",
+                    typed(cfg).model, read, "; ".join(unread))
+    return unread
 
 
 # ---------------------------------------------------------------------- load and save

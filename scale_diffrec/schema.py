@@ -326,6 +326,39 @@ class DistributedConfig(_Section):
     deepspeed: dict[str, Any] = {}        # free-form, merged into DeepSpeed's config
 
 
+# The model sections each model reads (None: every key; a tuple: those keys only); a value
+# other than the default anywhere else is ignored by the run, and said (``unread_keys``).
+READS: dict[Model, dict[str, tuple[str, ...] | None]] = {
+    Model.diffrec: {"diffusion": None, "denoiser": None},
+    Model.ldiffrec: {"diffusion": None, "ldiffrec": None,       # its MLP: ldiffrec.mlp_dims
+                     "denoiser": ("emb_size", "norm", "dropout", "residual")},
+    Model.multvae: {"multvae": None},
+    Model.mostpop: {},
+    Model.itemknn: {"itemknn": None},
+    Model.ease: {"ease": None},
+    Model.als: {"als": None},
+    Model.diffurec: {"diffurec": None},
+}
+MODEL_SECTIONS = ("diffusion", "denoiser", "multvae", "ldiffrec", "itemknn", "ease", "als",
+                  "diffurec")
+
+
+def unread_keys(config: "Config") -> tuple[list[str], str]:
+    """(['section.key = value', ...] set away from their defaults in model sections that
+    ``config.model`` does not read, the sections it reads) - a config written for another
+    model, or a key that does nothing here (``train`` logs them as a warning)."""
+    reads = READS[config.model]
+    unread = []
+    for section in MODEL_SECTIONS:
+        value, keys = getattr(config, section), reads.get(section, ())
+        default = type(value)()
+        unread += [f"{section}.{key} = {getattr(value, key)}" for key in type(value).model_fields
+                   if not (keys is None or key in keys)
+                   and getattr(value, key) != getattr(default, key)]
+    read = ", ".join(s if k is None else f"{s}.{{{','.join(k)}}}" for s, k in reads.items())
+    return unread, read or "no model section"
+
+
 class Config(_Section):
     """The whole run configuration (``load_config`` validates against it)."""
     model: Model = Model.diffrec

@@ -238,3 +238,46 @@ def test_typed_is_the_schema_object_with_choices_as_members():
     cfg["diffusion"]["noise_min"], cfg["device"] = 0.005, "gpu"
     with pytest.raises(ConfigError, match=r"^config key 'device' must be 'auto', 'cpu'"):
         typed(cfg)
+
+
+# ------------------------------------------------------------- keys the model does not read
+@pytest.mark.parametrize("model, sets, unread", [
+    ("diffrec", ["ldiffrec.frozen_autoencoder_epochs=3", "multvae.dropout=0.2"],
+     ["multvae.dropout = 0.2", "ldiffrec.frozen_autoencoder_epochs = 3"]),
+    ("ldiffrec", ["denoiser.dims=[64]", "denoiser.emb_size=16", "ldiffrec.lamda=0.1"],
+     ["denoiser.dims = [64]"]),                 # L-DiffRec's MLP is ldiffrec.mlp_dims
+    ("als", ["diffusion.steps=5", "als.factors=8"], ["diffusion.steps = 5"]),
+    ("diffurec", ["denoiser.dropout=0.1", "diffurec.dropout=0.2"], ["denoiser.dropout = 0.1"]),
+    ("mostpop", ["diffusion.steps=40"], []),   # the default value: nothing to say
+])
+def test_keys_set_where_the_model_does_not_read_are_named(model, sets, unread):
+    from scale_diffrec.config import typed
+    from scale_diffrec.schema import unread_keys
+    source = ["data.source=parquet", "data.path=x.parquet"] if model == "diffurec" else []
+    assert unread_keys(typed(load_config(None, [f"model={model}", *source, *sets])))[0] == unread
+
+
+def test_configs_name_no_key_their_model_ignores_and_saved_runs_stay_quiet(tmp_path):
+    from pathlib import Path
+
+    from scale_diffrec.config import save_config, typed
+    from scale_diffrec.schema import unread_keys
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+        if path.name.endswith("-prepare.yaml"):
+            continue
+        cfg = load_config(path)
+        assert unread_keys(typed(cfg))[0] == [], path.name
+        save_config(cfg, tmp_path / "config.yaml")   # a run's config.yaml: every key written
+        assert unread_keys(typed(load_config(tmp_path / "config.yaml")))[0] == [], path.name
+
+
+def test_train_warns_once_about_keys_its_model_ignores(tmp_path, caplog):
+    from scale_diffrec.train import train
+    cfg = load_config(None, ["model=mostpop", "data.source=synthetic", "epochs=1",
+                             "data.synthetic.n_users=40", "data.synthetic.n_items=30",
+                             "ldiffrec.frozen_autoencoder_epochs=2"])
+    with caplog.at_level("INFO", logger="scale_diffrec"):
+        train(cfg, tmp_path / "run")
+    lines = [r.getMessage() for r in caplog.records if "not read by model" in r.getMessage()]
+    assert lines == ["config keys not read by model 'mostpop' (it reads no model section), "
+                     "ignored: ldiffrec.frozen_autoencoder_epochs = 2"]

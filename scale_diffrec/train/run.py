@@ -9,6 +9,7 @@ import torch
 
 from .. import checkpoint, runs
 from ..claim import claim
+from ..config import warn_unread
 from ..data import Sequences, load_data
 from ..device import describe, resolve_device, set_matmul_precision
 from ..finite import check_finite
@@ -65,6 +66,7 @@ def _train(cfg: dict, run_dir: Path, resume: bool, overwrite: bool, on_epoch, te
         if state.get("cuda_rng") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         log.info("resumed from %s at epoch %d", source.path, progress.epoch)
+    warn_unread(cfg)
     runs.start_run(run_dir, cfg, data, partition, resume=resume)
     log.info("data %s: %d users x %d items, %d %s", data.name, data.n_users, data.n_items,
              runs.data_record(data)["nnz"], "sequence items" if isinstance(data, Sequences)

@@ -110,14 +110,14 @@ def _trainable(out: Path, settings: Settings):
                                {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})
 
 
-def _tuner(out: Path, space: Space, cfg: dict, settings: Settings):
+def _tuner(out: Path, space: Space, settings: Settings, scheduler):
     from ray import tune
     search_alg, param_space = _searcher(space, settings)
     return tune.Tuner(
         _trainable(out, settings), param_space=param_space,
         tune_config=tune.TuneConfig(
             metric=METRIC, mode="max", search_alg=search_alg,
-            scheduler=_scheduler(space, cfg),
+            scheduler=scheduler,
             num_samples=1 if settings.search == "grid" else settings.trials,
             max_concurrent_trials=(settings.max_concurrent if settings.search == "optuna"
                                    else None),   # BasicVariantGenerator limits its own
@@ -193,10 +193,12 @@ def run_search(out: Path, cfg: dict, space: Space, settings: Settings,
         tuner = tune.Tuner.restore(str(experiment), trainable=_trainable(out, settings),
                                    resume_unfinished=True, resume_errored=True)
     else:
-        log.info("search: %s, %d trials, seed %d, %s cpu / %s gpu per trial, ASHA %s",
-                 settings.search, settings.trials, settings.seed, settings.cpus_per_trial,
-                 settings.gpus_per_trial, space.scheduler)
-        tuner = _tuner(out, space, cfg, settings)
+        scheduler = _scheduler(space, cfg)
+        log.info("search: %s, %d trials (%d start points), seed %d, %s cpu / %s gpu per trial, "
+                 "ASHA %s", settings.search, settings.trials, len(space.start), settings.seed,
+                 settings.cpus_per_trial, settings.gpus_per_trial,
+                 space.scheduler if scheduler else "off")
+        tuner = _tuner(out, space, settings, scheduler)
     grid = tuner.fit()
     ended = sum(results.ended(r, out) for r in grid)
     if ended < settings.trials:

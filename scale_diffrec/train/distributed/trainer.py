@@ -45,7 +45,7 @@ import torch.distributed as dist
 
 from ... import checkpoint, runs
 from ...claim import claim
-from ...config import absolute_paths
+from ...config import absolute_paths, warn_unread
 from ...data import load_data
 from ...errors import ConfigError, DataError, NonFiniteError
 from ...models.clusters import latent_dims
@@ -146,6 +146,7 @@ def _prepare_run_dir(cfg: dict, run_dir: Path, n_workers: int, resume: bool,
     data = load_data(cfg)
     partition = prepare_partition(cfg, data, run_dir, rebuild=overwrite)
     plan = build_plan(cfg, partition, n_workers)
+    warn_unread(cfg)
     runs.start_run(run_dir, cfg, data, partition, resume=resume)
     saved = run_dir / runs.PARTITION           # the workers' copy (also for ldiffrec.partition)
     if not saved.is_file() or Partition.load(saved, n_items=data.n_items) != partition:
