@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 if [ "${SCALE_DIFFREC_DEVICE:-cpu}" = gpu ]; then
-    .venv/bin/python -m pip install -q -e ".[gpu,test,bench,tune]"
+    .venv/bin/python -m pip install -q -e ".[gpu,test,bench,tune,mlflow]"
 else
-    .venv/bin/python -m pip install -q torch==2.13.0 -e ".[cpu,test,bench,tune]"
+    .venv/bin/python -m pip install -q torch==2.13.0 -e ".[cpu,test,bench,tune,mlflow]"
 fi

@@ -38,12 +38,20 @@ def cmd_train(args) -> int:
     out = Path(args.out)
     distributed = cfg["distributed"]["workers"] > 1 or cfg["distributed"]["address"]
     with contextlib.ExitStack() as stack:
-        board = None
+        hooks = []
+        if args.mlflow:               # checked before any work, like --out
+            from .trackers import MLflowLog, check_mlflow
+            check_mlflow(args.mlflow)
+            hooks.append(MLflowLog(args.mlflow, out.resolve().name, cfg))
         if args.log_dir:              # created (or refused) before any work, like --out
             from .claim import claim
-            from .tblog import TensorBoardLog
+            from .trackers import TensorBoardLog
             stack.enter_context(claim(args.log_dir, shared=True))
-            board = TensorBoardLog(Path(args.log_dir).resolve())   # workers: other cwd
+            hooks.append(TensorBoardLog(Path(args.log_dir).resolve()))   # workers: other cwd
+        board = None
+        if hooks:
+            from .trackers import Trackers
+            board = hooks[0] if len(hooks) == 1 else Trackers(hooks)
             stack.callback(board.close)
         if distributed:               # the hook runs on every worker; rank 0 writes
             from .train.distributed.trainer import train_distributed
@@ -117,7 +125,7 @@ def _tune(args, out: Path) -> int:
     from .train.distributed.trainer import connect
     search_args = {"--config": args.config, "--space": args.space, "--trials": args.trials,
                    "--search": args.search, "--set": args.overrides or None,
-                   "--workers-per-trial": args.workers_per_trial}
+                   "--workers-per-trial": args.workers_per_trial, "--mlflow": args.mlflow}
     if args.resume:
         given = [name for name, value in search_args.items() if value is not None]
         if given:
@@ -132,10 +140,13 @@ def _tune(args, out: Path) -> int:
             args.overrides = [*(args.overrides or []),
                               (f"--workers-per-trial {args.workers_per_trial}",
                                f"distributed.workers={args.workers_per_trial}")]
+        if args.mlflow:
+            from .trackers import check_mlflow
+            check_mlflow(args.mlflow)
         settings = Settings(trials=args.trials, search=args.search, seed=args.seed,
                             cpus_per_trial=args.cpus_per_trial,
                             gpus_per_trial=args.gpus_per_trial,
-                            max_concurrent=args.max_concurrent)
+                            max_concurrent=args.max_concurrent, mlflow=args.mlflow)
         cfg, space = prepare_search(args.config, args.overrides or [], args.space, out,
                                     settings, overwrite=args.overwrite)
     # a local Ray gets a logical CPU for each trial's driver besides its W training workers
@@ -174,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-dir", help="write per-epoch loss and valid metrics as TensorBoard "
                    "event files to this folder (W workers: rank 0 writes; shared storage "
                    "on several machines)")
+    p.add_argument("--mlflow", metavar="URI", help="also log the config and per-epoch loss "
+                   "and valid metrics as an MLflow run at this tracking URI (a server, or "
+                   "sqlite:///mlflow.db); needs the mlflow package")
     p.set_defaults(func=cmd_train, interrupted=train_interrupted)
 
     p = sub.add_parser("evaluate", help="metrics of a trained run's checkpoint")
@@ -217,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted search")
     p.add_argument("--overwrite", action="store_true", help="start again in an existing --out")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    p.add_argument("--mlflow", metavar="URI", help="log every trial (its config, per-epoch "
+                   "loss and valid metrics) as an MLflow run at this tracking URI")
     p.set_defaults(func=cmd_tune, interrupted=tune_interrupted)
 
     from .retrieval.cli import register

@@ -190,9 +190,51 @@ def test_train_log_dir_writes_losses_and_valid_metrics_for_tensorboard(tmp_path,
     tensorboard_scalars.assert_history(tmp_path / "tb", history)
 
 
+def _mlflow_runs(uri: str) -> dict:
+    """{run name: (run, {metric: [(step, value)]})} of the scale-diffrec experiment at uri."""
+    from mlflow.tracking import MlflowClient
+    from scale_diffrec.trackers import MLFLOW_EXPERIMENT
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(MLFLOW_EXPERIMENT)
+    return {r.info.run_name: (r, {k: sorted((m.step, m.value)
+                                            for m in client.get_metric_history(r.info.run_id, k))
+                                  for k in r.data.metrics})
+            for r in client.search_runs([experiment.experiment_id])}
+
+
+def test_train_mlflow_logs_the_config_and_every_epoch(tmp_path, files):
+    pytest.importorskip("mlflow")
+    config, _ = files
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["train", "--config", str(config), "--set", "epochs=3", "--out",
+                 str(tmp_path / "run"), "--mlflow", uri, "--log-dir", str(tmp_path / "tb")]) == 0
+    history = json.loads((tmp_path / "run" / runs.METRICS).read_text())["history"]
+    (run, metrics), = _mlflow_runs(uri).values()
+    assert run.info.run_name == "run" and run.info.status == "FINISHED"
+    assert run.data.params["model"] == "ldiffrec" and run.data.params["diffusion.steps"] == "5"
+    assert metrics["train/loss"] == [(h["epoch"], pytest.approx(h["loss"])) for h in history]
+    assert metrics["valid/recall_20"] == [(h["epoch"], pytest.approx(h["valid"]["recall@20"]))
+                                          for h in history if "valid" in h]
+    assert (tmp_path / "tb").is_dir()             # both trackers at once
+
+
+def test_an_mlflow_uri_that_does_not_answer_is_one_error_line_before_anything(tmp_path, files,
+                                                                              capsys):
+    pytest.importorskip("mlflow")
+    config, space_file = files
+    for command in (["train", "--config", str(config), "--out", str(tmp_path / "run")],
+                    ["tune", "--config", str(config), "--space", str(space_file), "--trials",
+                     "1", "--out", str(tmp_path / "search")]):
+        assert main(command + ["--mlflow", "nosuch://x"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --mlflow nosuch://x: the tracking store does not "
+                              "answer") and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml", "tiny.yaml"]
+
+
 def _log_one_epoch(rank, world, log_dir):
     """Every rank calls the hook, as a W-worker run's ranks do; rank r's loss is r + 1."""
-    from scale_diffrec.tblog import TensorBoardLog
+    from scale_diffrec.trackers import TensorBoardLog
     board = TensorBoardLog(log_dir)
     board({"epoch": 1, "loss": rank + 1.0, "seconds": 0.5, "valid": {"recall@20": 0.25}},
           {"best": 0.25})
@@ -342,11 +384,17 @@ def test_a_trial_can_be_a_two_worker_run(ray_local, tmp_path, files, capsys):
     _write(config, {**TINY, "epochs": 2, "eval_every": 1})
     _write(space_file, {"search": "grid", "scheduler": None, "params": {"lr": [1.0e-3]}})
     out = tmp_path / "search"
+    mlflow = pytest.importorskip("mlflow") and f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert main(["tune", "--config", str(config), "--space", str(space_file), "--out",
-                 str(out), "--workers-per-trial", "2"]) == 0
+                 str(out), "--workers-per-trial", "2", "--mlflow", mlflow]) == 0
     table = pd.read_csv(out / "trials.csv")
     assert list(table["state"]) == ["done"] and list(table["epochs"]) == [2]
     metrics = json.loads((out / "best" / runs.METRICS).read_text())
+    (run, logged), = _mlflow_runs(mlflow).values()       # rank 0 of the trial's workers
+    assert run.info.run_name == table["trial"][0] and run.info.status == "FINISHED"
+    assert run.data.params["lr"] == "0.001"
+    assert logged["valid/recall_20"] == [(h["epoch"], pytest.approx(h["valid"]["recall@20"]))
+                                         for h in metrics["history"]]
     assert metrics["distributed"]["workers"] == 2 and "test" in metrics
     assert table["best_valid"][0] == pytest.approx(metrics["valid"]["recall@20"], abs=1e-12)
     progress = pd.read_csv(next((out / "tune").glob("*/progress.csv")))

@@ -51,6 +51,7 @@ class Settings:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     max_concurrent: int | None = None
+    mlflow: str | None = None       # tracking URI: each trial logs an MLflow run
 
 
 def trial_name(trial) -> str:
@@ -106,7 +107,8 @@ def _scheduler(space: Space, cfg: dict):
 
 def _trainable(out: Path, settings: Settings):
     from ray import tune
-    return tune.with_resources(tune.with_parameters(run_trial, out=str(out)),
+    return tune.with_resources(tune.with_parameters(run_trial, out=str(out),
+                                                    mlflow=settings.mlflow),
                                {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from .. import checkpoint
 from ..config import load_config
 from ..progress import setup_logging
+from ..trackers import MLflowLog, Trackers
 from ..train import train
 from ..train.distributed.trainer import train_distributed
 from .space import load_space
@@ -64,8 +65,9 @@ def trial_cfg(out: Path, config: dict) -> dict:
     return load_config(out / BASE, space.overrides(config))
 
 
-def run_trial(config: dict, out: str) -> None:
-    """Ray Tune's function trainable (``out`` bound by ``tune.with_parameters``)."""
+def run_trial(config: dict, out: str, mlflow: str | None = None) -> None:
+    """Ray Tune's function trainable (``out`` and ``mlflow``, a tracking URI or None, bound
+    by ``tune.with_parameters``)."""
     from ray import tune
     setup_logging()
     out = Path(out)
@@ -73,9 +75,15 @@ def run_trial(config: dict, out: str) -> None:
     cfg = trial_cfg(out, config)
     # a restored trial continues from its newest checkpoint; one that has none starts again
     resume = checkpoint.latest(run_dir) is not None
-    if cfg["distributed"]["workers"] > 1:
-        from ray.tune.integration.ray_train import TuneReportCallback
-        train_distributed(cfg, run_dir, resume=resume, overwrite=not resume,
-                          callbacks=[TuneReportCallback()], test=False)
-    else:
-        train(cfg, run_dir, resume=resume, overwrite=not resume, on_epoch=_report, test=False)
+    tracker = MLflowLog(mlflow, run_dir.name, cfg) if mlflow else None
+    try:
+        if cfg["distributed"]["workers"] > 1:
+            from ray.tune.integration.ray_train import TuneReportCallback
+            train_distributed(cfg, run_dir, resume=resume, overwrite=not resume,
+                              callbacks=[TuneReportCallback()], test=False, on_epoch=tracker)
+        else:
+            train(cfg, run_dir, resume=resume, overwrite=not resume, test=False,
+                  on_epoch=Trackers([_report, tracker]) if tracker else _report)
+    finally:
+        if tracker is not None:
+            tracker.close()

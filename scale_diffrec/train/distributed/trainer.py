@@ -175,7 +175,7 @@ def train_distributed(cfg: dict, run_dir: str | Path, resume: bool = False,
     ``test=False`` computes no test metrics (as ``train.train``); ``on_epoch(entry,
     record)``, a picklable function, runs on every worker after each epoch's report (as
     ``train.train``'s), and its ``close()``, if it has one, on every worker at the end
-    (``train --log-dir`` passes ``tblog.TensorBoardLog``, which writes on rank 0)."""
+    (``train --log-dir`` passes ``trackers.TensorBoardLog``, which writes on rank 0)."""
     run_dir = Path(run_dir).resolve()
     n_workers = check_workers(cfg)       # before any data, file or Ray process
     cfg = absolute_paths(cfg)            # the workers run in other directories
@@ -305,7 +305,7 @@ def train_loop(config: dict) -> None:
     on_epoch): the one-process epoch loop (``train.run_epochs``) and end (``train.finish``)
     on this rank's ``ShardedRun``, each epoch reported to Ray once its checkpoint is
     complete, then ``on_epoch(entry, record)`` when given (and its ``close()``, if it has
-    one, when the loop ends: ``tblog.TensorBoardLog`` writes its last events then)."""
+    one, when the loop ends: ``trackers.TensorBoardLog`` writes its last events then)."""
     import ray.train
     from ray.train.torch import get_device
     from ...tune.trial import evaluation_report   # cycle: tune.trial imports this module

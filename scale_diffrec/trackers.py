@@ -1,0 +1,150 @@
+"""A run's per-epoch figures in experiment trackers: ``train --log-dir DIR`` (TensorBoard
+event files) and ``train --mlflow URI`` (an MLflow run), both ``train.train`` ``on_epoch``
+hooks (``Trackers`` calls several). ``tune --mlflow URI`` gives every trial an
+``MLflowLog`` (its run named after the trial id); ``tune`` writes TensorBoard files through
+Ray Tune's default logger callbacks.
+
+``TensorBoardLog`` is a ``train.train`` ``on_epoch`` hook (tensorboardX, which Ray Train and
+Tune install): every epoch writes ``train/loss`` (trained models) and ``train/seconds``; every evaluation
+``valid/recall@20``, ``valid/ndcg@20`` (tensorboardX writes the tags as ``recall_20``,
+``ndcg_20``) and ``valid/best`` (the best ``select_metric`` so far),
+all at step = epoch. ``tensorboard --logdir DIR`` shows them. (Tuned trials get the same
+through Ray Tune's default TBX logger callback, in OUT/tune/TRIAL_ID.)
+
+A W-worker run (``train --workers W --log-dir DIR``) calls the hook on every rank after
+each epoch (``distributed.trainer.train_loop``); rank 0 writes and the others do nothing,
+so DIR holds one run's figures, the same epochs and values as the run's metrics.json
+history (its loss and valid metrics are every rank's, equal across ranks). ``MLflowLog``
+does the same on rank 0: one MLflow run named after the run directory, in the experiment
+``MLFLOW_EXPERIMENT``, the config's keys as its parameters (dotted), and per epoch
+``train/loss``, ``train/seconds``, ``valid/recall_20`` ... and ``valid/best`` at step =
+epoch (MLflow's metric names allow no '@': ``tracker_key``).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .errors import ConfigError
+from .shard.collectives import world
+
+MLFLOW_EXPERIMENT = "scale-diffrec"
+
+
+def tracker_key(key: str) -> str:
+    """A metric name MLflow accepts ('valid/recall@20' -> 'valid/recall_20', as tensorboardX
+    writes it)."""
+    return key.replace("@", "_")
+
+
+def epoch_figures(entry: dict, record: dict) -> dict:
+    """{name: value} of one epoch (``on_epoch``'s arguments): train/loss (trained models),
+    train/seconds, and on evaluation epochs valid/METRIC@K and valid/best."""
+    figures = {"train/seconds": entry["seconds"]}
+    if entry["loss"] is not None:                     # None: a fitted baseline's one pass
+        figures["train/loss"] = entry["loss"]
+    if "valid" in entry:
+        figures.update({f"valid/{k}": v for k, v in entry["valid"].items()})
+        figures["valid/best"] = record["best"]
+    return figures
+
+
+class TensorBoardLog:
+    """Writes one run's epochs to event files in ``log_dir`` from the first epoch's end (the
+    command line claims ``log_dir`` first, shared: an unwritable one stops the run before
+    it starts, and one left empty by a failed run is removed again). Picklable before its
+    first call (Ray sends it to the workers); rank 0 of a process group writes."""
+
+    def __init__(self, log_dir: str | Path):
+        self.log_dir, self.writer = Path(log_dir), None
+
+    def __call__(self, entry: dict, record: dict) -> None:
+        if world()[1] != 0:                           # a W-worker run's other ranks
+            return
+        if self.writer is None:
+            from tensorboardX import SummaryWriter
+            self.writer = SummaryWriter(str(self.log_dir))
+        for key, value in epoch_figures(entry, record).items():
+            self.writer.add_scalar(key, value, entry["epoch"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _flat(cfg: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = str(value)
+    return out
+
+
+def check_mlflow(uri: str) -> None:
+    """Before a run starts: the ``mlflow`` package is installed and ``uri`` answers; a
+    one-line ConfigError naming ``--mlflow`` otherwise."""
+    try:
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        raise ConfigError(f"--mlflow {uri}: needs the mlflow package: pip install "
+                          f"'scale-diffrec[mlflow]'") from None
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as err:  # noqa: BLE001 - any tracking-store failure, named in one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"--mlflow {uri}: the tracking store does not answer: "
+                          f"{first}") from None
+
+
+class MLflowLog:
+    """Writes one run's epochs to an MLflow run at ``uri`` (a tracking server, or a database
+    such as sqlite:///mlflow.db), named ``run_name``, with ``cfg``'s keys as parameters;
+    rank 0 of a process group writes. Picklable before its first call (Ray sends it to the
+    workers). ``close()`` marks the run finished."""
+
+    def __init__(self, uri: str, run_name: str, cfg: dict):
+        self.uri, self.run_name, self.params = uri, run_name, _flat(cfg)
+        self.client = self.run_id = None
+
+    def __call__(self, entry: dict, record: dict) -> None:
+        if world()[1] != 0:
+            return
+        from mlflow.entities import Metric, Param
+        if self.client is None:
+            from mlflow.tracking import MlflowClient
+            self.client = MlflowClient(self.uri)
+            experiment = self.client.get_experiment_by_name(MLFLOW_EXPERIMENT)
+            experiment_id = (experiment.experiment_id if experiment is not None
+                             else self.client.create_experiment(MLFLOW_EXPERIMENT))
+            self.run_id = self.client.create_run(experiment_id,
+                                                 run_name=self.run_name).info.run_id
+            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in
+                                                       self.params.items()])
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[
+            Metric(tracker_key(k), float(v), now, entry["epoch"])
+            for k, v in epoch_figures(entry, record).items()])
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.set_terminated(self.run_id)
+
+
+class Trackers:
+    """Several ``on_epoch`` hooks as one (each called in turn; ``close()`` closes each that
+    has a ``close``)."""
+
+    def __init__(self, hooks: list):
+        self.hooks = hooks
+
+    def __call__(self, entry: dict, record: dict) -> None:
+        for hook in self.hooks:
+            hook(entry, record)
+
+    def close(self) -> None:
+        for hook in self.hooks:
+            getattr(hook, "close", lambda: None)()
+
