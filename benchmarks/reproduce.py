@@ -9,7 +9,9 @@ the reference implementation's measured ones.
     python benchmarks/reproduce.py --from-runs           # rows from finished runs/reproduce/*
     python benchmarks/reproduce.py --tuned runs/tune     # a row's config = its search's best
                                                          # (runs/tune/ROW/best.yaml, from
-                                                         # scale-diffrec tune --out runs/tune/ROW)
+                                                         # scale-diffrec tune --out runs/tune/ROW;
+                                                         # the row is that selected trial's run,
+                                                         # runs/tune/ROW/best, when no --set)
     python benchmarks/reproduce.py --seeds 2,3           # and the same config under seeds 2, 3:
                                                          # the row's "seeds" and "seed_spread"
 
@@ -111,17 +113,23 @@ def seed_spread(runs: dict[int, dict], keys: tuple[str, ...]) -> dict:
 def run_row(name: str, overrides: list[str], runs_dir: Path, tuned: Path | None = None,
             workers: int = 1, seeds: tuple[int, ...] = ()) -> dict:
     """Train the row (``catalogue.train_run``: the ``scale-diffrec train`` process, on
-    ``workers`` Ray workers when > 1) and make its JSON row; with ``seeds``, also train the
+    ``workers`` Ray workers when > 1; a tuned row without overrides is its search's selected
+    run, TUNED/ROW/best, trained already) and make its JSON row; with ``seeds``, also train the
     same config under each other seed (RUNS/ROW-seedN) and add their test metrics and
     spread. A row whose data folder is absent is skipped, with the reason."""
     config, search = row_config(name, tuned)
+    selected = tuned / name / "best" / "metrics.json" if search and not overrides else None
     path = load_config(config, overrides)["data"]["path"]
     if path:
         path = Path(path) if Path(path).is_absolute() else (ROOT / path).resolve()
         if not path.is_dir():
             return {"skipped": f"data folder {path} is absent"}
         overrides = [*overrides, f"data.path={path}"]
-    metrics = train_run(name, config, overrides, workers, runs_dir / name)
+    if selected is not None and workers == 1 and selected.is_file():
+        # the selected trial's own run (the same config, trained by the product)
+        metrics = {**json.loads(selected.read_text()), "wall_seconds": None}
+    else:
+        metrics = train_run(name, config, overrides, workers, runs_dir / name)
     row = make_row(name, overrides, metrics, metrics["wall_seconds"], config, workers)
     own = load_config(config, overrides)["seed"]
     if len(set(seeds) | {own}) > 1:

@@ -203,3 +203,23 @@ def test_reproduce_seeds_train_the_row_config_under_each_seed_and_record_the_spr
         assert spread["mean"] == pytest.approx(sum(values) / 2)
         assert spread["sd"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
         assert (spread["min"], spread["max"]) == pytest.approx((min(values), max(values)))
+
+    # --tuned: the row is the search's selected run itself (TUNED/ROW/best), not a re-run
+    search = tmp_path / "tuned" / "diffurec-beauty"
+    search.mkdir(parents=True)
+    (search / "best.yaml").write_text((runs / "diffurec-beauty.yaml").read_text())
+    (search / "best").symlink_to(runs / "diffurec-beauty")
+    (search / "tune.json").write_text(json.dumps({"search": "optuna", "trials": 4, "table": "t",
+                                                  "best": {"params": {"lr": 0.001}}}))
+    selected = json.loads((runs / "diffurec-beauty" / "metrics.json").read_text())
+    selected["test"] = {k: v / 2 if isinstance(v, float) else v      # tell it apart
+                        for k, v in selected["test"].items()}
+    (runs / "diffurec-beauty" / "metrics.json").write_text(json.dumps(selected))
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "reproduce.py"), "--only",
+                    "diffurec-beauty", "--tuned", str(tmp_path / "tuned"), "--runs",
+                    str(tmp_path / "runs2"), "--out", str(out), "--seeds", "5"],
+                   check=True, cwd=tmp_path, timeout=300, capture_output=True)
+    row = json.loads(out.read_text())["rows"]["diffurec-beauty"]
+    assert row["tuned"]["trials"] == 4 and row["config"] == str(search / "best.yaml")
+    assert row["test"] == {k: pytest.approx(100 * selected["test"][k]) for k in row["test"]}
+    assert not (tmp_path / "runs2").exists()            # nothing trained
