@@ -124,6 +124,9 @@ def test_the_exported_flat_index_equals_brute_force_and_recommend_takes_a_sequen
         np.testing.assert_allclose(flat[1], brute[1], rtol=1e-5, atol=1e-5)
         assert np.array_equal(retriever.recommend(histories, k=10, exclude_seen=exclude)[0],
                               flat[0])                                     # deterministic
+    alone = retriever.recommend(histories[1:2], k=10, exclude_seen=False)   # another batch
+    assert np.array_equal(alone[0][0], flat[0][1])
+    np.testing.assert_allclose(alone[1][0], flat[1][1], rtol=1e-5, atol=1e-5)
     seen_out = retriever.recommend(histories, k=10)[0]          # seen items excluded
     assert all(not set(row) & set(h) for row, h in zip(seen_out, histories))
     # the order of the sequence is the query: reordered, another query
@@ -145,6 +148,16 @@ def test_the_exported_flat_index_equals_brute_force_and_recommend_takes_a_sequen
     recs = pq.read_table(tmp_path / "r.parquet").to_pydict()
     want = retriever.recommend(two, k=5)[0]
     assert recs["item"] == want.ravel().tolist() and recs["user"] == [7] * 5 + [8] * 5
+
+
+def test_evaluation_does_not_depend_on_the_eval_batch_size(tmp_path):
+    from scale_diffrec.evaluate import evaluate
+    from scale_diffrec.runs import load_run
+    assert _train(tmp_path / "run", "epochs=1") == 0
+    run = load_run(tmp_path / "run")
+    whole = evaluate(run.model, run.data, "valid", ks=[5, 10], batch_size=1000)
+    small = evaluate(run.model, run.data, "valid", ks=[5, 10], batch_size=7)
+    assert small == pytest.approx(whole, abs=1e-12) and whole["hr@10"] > 0
 
 
 def test_the_lr_decays_by_epoch_as_steplr():

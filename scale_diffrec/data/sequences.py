@@ -52,11 +52,9 @@ SPLITS = ("valid", "test")
 
 class SequenceBatch(NamedTuple):
     """The model's batch of samples: ``inputs`` [B, max_len] int64 (left-padded with the
-    pad id), ``targets`` [B] int64, and ``key``, the first sample's position in
-    ``Sequences.items`` (it keys the reverse chain's noise: ``DiffuRec.generator``)."""
+    pad id) and ``targets`` [B] int64."""
     inputs: torch.Tensor
     targets: torch.Tensor
-    key: int = 0
 
     @property
     def device(self) -> torch.device:
@@ -124,10 +122,10 @@ class Sequences:
                               self.n_items)
 
     def samples(self, positions: np.ndarray, device=None) -> SequenceBatch:
-        """``batch`` of ``positions`` [B] (non-empty) on ``device``, keyed by positions[0]."""
+        """``batch`` of ``positions`` [B] (non-empty) on ``device``."""
         inputs, targets = self.batch(positions)
         return SequenceBatch(inputs.to(device, non_blocking=True),
-                             targets.to(device, non_blocking=True), int(positions[0]))
+                             targets.to(device, non_blocking=True))
 
     def batch(self, positions: np.ndarray, max_len: int | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,11 +151,11 @@ class Sequences:
 
     def next_items(self, device=None) -> SequenceBatch:
         """The batch that asks for every user's NEXT item (serving): inputs = the last
-        max_len items of each whole sequence (left-padded), targets = ``pad``, key 0."""
+        max_len items of each whole sequence (left-padded), targets = ``pad``."""
         users = np.arange(self.n_users, dtype=np.int64)
         inputs = torch.from_numpy(self.inputs_before(self.offsets[1:], users))
         return SequenceBatch(inputs.to(device), torch.full((self.n_users,), self.pad,
-                                                           device=device), 0)
+                                                           device=device))
 
     def iter_batches(self, positions: np.ndarray, batch_size: int, max_len: int | None = None):
         """``batch`` of consecutive slices of ``positions`` (the last may be shorter).

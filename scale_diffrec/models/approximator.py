@@ -101,5 +101,9 @@ class Approximator(nn.Module):
                     device=None) -> torch.Tensor:
         """[*shape] float32 ~ N(lambda, lambda^2) element-wise, on ``device`` (default: the
         CPU; ``generator`` on that device, None: the global RNG)."""
+        return self.lambda_from(torch.randn(shape, generator=generator, device=device))
+
+    def lambda_from(self, noise: torch.Tensor) -> torch.Tensor:
+        """lambda + lambda * noise: ``draw_lambda`` of given standard normal ``noise``."""
         lam = self.lambda_uncertainty
-        return lam + lam * torch.randn(shape, generator=generator, device=device)
+        return lam + lam * noise

@@ -70,6 +70,7 @@ from .clusters import CatalogueLinear, stream_key, unallocated
 from .diffusion import GaussianDiffusion
 from .linear_logsumexp import catalogue_nll
 from .respace import model_timesteps, respaced_betas, space_timesteps
+from .row_noise import row_normal, sequence_keys
 from .samplers import named_sampler
 
 
@@ -250,12 +251,12 @@ class DiffuRec(Recommender):
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def denoise(self, inputs: torch.Tensor, generator: torch.Generator | None = None
-                ) -> torch.Tensor:
+    def denoise(self, inputs: torch.Tensor) -> torch.Tensor:
         """inputs [B, L] -> x0hat [B, d] by the reverse chain from noise (module docstring),
-        in eval mode; noise and lambda from ``generator`` (on inputs' device; None: the
-        global RNG), drawn for all B rows so that a rank of a sharded model takes its rows
-        of the one-process draws (sharded: collective)."""
+        in eval mode. Row b's noise and lambda come from its own generator, keyed by the
+        config seed and its input (``row_noise.sequence_keys``): its x0hat does not depend
+        on the batch it is in, the number of ranks (a rank draws for its own rows; sharded:
+        collective) or the device, so evaluation and serving agree."""
         was = self.training
         self.eval()
         try:
@@ -264,32 +265,27 @@ class DiffuRec(Recommender):
             emb = self.embed(inputs)[own]
             mask = (inputs[own] != self.n_items).float()
             n, d, dev = emb.shape[0], self.cfg.hidden, inputs.device
-            x = torch.randn(b, d, generator=generator, device=dev)[own]
+            generators = [torch.Generator().manual_seed(k)
+                          for k in sequence_keys(self.seed, inputs[own])]
+            x = row_normal(generators, (d,), emb)
             for k in reversed(range(len(self.kept))):
                 t = torch.full((n,), k, dtype=torch.long, device=dev)
-                lam = self.denoiser.approximator.draw_lambda((b, length, d), generator,
-                                                             dev)[own]
+                lam = self.denoiser.approximator.lambda_from(
+                    row_normal(generators, (length, d), emb))
                 x0hat = self.dense(emb, mask, x, self.model_t(t, self.kept), lam)
                 if k == 0:
                     break
                 x = self.reverse.posterior_mean(x0hat, x, t) + torch.exp(
-                    0.5 * self.reverse_log_var[k]).float() * torch.randn(
-                    b, d, generator=generator, device=dev)[own]
+                    0.5 * self.reverse_log_var[k]).float() * row_normal(generators, (d,), emb)
             return self.shard.gather(x0hat, splits)
         finally:
             self.train(was)
 
-    def generator(self, key: int, device) -> torch.Generator:
-        """The reverse chain's generator of the batch keyed ``key`` (``SequenceBatch.key``)
-        on ``device``: a (seed, key) stream, so evaluation and serving are deterministic."""
-        g = torch.Generator(device=device)
-        return g.manual_seed(stream_key("diffurec", self.seed, "query", int(key)))
-
     @torch.no_grad()
     def query(self, batch: SequenceBatch) -> dict[str, torch.Tensor]:
-        """{"items": x0hat [B, d]} of the batch's inputs (``denoise`` with the batch's
-        generator): the query of the one linear head ``item_heads``."""
-        return {"items": self.denoise(batch.inputs, self.generator(batch.key, batch.device))}
+        """{"items": x0hat [B, d]} of the batch's inputs (``denoise``): the query of the one
+        linear head ``item_heads``."""
+        return {"items": self.denoise(batch.inputs)}
 
     def item_heads(self) -> list[ItemHead]:
         """One head: the owned rows of E (no bias); score = x0hat . E^T (the pad is not a

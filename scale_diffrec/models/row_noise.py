@@ -1,5 +1,10 @@
 """Inference noise that depends only on (config seed, the row's own input).
 
+DiffuRec's reverse chain (``DiffuRec.denoise``) starts from noise and draws lambda and
+posterior noise at each step; its row b draws from a generator keyed by its input
+sequence (``sequence_keys``: the item ids of the left-padded [max_len] window), so the same
+holds there: a user's query is the same in evaluation (any eval batch size) and served.
+
 DiffRec and L-DiffRec noise their start to step T' (``diffusion.sampling_steps``) and, with
 ``diffusion.sampling_noise``, add posterior noise at every reverse step. The reference
 (DiffRec ``models/gaussian_diffusion.py`` ``p_sample``: ``q_sample`` and ``randn_like``)
@@ -39,6 +44,24 @@ def row_keys(seed: int, batch: SparseRows) -> list[int]:
     return keys
 
 
+def sequence_keys(seed: int, inputs: torch.Tensor) -> list[int]:
+    """[B] 63-bit seeds, one per row of ``inputs`` [B, L] int64 item ids (left-padded):
+    (seed, blake2b of the row's ids)."""
+    rows = inputs.cpu().numpy().astype(np.int64)
+    return [stream_key("infer", int(seed), hashlib.blake2b(row.tobytes(),
+                                                         digest_size=16).hexdigest())
+            for row in rows]
+
+
+def row_normal(generators: list[torch.Generator], shape: tuple[int, ...], like: torch.Tensor
+               ) -> torch.Tensor:
+    """[len(generators), *shape] standard normal, row b from generators[b] (on the CPU),
+    typed and placed as ``like``."""
+    draws = [torch.randn(shape, generator=g) for g in generators]
+    out = torch.stack(draws) if draws else torch.zeros((0, *shape))
+    return out.to(device=like.device, dtype=like.dtype)
+
+
 class RowNoise:
     """Standard normal draws [B_own, D] for the rows ``rows`` of ``batch``, each row from its
     own generator (``row_keys``): successive calls continue each row's stream, so the
@@ -57,6 +80,4 @@ class RowNoise:
         if len(self.generators) != like.shape[0]:
             raise ValueError(f"noise for {len(self.generators)} rows asked for a tensor "
                              f"of {like.shape[0]} rows")
-        draws = [torch.randn(like.shape[1:], generator=g) for g in self.generators]
-        out = torch.stack(draws) if draws else torch.zeros(like.shape)
-        return out.to(device=like.device, dtype=like.dtype)
+        return row_normal(self.generators, tuple(like.shape[1:]), like)
