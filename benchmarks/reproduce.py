@@ -46,6 +46,7 @@ import torch  # noqa: E402
 
 from catalogue import train_run  # noqa: E402
 from scale_diffrec.config import load_config  # noqa: E402
+from scale_diffrec.errors import ConfigError  # noqa: E402
 from scale_diffrec.progress import setup_logging  # noqa: E402
 from scale_diffrec.runs import write_json  # noqa: E402
 
@@ -169,14 +170,43 @@ def make_row(name: str, overrides: list[str], metrics: dict, wall_seconds: float
     return row
 
 
+def check_args(args) -> tuple[list[str], tuple[int, ...]]:
+    """(rows, seeds) once every option and each row's config (with --set, each seed) is
+    valid; ConfigError or ValueError naming the option otherwise - before anything trains."""
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") \
+            from None
+    if seeds and args.from_runs:
+        raise ValueError("--seeds trains the rows under more seeds; --from-runs trains "
+                         "nothing: leave one out")
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    out = Path(args.out).resolve()
+    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+        raise ValueError(f"--out {args.out}: its folder {out.parent} is not a writable "
+                         f"directory")
+    rows = args.only or default_rows(torch.cuda.is_available())
+    for name in rows:
+        config, _ = row_config(name, args.tuned)
+        for seed in (None, *seeds):
+            load_config(config, [*args.overrides, *([f"seed={seed}"] if seed is not None
+                                                    else [])])
+    return rows, seeds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", choices=sorted(ROWS))
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--runs", default=str(ROOT / "runs" / "reproduce"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a config key of every row")
+    parser.add_argument("--runs", default=str(ROOT / "runs" / "reproduce"),
+                        help="folder of the rows' run directories (finished ones are reused)")
     parser.add_argument("--from-runs", action="store_true",
                         help="rebuild the rows from finished runs in --runs, without training")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reproduce.json"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reproduce.json"),
+                        help="results JSON (rows merged by name)")
     parser.add_argument("--tuned", type=Path, help="folder of searches, one per row "
                         "(TUNED/ROW from `scale-diffrec tune --out`): train each row from its "
                         "search's best.yaml")
@@ -186,21 +216,20 @@ def main() -> None:
                         "config under these too and record the test metrics' spread")
     args = parser.parse_args()
     try:
-        seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
-    except ValueError:
-        print(f"error: --seeds must be comma-separated integers, got {args.seeds!r}",
-              file=sys.stderr)
+        rows, seeds = check_args(args)
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     setup_logging()
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     machine = {"platform": platform.platform(), "processor": platform.machine(),
                "python": platform.python_version(), "cpus": os.cpu_count()}
-    for name in args.only or default_rows(torch.cuda.is_available()):
+    for name in rows:
         metrics_file = Path(args.runs) / name / "metrics.json"
         if args.from_runs and not metrics_file.is_file():
             continue
         row = (make_row(name, args.overrides, json.loads(metrics_file.read_text()), None)
-               if args.from_runs else run_row(name, args.overrides, Path(args.runs),
+               if args.from_runs else run_row(name, args.overrides, Path(args.runs).resolve(),
                                               args.tuned, args.workers, seeds))
         # re-read before writing: rows may be run by separate, concurrent invocations
         results = json.loads(out.read_text()) if out.is_file() else {"rows": {}}

@@ -39,10 +39,10 @@ def cmd_train(args) -> int:
     distributed = cfg["distributed"]["workers"] > 1 or cfg["distributed"]["address"]
     with contextlib.ExitStack() as stack:
         hooks = []
-        if args.mlflow:               # checked before any work, like --out
+        if args.mlflow is not None:   # checked before any work, like --out
             from .trackers import MLflowLog, check_mlflow
-            check_mlflow(args.mlflow)
-            hooks.append(MLflowLog(args.mlflow, out.resolve().name, cfg))
+            hooks.append(MLflowLog(check_mlflow(args.mlflow), out.resolve().name, cfg, out,
+                                   resume=args.resume))
         if args.log_dir:              # created (or refused) before any work, like --out
             from .claim import claim
             from .trackers import TensorBoardLog
@@ -52,7 +52,7 @@ def cmd_train(args) -> int:
         if hooks:
             from .trackers import Trackers
             board = hooks[0] if len(hooks) == 1 else Trackers(hooks)
-            stack.callback(board.close)
+            stack.push(lambda kind, *_: board.close(failed=kind is not None))
         if distributed:               # the hook runs on every worker; rank 0 writes
             from .train.distributed.trainer import train_distributed
             metrics = train_distributed(cfg, out, resume=args.resume,
@@ -140,9 +140,9 @@ def _tune(args, out: Path) -> int:
             args.overrides = [*(args.overrides or []),
                               (f"--workers-per-trial {args.workers_per_trial}",
                                f"distributed.workers={args.workers_per_trial}")]
-        if args.mlflow:
+        if args.mlflow is not None:
             from .trackers import check_mlflow
-            check_mlflow(args.mlflow)
+            args.mlflow = check_mlflow(args.mlflow)
         settings = Settings(trials=args.trials, search=args.search, seed=args.seed,
                             cpus_per_trial=args.cpus_per_trial,
                             gpus_per_trial=args.gpus_per_trial,

@@ -343,20 +343,34 @@ MODEL_SECTIONS = ("diffusion", "denoiser", "multvae", "ldiffrec", "itemknn", "ea
                   "diffurec")
 
 
+def model_reads(model: Model, key: str) -> bool:
+    """Whether ``model`` reads the dotted config ``key`` (keys outside the model sections:
+    always)."""
+    section, _, rest = key.partition(".")
+    if section not in MODEL_SECTIONS:
+        return True
+    keys = READS[model].get(section, ())
+    return keys is None or rest.split(".")[0] in keys
+
+
 def unread_keys(config: "Config") -> tuple[list[str], str]:
     """(['section.key = value', ...] set away from their defaults in model sections that
     ``config.model`` does not read, the sections it reads) - a config written for another
     model, or a key that does nothing here (``train`` logs them as a warning)."""
-    reads = READS[config.model]
     unread = []
     for section in MODEL_SECTIONS:
-        value, keys = getattr(config, section), reads.get(section, ())
+        value = getattr(config, section)
         default = type(value)()
         unread += [f"{section}.{key} = {getattr(value, key)}" for key in type(value).model_fields
-                   if not (keys is None or key in keys)
+                   if not model_reads(config.model, f"{section}.{key}")
                    and getattr(value, key) != getattr(default, key)]
-    read = ", ".join(s if k is None else f"{s}.{{{','.join(k)}}}" for s, k in reads.items())
-    return unread, read or "no model section"
+    return unread, model_sections(config.model)
+
+
+def model_sections(model: Model) -> str:
+    """The model sections ``model`` reads, for messages ('diffusion, ldiffrec, denoiser.{emb_size,...}')."""
+    read = ", ".join(s if k is None else f"{s}.{{{','.join(k)}}}" for s, k in READS[model].items())
+    return read or "no model section"
 
 
 class Config(_Section):

@@ -22,6 +22,7 @@ epoch (MLflow's metric names allow no '@': ``tracker_key``).
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from .errors import ConfigError
 from .shard.collectives import world
 
 MLFLOW_EXPERIMENT = "scale-diffrec"
+RUN_DIR_TAG = "scale_diffrec.run_dir"   # an MLflow run's run directory (resume finds it)
 
 
 def tracker_key(key: str) -> str:
@@ -68,7 +70,7 @@ class TensorBoardLog:
             self.writer.add_scalar(key, value, entry["epoch"])
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         if self.writer is not None:
             self.writer.close()
 
@@ -83,54 +85,90 @@ def _flat(cfg: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_mlflow(uri: str) -> None:
-    """Before a run starts: the ``mlflow`` package is installed and ``uri`` answers; a
-    one-line ConfigError naming ``--mlflow`` otherwise."""
+def check_mlflow(uri: str) -> str:
+    """Before a run starts: the ``mlflow`` package is installed and ``uri`` answers (one
+    try, 10 s); returns the URI with a relative sqlite path made absolute (Ray's workers run
+    in other folders). One-line ConfigError naming ``--mlflow`` otherwise, also for an
+    empty URI and an in-memory database (which keeps nothing)."""
+    if not uri.strip():
+        raise ConfigError("--mlflow needs a tracking URI (a server, or sqlite:///PATH.db)")
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        if path in ("", ":memory:"):
+            raise ConfigError(f"--mlflow {uri}: an in-memory database keeps nothing; give "
+                              f"a file, e.g. sqlite:///mlflow.db")
+        uri = "sqlite:///" + str(Path(path).resolve())
     try:
         from mlflow.tracking import MlflowClient
     except ImportError:
         raise ConfigError(f"--mlflow {uri}: needs the mlflow package: pip install "
                           f"'scale-diffrec[mlflow]'") from None
+    once = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    saved = {k: os.environ.get(k) for k in once}
+    os.environ.update(once)
     try:
         MlflowClient(uri).search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - any tracking-store failure, named in one line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"--mlflow {uri}: the tracking store does not answer: "
-                          f"{first}") from None
+                          f"{first[:300]}") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return uri
 
 
 class MLflowLog:
     """Writes one run's epochs to an MLflow run at ``uri`` (a tracking server, or a database
-    such as sqlite:///mlflow.db), named ``run_name``, with ``cfg``'s keys as parameters;
-    rank 0 of a process group writes. Picklable before its first call (Ray sends it to the
-    workers). ``close()`` marks the run finished."""
+    such as sqlite:///mlflow.db), named ``run_name`` and tagged with ``run_dir``, with
+    ``cfg``'s keys as parameters; rank 0 of a process group writes. With ``resume``, the
+    newest MLflow run of the same ``run_dir`` goes on (its parameters stay those it started
+    with) - else a new one. Picklable before its first call (Ray sends it to the workers).
+    ``close(failed)`` marks the run FINISHED or FAILED (a run exists from the first epoch
+    that ends)."""
 
-    def __init__(self, uri: str, run_name: str, cfg: dict):
+    def __init__(self, uri: str, run_name: str, cfg: dict, run_dir: str | Path,
+                 resume: bool = False):
         self.uri, self.run_name, self.params = uri, run_name, _flat(cfg)
+        self.run_dir, self.resume = str(Path(run_dir).resolve()), resume
         self.client = self.run_id = None
+
+    def _start(self) -> None:
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+        self.client = MlflowClient(self.uri)
+        experiment = self.client.get_experiment_by_name(MLFLOW_EXPERIMENT)
+        experiment_id = (experiment.experiment_id if experiment is not None
+                         else self.client.create_experiment(MLFLOW_EXPERIMENT))
+        earlier = self.client.search_runs(
+            [experiment_id], f"tags.`{RUN_DIR_TAG}` = '{self.run_dir}'",
+            order_by=["attributes.start_time DESC"], max_results=1) if self.resume else []
+        if earlier:
+            self.run_id = earlier[0].info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+            return
+        self.run_id = self.client.create_run(experiment_id, run_name=self.run_name,
+                                             tags={RUN_DIR_TAG: self.run_dir}).info.run_id
+        self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in
+                                                   self.params.items()])
 
     def __call__(self, entry: dict, record: dict) -> None:
         if world()[1] != 0:
             return
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import Metric
         if self.client is None:
-            from mlflow.tracking import MlflowClient
-            self.client = MlflowClient(self.uri)
-            experiment = self.client.get_experiment_by_name(MLFLOW_EXPERIMENT)
-            experiment_id = (experiment.experiment_id if experiment is not None
-                             else self.client.create_experiment(MLFLOW_EXPERIMENT))
-            self.run_id = self.client.create_run(experiment_id,
-                                                 run_name=self.run_name).info.run_id
-            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in
-                                                       self.params.items()])
+            self._start()
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[
             Metric(tracker_key(k), float(v), now, entry["epoch"])
             for k, v in epoch_figures(entry, record).items()])
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         if self.client is not None:
-            self.client.set_terminated(self.run_id)
+            self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
 
 
 class Trackers:
@@ -144,7 +182,8 @@ class Trackers:
         for hook in self.hooks:
             hook(entry, record)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         for hook in self.hooks:
-            getattr(hook, "close", lambda: None)()
+            if hasattr(hook, "close"):
+                hook.close(failed)
 

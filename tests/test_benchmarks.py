@@ -180,14 +180,30 @@ def test_reproduce_diffurec_row_trains_the_product_and_records_percent_beside_th
     assert (row["paper"]["hr@10"], row["paper"]["ndcg@10"]) == (7.9068, 4.7494)
 
 
+@pytest.mark.parametrize("args, words", [
+    (["--set", "epochs=abc"], "--set epochs=abc: config key 'epochs'"),
+    (["--seeds=-1"], "--set seed=-1: config key 'seed' must be >= 0"),
+    (["--seeds", "2", "--from-runs"], "--from-runs trains nothing"),
+    (["--workers", "0"], "--workers must be >= 1"),
+    (["--out", "missing/o.json"], "--out missing/o.json: its folder"),
+])
+def test_reproduce_refuses_bad_options_in_one_line_before_training(tmp_path, args, words):
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "reproduce.py"), "--only",
+                          "diffrec-clean", "--runs", "runs", *args], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and words in bad.stderr
+    assert bad.stderr.count("\n") == 1, bad.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_reproduce_seeds_train_the_row_config_under_each_seed_and_record_the_spread(tmp_path):
     tiny = ["data.source=synthetic", "data.path=null", "data.synthetic.n_users=120",
             "data.synthetic.n_items=80", "data.synthetic.mean_items_per_user=8", "epochs=1",
             "eval_every=1", "batch_size=64", "seed=5", *TINY_DIFFUREC]
     out, runs = tmp_path / "reproduce.json", tmp_path / "runs"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "reproduce.py"), "--only",
-           "diffurec-beauty", *[a for s in tiny for a in ("--set", s)], "--runs", str(runs),
-           "--out", str(out)]
+           "diffurec-beauty", *[a for s in tiny for a in ("--set", s)], "--runs", "runs",
+           "--out", "reproduce.json"]                     # relative to the caller's folder
     bad = subprocess.run(cmd + ["--seeds", "2,x"], cwd=tmp_path, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --seeds"), bad.stderr
     assert not out.exists() and not runs.exists()

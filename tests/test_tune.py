@@ -121,11 +121,15 @@ def test_a_space_extends_another_and_starts_from_points_of_its_grid(tmp_path, fi
     ({"start": [START, {**START, "lr": 5.0e-4}]}, ["start[1]", "'lr' value 0.0005 is not one"]),
     ({"start": {"lr": 1.0e-3}}, ["start must be a list of points"]),
     ({"search": "grid", "start": [START]}, ["no use with search grid"]),
-    ({"extends": "missing.yaml"}, ["extends", "missing.yaml", "does not exist"]),
+    ({"extends": "missing.yaml"}, ["extends", "missing.yaml", "is not a file"]),
+    ({"start": [START, START]}, ["start[1] repeats start[0]"]),
+    ({"params": {"denoiser.dims": [[8], [16]]}}, ["params 'denoiser.dims'", "model 'ldiffrec' "
+                                                  "does not read 'denoiser.dims'"]),
     ({"extends": "space.yaml"}, ["extends", "which extends it back"]),
 ], ids=["top-key", "search", "scheduler", "empty", "joint-length", "repeated-key", "twice",
         "unknown-config-key", "wrong-type", "start-missing", "start-unknown", "start-value",
-        "start-form", "start-grid", "extends-missing", "extends-loop"])
+        "start-form", "start-grid", "extends-missing", "extends-loop", "start-twice",
+        "unread-key"])
 def test_bad_space_file_is_one_error_line_and_writes_nothing(tmp_path, files, capsys, change,
                                                              words):
     config, space_file = files
@@ -147,6 +151,10 @@ def test_search_options_are_checked_before_anything_is_written(tmp_path, files, 
     assert "the grid has 6 points" in capsys.readouterr().err
     assert main(base + ["--search", "optuna"]) == 2
     assert "--trials must be >= 1" in capsys.readouterr().err
+    _write(space_file, {**SPACE, "start": [START, FIRST]})
+    assert main(base + ["--trials", "1"]) == 2
+    assert "--trials 1 is fewer than the space's 2 start points" in capsys.readouterr().err
+    _write(space_file, SPACE)
     assert main(["tune", "--out", str(out), "--resume", "--trials", "3"]) == 2
     assert "leave out --trials" in capsys.readouterr().err
     assert main(["tune", "--out", str(out), "--resume"]) == 2
@@ -216,6 +224,22 @@ def test_train_mlflow_logs_the_config_and_every_epoch(tmp_path, files):
     assert metrics["valid/recall_20"] == [(h["epoch"], pytest.approx(h["valid"]["recall@20"]))
                                           for h in history if "valid" in h]
     assert (tmp_path / "tb").is_dir()             # both trackers at once
+    # resumed: the same MLflow run goes on (its parameters are the first config's)
+    assert main(["train", "--config", str(config), "--set", "epochs=5", "--out",
+                 str(tmp_path / "run"), "--mlflow", uri, "--resume"]) == 0
+    history = json.loads((tmp_path / "run" / runs.METRICS).read_text())["history"]
+    (run, metrics), = _mlflow_runs(uri).values()
+    assert run.info.status == "FINISHED" and run.data.params["epochs"] == "3"
+    assert metrics["train/loss"] == [(h["epoch"], pytest.approx(h["loss"])) for h in history]
+    assert [step for step, _ in metrics["train/loss"]] == [1, 2, 3, 4, 5]
+
+
+def test_a_relative_sqlite_uri_is_the_callers_file(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from scale_diffrec.trackers import check_mlflow
+    monkeypatch.chdir(tmp_path)
+    assert check_mlflow("sqlite:///sub/../m.db") == f"sqlite:///{tmp_path / 'm.db'}"
+    assert check_mlflow(f"sqlite:///{tmp_path}/a.db") == f"sqlite:///{tmp_path}/a.db"
 
 
 def test_an_mlflow_uri_that_does_not_answer_is_one_error_line_before_anything(tmp_path, files,
@@ -225,10 +249,12 @@ def test_an_mlflow_uri_that_does_not_answer_is_one_error_line_before_anything(tm
     for command in (["train", "--config", str(config), "--out", str(tmp_path / "run")],
                     ["tune", "--config", str(config), "--space", str(space_file), "--trials",
                      "1", "--out", str(tmp_path / "search")]):
-        assert main(command + ["--mlflow", "nosuch://x"]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("error: --mlflow nosuch://x: the tracking store does not "
-                              "answer") and err.count("\n") == 1, err
+        for uri, words in (("nosuch://x", "nosuch://x: the tracking store does not answer"),
+                           ("", "needs a tracking URI"),
+                           ("sqlite:///", "sqlite:///: an in-memory database keeps nothing")):
+            assert main(command + ["--mlflow", uri]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: --mlflow {words}") and err.count("\n") == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml", "tiny.yaml"]
 
 

@@ -143,6 +143,9 @@ def prepare(config: str | Path, overrides: list[str], space_path: str | Path, ou
         settings.trials = space.grid_size
     elif not settings.trials or settings.trials < 1:
         raise ConfigError(f"--trials must be >= 1 for --search {settings.search}")
+    elif settings.trials < len(space.start):
+        raise ConfigError(f"{space.path}: --trials {settings.trials} is fewer than the space's "
+                          f"{len(space.start)} start points")
     if cfg["distributed"]["workers"] > 1:
         check_workers(cfg)
         space.check(config, overrides, check_cfg=check_workers)

@@ -34,8 +34,9 @@ from pathlib import Path
 
 import yaml
 
-from ..config import load_config, read_yaml_mapping
+from ..config import load_config, read_yaml_mapping, typed
 from ..errors import ConfigError
+from ..schema import model_reads, model_sections
 
 SEARCHES = ("grid", "random", "optuna")
 SCHEDULER_KEYS = ("grace_period", "reduction_factor")
@@ -121,6 +122,11 @@ class Space:
                 try:
                     cfg = load_config(base_path, [*base_overrides,   # named below
                                                   *(("", o) for o in self.overrides(config))])
+                    model = typed(cfg).model
+                    unread = [k for k in p.keys if not model_reads(model, k)]
+                    if unread:     # every choice would train the same
+                        raise ConfigError(f"model '{model}' does not read '{unread[0]}' (it "
+                                          f"reads {model_sections(model)})")
                     if check_cfg is not None:
                         check_cfg(cfg)
                 except ConfigError as err:
@@ -178,6 +184,8 @@ def _start(path: Path, points, params: tuple[Param, ...]) -> tuple[dict, ...]:
                 raise ConfigError(f"{path}: start[{i}]: '{name}' value {point[name]!r} is not "
                                   f"one of the parameter's values")
             chosen[name] = param.label(value)
+        if chosen in out:
+            raise ConfigError(f"{path}: start[{i}] repeats start[{out.index(chosen)}]")
         out.append(chosen)
     return tuple(out)
 
@@ -198,7 +206,7 @@ def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if parent in seen:
         raise ConfigError(f"{path}: extends {parent}, which extends it back")
     if not parent.is_file():
-        raise ConfigError(f"{path}: extends {parent}, which does not exist")
+        raise ConfigError(f"{path}: extends {parent}, which is not a file")
     return {**_read(parent, (*seen, path.resolve())), **raw}
 
 

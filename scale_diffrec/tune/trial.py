@@ -75,7 +75,9 @@ def run_trial(config: dict, out: str, mlflow: str | None = None) -> None:
     cfg = trial_cfg(out, config)
     # a restored trial continues from its newest checkpoint; one that has none starts again
     resume = checkpoint.latest(run_dir) is not None
-    tracker = MLflowLog(mlflow, run_dir.name, cfg) if mlflow else None
+    # the tracker first: an epoch at which Tune stops the trial is logged too
+    tracker = MLflowLog(mlflow, run_dir.name, cfg, run_dir, resume) if mlflow else None
+    failed = True
     try:
         if cfg["distributed"]["workers"] > 1:
             from ray.tune.integration.ray_train import TuneReportCallback
@@ -83,7 +85,8 @@ def run_trial(config: dict, out: str, mlflow: str | None = None) -> None:
                               callbacks=[TuneReportCallback()], test=False, on_epoch=tracker)
         else:
             train(cfg, run_dir, resume=resume, overwrite=not resume, test=False,
-                  on_epoch=Trackers([_report, tracker]) if tracker else _report)
+                  on_epoch=Trackers([tracker, _report]) if tracker else _report)
+        failed = False
     finally:
         if tracker is not None:
-            tracker.close()
+            tracker.close(failed)
