@@ -524,3 +524,24 @@ def test_asha_runs_only_when_the_runs_are_longer_than_its_grace_period(grace, ep
     space = dataclasses.replace(space, scheduler={"grace_period": grace})
     scheduler = _scheduler(space, {"epochs": epochs, "eval_every": 1})
     assert (scheduler is not None) == asha
+
+
+def test_the_committed_selected_configs_load_and_lie_in_their_search_space():
+    """benchmarks/results/tune/ROW/best.yaml (reproduce.py --tuned benchmarks/results/tune):
+    each is a valid config whose searched values are one of its space's points."""
+    found = sorted((REPO / "benchmarks" / "results" / "tune").glob("*/best.yaml"))
+    assert found
+    for path in found:
+        cfg = load_config(path)
+        space = load_space(path.parent / "space.yaml")
+        chosen = {p.name: p.label(tuple(_value(cfg, k) for k in p.keys)) for p in space.params}
+        for p in space.params:
+            assert chosen[p.name] in p.labels, (path, p.name)
+        assert json.loads((path.parent / "tune.json").read_text())["best"]["params"] == {
+            k: _value(cfg, k) for p in space.params for k in p.keys}
+
+
+def _value(cfg: dict, key: str):
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
