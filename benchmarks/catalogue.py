@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from scale_diffrec.config import load_config, save_config  # noqa: E402
 from scale_diffrec.evaluate import evaluate, has_linear_heads  # noqa: E402
+from scale_diffrec.files import output_file_arg  # noqa: E402
 from scale_diffrec.progress import setup_logging  # noqa: E402
 from scale_diffrec.device import chunk_items  # noqa: E402
 from scale_diffrec.runs import load_run, write_json  # noqa: E402
@@ -280,6 +281,7 @@ def main() -> None:
             sys.exit(2)
         print(markdown_table(json.loads(Path(args.out).read_text())))
         return
+    output_file_arg(args.out)                 # unwritable: one line before hours of training
     for name in (args.only or []) if args.point is not None else []:
         size = 1 if args.first_point else len(list(itertools.product(*ROWS[name][1].values())))
         if not 0 <= args.point < size:

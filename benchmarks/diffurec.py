@@ -12,8 +12,8 @@ training time per dataset, mid-epoch if need be (then validated once; "epochs" c
 the fraction done; the released runs go up to 500 epochs). ``--valid-users`` /
 ``--test-users`` / ``--respace-users``: a fixed random subset of users for validation, the
 test (every reverse step) and the respacing sweep (0: all users).
-Writes benchmarks/results/diffurec.json (merged by dataset); seconds are this machine's,
-shared with other jobs (contended).
+Writes ``--out`` (default benchmarks/results/diffurec.json, merged by dataset); seconds
+are this machine's, shared with other jobs (contended).
 """
 from __future__ import annotations
 
@@ -31,12 +31,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scale_diffrec.data.diffurec_release import load_diffurec_release  # noqa: E402
+from scale_diffrec.files import output_file_arg  # noqa: E402
 from scale_diffrec.metrics import MetricAccumulator  # noqa: E402
 from scale_diffrec.models.diffurec import DiffuRec  # noqa: E402
 from scale_diffrec.runs import write_json  # noqa: E402
 from scale_diffrec.schema import DiffuRecConfig  # noqa: E402
 
-DATA = Path("/work/shared/data/diffurec")
+DATA = ROOT.parent / "shared" / "data" / "diffurec"
 OUT = ROOT / "benchmarks" / "results" / "diffurec.json"
 KS = (5, 10, 20)
 PAPER = {"amazon_beauty": {"hr@5": 5.5758, "hr@10": 7.9068, "hr@20": 11.1098,
@@ -70,9 +71,9 @@ def subset(rng, n_users: int, size: int) -> np.ndarray:
     return every if not size or size >= n_users else np.sort(rng.choice(every, size, False))
 
 
-def train(name: str, cfg: DiffuRecConfig, minutes: float, users: dict, epochs: int,
+def train(data: Path, name: str, cfg: DiffuRecConfig, minutes: float, users: dict, epochs: int,
           eval_interval: int) -> dict:
-    seqs = load_diffurec_release(DATA / name)
+    seqs = load_diffurec_release(data / name)
     torch.manual_seed(SEED)
     rng = np.random.default_rng(SEED)
     model = DiffuRec(seqs.n_items, cfg, seed=SEED)
@@ -144,18 +145,21 @@ def main(argv=None) -> None:
     ap.add_argument("--valid-users", type=int, default=0)
     ap.add_argument("--test-users", type=int, default=0)
     ap.add_argument("--respace-users", type=int, default=2000)
+    ap.add_argument("--data", type=Path, default=DATA, help="the released DiffuRec datasets")
+    ap.add_argument("--out", type=output_file_arg, default=str(OUT),
+                    help="results JSON; datasets already in it are kept")
     args = ap.parse_args(argv)
     cfg = DiffuRecConfig()
-    results = json.loads(OUT.read_text()) if OUT.is_file() else {}
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     for name in args.datasets:
-        n_users = load_diffurec_release(DATA / name).n_users
+        n_users = load_diffurec_release(args.data / name).n_users
         rng = np.random.default_rng(SEED)
         users = {split: subset(rng, n_users, getattr(args, f"{split}_users"))
                  for split in ("valid", "test", "respace")}
         results[name] = {"threads": torch.get_num_threads(), "contended": True,
-                         **train(name, cfg, args.minutes, users, args.epochs,
+                         **train(args.data, name, cfg, args.minutes, users, args.epochs,
                                  args.eval_interval)}
-        write_json(OUT, results)
+        write_json(args.out, results)
 
 
 if __name__ == "__main__":

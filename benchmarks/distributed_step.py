@@ -25,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from scale_diffrec.files import output_file_arg  # noqa: E402
 
 def _worker(rank: int, world: int, config: str, overrides: list[str], epochs: int) -> dict:
     from scale_diffrec.profiling import meter_collectives
@@ -61,7 +62,8 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" /
+    parser.add_argument("--out", type=output_file_arg,
+                        default=str(ROOT / "benchmarks" / "results" /
                                              "distributed_step.json"))
     args = parser.parse_args()
     rows = []

@@ -23,6 +23,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from scale_diffrec.files import output_file_arg  # noqa: E402
 
 from scale_diffrec.config import absolute_paths, load_config  # noqa: E402
 from scale_diffrec.data import load_data  # noqa: E402
@@ -60,7 +61,8 @@ def main() -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "epoch_time.json"))
+    parser.add_argument("--out", type=output_file_arg,
+                        default=str(ROOT / "benchmarks" / "results" / "epoch_time.json"))
     args = parser.parse_args()
     row = measure(args.config, args.overrides, args.epochs)
     out = Path(args.out)

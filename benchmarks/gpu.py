@@ -36,6 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from scale_diffrec.files import output_file_arg  # noqa: E402
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
@@ -240,7 +241,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--budget", type=float, default=420.0,
                    help="seconds after which no new part starts (the rest: skipped)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu.json"))
+    p.add_argument("--out", type=output_file_arg,
+                   default=str(ROOT / "benchmarks" / "results" / "gpu.json"))
     args = p.parse_args()
     started = time.perf_counter()
     gpu = torch.cuda.is_available()

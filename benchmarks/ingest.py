@@ -40,6 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from scale_diffrec.files import output_file_arg  # noqa: E402
 MIB = 2 ** 20
 
 
@@ -123,7 +124,8 @@ def main() -> None:
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) /
                                                  "scale_diffrec_ingest"))
     parser.add_argument("--keep", action="store_true", help="keep the parquet files")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ingest.json"))
+    parser.add_argument("--out", type=output_file_arg,
+                        default=str(ROOT / "benchmarks" / "results" / "ingest.json"))
     args = parser.parse_args()
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     rows = []

@@ -46,6 +46,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from scale_diffrec.files import output_file_arg  # noqa: E402
 EPINIONS = ROOT.parent / "shared" / "data" / "tang-trust" / "epinions" / "ratings.parquet"
 EPINIONS_CONFIG = ROOT / "configs" / "epinions-prepare.yaml"
 SYNTHETIC_SETS = ["kcore.users=5", "kcore.items=5", "split.rule=time", "natural_noise=true"]
@@ -120,7 +121,8 @@ def main() -> None:
     ap.add_argument("--epinions", default=str(EPINIONS), help="the Epinions ratings.parquet")
     ap.add_argument("--workdir", help="where the synthetic log and datasets go (default: "
                                       "a temporary folder, deleted afterwards)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "prepare.json"))
+    ap.add_argument("--out", type=output_file_arg,
+                    default=str(ROOT / "benchmarks" / "results" / "prepare.json"))
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:

@@ -47,6 +47,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from scale_diffrec.files import output_file_arg  # noqa: E402
 
 from scale_diffrec.data.csr import CSR  # noqa: E402
 from scale_diffrec.device import chunk_items  # noqa: E402
@@ -149,7 +150,8 @@ def main() -> None:
     parser.add_argument("--seen-per-user", type=float, default=24.3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ranking.json"))
+    parser.add_argument("--out", type=output_file_arg,
+                        default=str(ROOT / "benchmarks" / "results" / "ranking.json"))
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     queries, weight, bias, seen = make_data(args.users, args.items, args.dim,

@@ -41,6 +41,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from scale_diffrec.files import output_file_arg  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -183,10 +184,6 @@ def check_args(args) -> tuple[list[str], tuple[int, ...]]:
                          "nothing: leave one out")
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
-    out = Path(args.out).resolve()
-    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
-        raise ValueError(f"--out {args.out}: its folder {out.parent} is not a writable "
-                         f"directory")
     rows = args.only or default_rows(torch.cuda.is_available())
     for name in rows:
         config, _ = row_config(name, args.tuned)
@@ -205,7 +202,8 @@ def main() -> None:
                         help="folder of the rows' run directories (finished ones are reused)")
     parser.add_argument("--from-runs", action="store_true",
                         help="rebuild the rows from finished runs in --runs, without training")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reproduce.json"),
+    parser.add_argument("--out", type=output_file_arg,
+                        default=str(ROOT / "benchmarks" / "results" / "reproduce.json"),
                         help="results JSON (rows merged by name)")
     parser.add_argument("--tuned", type=Path, help="folder of searches, one per row "
                         "(TUNED/ROW from `scale-diffrec tune --out`): train each row from its "

@@ -34,6 +34,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from scale_diffrec.files import output_file_arg  # noqa: E402
 
 from scale_diffrec.retrieval.index import (L2_KINDS, build_index, index_dim,  # noqa: E402
                                            item_vectors, mips_norm, query_vectors,
@@ -164,7 +165,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--run", help="a trained run whose first head replaces ML-1M")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "retrieval.json"))
+    parser.add_argument("--out", type=output_file_arg,
+                        default=str(ROOT / "benchmarks" / "results" / "retrieval.json"))
     args = parser.parse_args()
     n_items = args.items or (200_000 if args.quick else 1_000_000)
     nprobes = [1, 4, 16, 64] if args.quick else [1, 2, 4, 8, 16, 32, 64, 128]

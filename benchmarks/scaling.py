@@ -68,6 +68,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from scale_diffrec.files import output_file_arg  # noqa: E402
 MODEL_NAMES = {"ldiffrec": "L-DiffRec", "diffurec": "DiffuRec"}
 
 
@@ -409,7 +410,8 @@ def main() -> None:
                         "of every point beside its bound")
     parser.add_argument("--workdir", default=None, help="partition files (shared storage on "
                                                         "a multi-node Ray cluster)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scaling.json"))
+    parser.add_argument("--out", type=output_file_arg,
+                        default=str(ROOT / "benchmarks" / "results" / "scaling.json"))
     args = parser.parse_args()
     from scale_diffrec.train.distributed.trainer import build_plan
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="sdr-scaling-")).resolve()

@@ -23,10 +23,11 @@ import contextlib
 import errno
 import hashlib
 import os
+import sys
 import tempfile
 from pathlib import Path
 
-from .errors import DataError, NoSpaceError
+from .errors import ConfigError, DataError, NoSpaceError
 
 SEAL = b"\nscale_diffrec sha256 "
 _DIGEST_LEN = 64
@@ -73,6 +74,41 @@ def atomic_write(path: Path, write) -> None:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def check_output_file(path, option: str = "--out") -> None:
+    """ConfigError '{option} PATH: REASON' unless a file can be written at ``path`` later
+    (by ``atomic_write``, which creates missing folders): ``path`` is not a folder, the
+    nearest existing folder above it is a folder, and a file can be created in it (probed by
+    creating and removing a temporary file, which also catches read-only file systems and
+    root-owned folders that ``os.access`` misjudges). Creates nothing; for commands that
+    write one file at the end of long work, so that an unwritable target stops them first."""
+    path = Path(path)
+    shown = f"{option} {path}" if option else str(path)
+    if path.is_dir():
+        raise ConfigError(f"{shown}: is a folder; give the file to write")
+    above = next(p for p in path.absolute().parents if p.exists())
+    if not above.is_dir():
+        raise ConfigError(f"{shown}: cannot be created: {above} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", dir=above)
+    except OSError as err:
+        raise ConfigError(f"{shown}: cannot write in {above}: {err.strerror or err}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def output_file_arg(text: str) -> Path:
+    """argparse ``type=`` of a benchmark's ``--out`` (a file written at the end of long
+    work): ``check_output_file`` while the command line is parsed, so an unwritable target
+    is one line 'error: --out PATH: REASON' on stderr and exit status 2 before any work,
+    not a result lost at the end."""
+    try:
+        check_output_file(text)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return Path(text)
 
 
 def sha256(path: Path, size: int | None = None) -> str:

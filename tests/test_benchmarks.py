@@ -185,7 +185,9 @@ def test_reproduce_diffurec_row_trains_the_product_and_records_percent_beside_th
     (["--seeds=-1"], "--set seed=-1: config key 'seed' must be >= 0"),
     (["--seeds", "2", "--from-runs"], "--from-runs trains nothing"),
     (["--workers", "0"], "--workers must be >= 1"),
-    (["--out", "missing/o.json"], "--out missing/o.json: its folder"),
+    (["--out", "."], "--out .: is a folder"),
+    (["--out", f"{ROOT}/README.md/o.json"], "README.md/o.json: cannot be created: "),
+    (["--out", "/proc/o.json"], "--out /proc/o.json: cannot write in /proc"),
 ])
 def test_reproduce_refuses_bad_options_in_one_line_before_training(tmp_path, args, words):
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "reproduce.py"), "--only",
@@ -239,3 +241,14 @@ def test_reproduce_seeds_train_the_row_config_under_each_seed_and_record_the_spr
     assert row["tuned"]["trials"] == 4 and row["config"] == str(search / "best.yaml")
     assert row["test"] == {k: pytest.approx(100 * selected["test"][k]) for k in row["test"]}
     assert not (tmp_path / "runs2").exists()            # nothing trained
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "benchmarks").glob("*.py")))
+def test_every_benchmark_refuses_an_unwritable_out_in_one_line_before_any_work(script, tmp_path):
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--out",
+                          "/proc/result.json"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2, bad.stderr
+    assert bad.stderr.startswith("error: --out /proc/result.json: cannot write in /proc: ")
+    assert bad.stderr.count("\n") == 1, bad.stderr
+    assert list(tmp_path.iterdir()) == []

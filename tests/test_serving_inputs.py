@@ -2,6 +2,7 @@
 checked row by row (file, field, row), empty input -> empty output, every search setting
 range-checked; each bad input is one line 'error: ...', exit status 2, nothing written."""
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -306,12 +307,25 @@ def test_paths_in_the_way_are_one_line(bundles, tmp_path, capsys):
              (["export", "--run", run, "--out", a_file], "is not an index bundle"),
              (["recommend", "--index", bundles["int"], "--histories",
                write_interactions(tmp_path / "h.parquet", [1], [17]), "--out",
-               a_file / "recs.parquet"], "cannot write: File exists")]
+               a_file / "recs.parquet"], "recs.parquet: cannot be created: ")]
     for argv, message in cases:
         code, _, err = run_cli(capsys, *argv)
         assert code == 2, argv
         assert_one_line(err, message)
     assert a_file.read_text() == ""
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_the_index_is_read(tmp_path, capsys):
+    histories = write_interactions(tmp_path / "h.parquet", [1], [17])
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    outs = ["/proc/recs.parquet"] + ([] if os.geteuid() == 0 else [locked / "recs.parquet"])
+    for out in outs:            # no index at all: the --out check must come first
+        code, _, err = run_cli(capsys, "recommend", "--index", tmp_path / "none", "--histories",
+                               histories, "--out", out)
+        assert code == 2
+        assert_one_line(err, f"--out {out}: cannot write in ")
+    assert list(locked.iterdir()) == []
 
 
 def test_out_that_is_the_histories_file_is_refused_before_writing(bundles, tmp_path, capsys):

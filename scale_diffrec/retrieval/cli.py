@@ -10,7 +10,7 @@ import numpy as np
 
 from ..claim import claim
 from ..errors import ConfigError
-from ..files import atomic_write
+from ..files import atomic_write, check_output_file
 from ..progress import log
 from .params import (DEFAULTS, INDEX_TYPES, MEANING, SEARCH_PARAMS, check_params,
                      check_setting, option)
@@ -96,8 +96,8 @@ def cmd_recommend(args) -> int:
             Path(args.out).resolve() == Path(args.histories).resolve():
         raise ConfigError(f"--out {args.out}: is the --histories file; give another file to "
                           f"write the recommendations to")
-    if args.out is not None and Path(args.out).is_dir():
-        raise ConfigError(f"--out {args.out}: is a folder; give the parquet file to write")
+    if args.out is not None:
+        check_output_file(args.out)
     for key in ("k", "batch_size", "nprobe", "ef_search"):
         check_setting(key, getattr(args, key))
     from .retriever import Retriever              # start-up: faiss (if absent: one-line error)
