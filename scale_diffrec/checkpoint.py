@@ -221,6 +221,33 @@ def latest(run_dir: Path) -> FileSource | ShardedSource | None:
     return last
 
 
+def _epoch_of(path: Path) -> int:
+    """The epoch a checkpoint file records (memory-mapped: its tensors are not read)."""
+    return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False)["epoch"])
+
+
+def model_state(run_dir: Path, name: str, model) -> tuple[dict, Path]:
+    """The weights of a run's ``name`` checkpoint ("best" or "last") under ``model``'s
+    (single-process) names, and where they come from. That is ``NAME.pt``, unless the run's
+    newest complete sharded checkpoint is newer than its last.pt: a W-worker run writes
+    last.pt / best.pt only at its end, so one that stopped before (a trial ASHA cut, a run
+    killed and not restarted) has its model only in shards. Then "last" is assembled from
+    the newest sharded checkpoint and "best" from its best epoch's (kept by
+    ``mark_complete``). FileNotFoundError when there is no such checkpoint."""
+    complete = _complete(run_dir)
+    last = runs.checkpoint_path(run_dir, "last")
+    if complete and (not last.is_file() or _epoch_of(last) < max(complete)):
+        source = ShardedSource(run_dir, max(complete))
+        if name == "best":
+            epoch = source.common()["record"]["best_epoch"]
+            if epoch == 0:
+                raise FileNotFoundError(f"{source.path}: the run has not evaluated yet, so "
+                                        f"it has no best checkpoint")
+            source = at_epoch(run_dir, epoch)
+        return source.full(model)["model"], source.path
+    return runs.load_checkpoint(run_dir, name)["model"], runs.checkpoint_path(run_dir, name)
+
+
 def saved_any(run_dir: Path) -> bool:
     """Whether the run has a checkpoint of either layout (no file is read)."""
     return runs.checkpoint_path(run_dir, "last").is_file() or bool(_complete(run_dir))

@@ -263,7 +263,9 @@ class TrainedRun:
 def load_run(run_dir: str | Path, checkpoint: str = "best",
              device: str | None = None) -> TrainedRun:
     """Rebuild a run's model from its config, partition and checkpoint (eval mode), on
-    ``device`` (default: the run's ``device`` setting, see ``device.resolve_device``)."""
+    ``device`` (default: the run's ``device`` setting, see ``device.resolve_device``).
+    ``checkpoint`` "best" or "last": the file, or a W-worker run's shards where it stopped
+    before writing the file (``checkpoint.model_state``)."""
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG).is_file():
         raise FileNotFoundError(f"{run_dir / CONFIG}: not a run directory (no {CONFIG})")
@@ -272,9 +274,10 @@ def load_run(run_dir: str | Path, checkpoint: str = "best",
     partition = load_partition_of(run_dir, cfg, data)
     check_inputs(run_dir, cfg, data, partition)
     model = build_model(cfg, data.n_items, partition)
-    state = load_checkpoint(run_dir, checkpoint)
-    check_finite(state["model"], str(checkpoint_path(run_dir, checkpoint)))
-    load_model_state(model, state["model"], checkpoint_path(run_dir, checkpoint))
+    from .checkpoint import model_state          # cycle: checkpoint reads files through here
+    state, path = model_state(run_dir, checkpoint, model)
+    check_finite(state, str(path))
+    load_model_state(model, state, path)
     model.to(resolve_device(cfg["device"] if device is None else device))
     model.eval()
     return TrainedRun(run_dir, cfg, data, model, partition)

@@ -132,3 +132,63 @@ def test_latest_is_the_newest_complete_checkpoint(tmp_path):
     assert checkpoint.latest(run).epoch == 3
     runs.save_checkpoint(run, "last", {"model": {}, "epoch": 5})
     assert checkpoint.latest(run).epoch == 3
+
+
+class _Stopped(Exception):
+    """What Tune does to a trial that ASHA cuts: its function does not return."""
+
+
+def _cut(rank, world, cfg, run_dir, stop_after):
+    """A W-worker run as Ray's ``train_loop`` runs it (evaluation, sharded checkpoints,
+    a report after each), stopped after epoch ``stop_after``'s report: it never writes
+    best.pt, last.pt or metrics.json."""
+    from scale_diffrec.data import load_data
+    from scale_diffrec.partition import Partition
+    from scale_diffrec.train import seed_everything
+    from scale_diffrec.train.distributed import trainer
+    from scale_diffrec.train.distributed.worker import ShardedRun
+    from scale_diffrec.train.loop import run_epochs
+    data = load_data(cfg)
+    partition = Partition.load(Path(run_dir) / runs.PARTITION, n_items=data.n_items)
+    seed_everything(cfg["seed"])
+    run = ShardedRun(cfg, data, partition, trainer.build_plan(cfg, partition, world), "cpu")
+    record = trainer._restore(run, None, rank)
+
+    def report(entry, record):
+        if entry["epoch"] == stop_after:
+            raise _Stopped
+    try:
+        run_epochs(run.model, run.optimizer, data, cfg, run.progress, record,
+                   torch.device("cpu"), trainer.ShardedCheckpoints(run, Path(run_dir), {}, record),
+                   report)
+    except _Stopped:
+        return "stopped"
+    return "ended"
+
+
+def test_a_worker_run_stopped_before_its_end_is_read_from_its_shards(tmp_path):
+    """A W-worker trial that ASHA cuts has its model only in sharded checkpoints. Its trial
+    row, its selection (test metrics), and ``load_run`` best / last (evaluate, export) must
+    give what the one-process run of the same epochs gives."""
+    from scale_diffrec.train import train
+    from scale_diffrec.train.distributed import trainer
+    from scale_diffrec.tune import results
+    cfg = _cfg(tmp_path, "epochs=6", "eval_every=1", "patience=6")
+    straight = train({**cfg, "epochs": 3}, tmp_path / "straight")
+    cut = tmp_path / "cut"
+    trainer._prepare_run_dir(cfg, cut, 2, resume=False, overwrite=False)
+    assert run_distributed(_cut, 2, args=(cfg, str(cut), 3), env={"DS_ACCELERATOR": "cpu"},
+                           timeout=300) == ["stopped", "stopped"]
+    assert not (cut / runs.METRICS).exists()
+    assert not runs.checkpoint_path(cut, "best").exists()
+
+    row = results.run_metrics(cut)
+    assert row["epochs"] == 3 and row["best_epoch"] == straight["best_epoch"]
+    assert row[results.METRIC] == pytest.approx(straight["valid"]["recall@20"], abs=1e-6)
+    for name in ("best", "last"):
+        got, want = runs.load_run(cut, name).model, runs.load_run(tmp_path / "straight", name).model
+        _assert_same(got.state_dict(), want.state_dict(), name)
+    metrics = results.finish_best(cut)
+    assert metrics["best_epoch"] == straight["best_epoch"]
+    for split in ("valid", "test"):
+        assert metrics[split] == pytest.approx(straight[split], abs=1e-6), split

@@ -7,7 +7,7 @@
 
 The metrics come from each trial's run directory (the records in its checkpoints), not from
 Tune's last result: a trial that ASHA cut may have trained on up to its next evaluation
-before it was stopped, and the selected run must be the one its best.pt holds.
+before it was stopped, and the selected run must be the one its best checkpoint holds.
     OUT/trials.png                       best valid per trial (in start order) and valid
                                          select_metric vs wall time since the search started
     OUT/best.yaml                        the selected trial's resolved config (train --config)
@@ -24,7 +24,6 @@ import os
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from .. import checkpoint, runs
 from ..progress import log
@@ -58,21 +57,14 @@ def _cell_values(values: list) -> list:
     return [label(v) for v in values]
 
 
-def _record(run_dir: Path, name: str) -> dict | None:
-    """The training record and epoch of RUN_DIR/checkpoints/NAME.pt (tensors memory-mapped,
-    not read), or None when there is none."""
-    path = run_dir / runs.CHECKPOINTS / f"{name}.pt"
-    if not path.is_file():
-        return None
-    state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    return {"epoch": state["epoch"], **state["record"]}
-
-
 def run_metrics(run_dir: Path) -> dict:
-    """epochs, best_epoch, best_valid and best/{recall,ndcg}@20 of a trial's run directory
-    (None where it has not got that far)."""
-    last, best = _record(run_dir, "last"), _record(run_dir, "best")
-    return {"epochs": last and last["epoch"], "best_epoch": best and best["best_epoch"],
+    """epochs, best_epoch, best_valid and best/{recall,ndcg}@20 of a trial's run directory,
+    from the record in its newest checkpoint of either layout (a W-worker trial that ASHA
+    cut has only sharded ones); None where it has not got that far."""
+    source = checkpoint.latest(run_dir)
+    record = source.common()["record"] if source is not None else None
+    best = record if record is not None and record["best_epoch"] > 0 else None
+    return {"epochs": source and source.epoch, "best_epoch": best and best["best_epoch"],
             METRIC: best and best["best"],
             **{f"best/{k}": best and best["valid"][k] for k in ("recall@20", "ndcg@20")}}
 

@@ -16,8 +16,9 @@ would. After every epoch from the first evaluation on, the trial reports to Tune
 
 A W-worker trial (``train.distributed.workers`` > 1, ``tune --workers-per-trial W``) is the
 distributed L-DiffRec run (train/distributed/trainer.py) launched from the trial; it restarts from its
-run's Ray Train checkpoints. Its run directory gets best.pt only when the run ends, so a
-W-worker trial that ASHA cuts cannot be selected.
+run's Ray Train checkpoints. Its run directory gets best.pt only when the run ends; a trial
+that ASHA cuts keeps its best epoch in shards, which selection, ``evaluate`` and ``export``
+read (``checkpoint.model_state``).
 
 Test metrics are not computed here: only the selected trial's are (``tune.search``).
 """
