@@ -31,6 +31,7 @@ from .shard.collectives import world
 
 MLFLOW_EXPERIMENT = "scale-diffrec"
 RUN_DIR_TAG = "scale_diffrec.run_dir"   # an MLflow run's run directory (resume finds it)
+STOPPED_TAG = "scale_diffrec.stopped_early"   # the epoch at which tune's scheduler cut it
 
 
 def tracker_key(key: str) -> str:
@@ -143,11 +144,9 @@ class MLflowLog:
         experiment = self.client.get_experiment_by_name(MLFLOW_EXPERIMENT)
         experiment_id = (experiment.experiment_id if experiment is not None
                          else self.client.create_experiment(MLFLOW_EXPERIMENT))
-        earlier = self.client.search_runs(
-            [experiment_id], f"tags.`{RUN_DIR_TAG}` = '{self.run_dir}'",
-            order_by=["attributes.start_time DESC"], max_results=1) if self.resume else []
-        if earlier:
-            self.run_id = earlier[0].info.run_id
+        earlier = _newest_run(self.client, experiment_id, self.run_dir) if self.resume else None
+        if earlier is not None:
+            self.run_id = earlier.info.run_id
             self.client.update_run(self.run_id, status="RUNNING")
             return
         self.run_id = self.client.create_run(experiment_id, run_name=self.run_name,
@@ -169,6 +168,29 @@ class MLflowLog:
     def close(self, failed: bool = False) -> None:
         if self.client is not None:
             self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
+
+
+def _newest_run(client, experiment_id: str, run_dir: str):
+    """The newest MLflow run tagged with ``run_dir``, or None."""
+    found = client.search_runs([experiment_id], f"tags.`{RUN_DIR_TAG}` = '{run_dir}'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    return found[0] if found else None
+
+
+def end_stopped_run(uri: str, run_dir: str | Path, epoch: int | None) -> None:
+    """Mark the MLflow run of ``run_dir`` FINISHED and tag it ``STOPPED_TAG`` = ``epoch``:
+    Tune ends a trial that its scheduler cuts by stopping the trial's process, so the
+    trial's own ``MLflowLog.close`` does not run (the search driver calls this instead).
+    Nothing happens where the run has no MLflow run yet (cut before its first epoch's
+    end)."""
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(MLFLOW_EXPERIMENT)
+    run = experiment and _newest_run(client, experiment.experiment_id,
+                                     str(Path(run_dir).resolve()))
+    if run:
+        client.set_tag(run.info.run_id, STOPPED_TAG, str(epoch))
+        client.set_terminated(run.info.run_id, "FINISHED")
 
 
 class Trackers:

@@ -234,6 +234,30 @@ def test_train_mlflow_logs_the_config_and_every_epoch(tmp_path, files):
     assert [step for step, _ in metrics["train/loss"]] == [1, 2, 3, 4, 5]
 
 
+def test_a_trial_the_scheduler_cuts_ends_its_mlflow_run(tmp_path):
+    """Tune stops a cut trial's process, so its MLflowLog never closes: the driver's
+    callback ends the run, tagged with the epoch; other trials' runs are left alone."""
+    pytest.importorskip("mlflow")
+    from scale_diffrec.trackers import STOPPED_TAG, MLflowLog
+    from scale_diffrec.tune.progress import SearchProgress
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    progress = SearchProgress(tmp_path / "runs", "best_valid", mlflow=uri)
+    entry = {"epoch": 1, "loss": 1.0, "seconds": 0.1}
+    for name in ("cut", "running", "ended"):
+        tracker = MLflowLog(uri, name, {"lr": 0.1}, tmp_path / "runs" / name)
+        tracker(entry, {})
+    tracker.close()                                   # "ended" ended by itself
+    for name, result in (("cut", {"done": True, "epoch": 2}), ("running", {"epoch": 2}),
+                         ("cut-before-its-first-epoch", {"done": True, "epoch": 1})):
+        trial = SimpleNamespace(trial_id=name)
+        progress.on_trial_result(0, [], trial, result)
+        progress.on_trial_complete(0, [], trial)
+    got = {name: (run.info.status, run.data.tags.get(STOPPED_TAG))
+           for name, (run, _) in _mlflow_runs(uri).items()}
+    assert got == {"cut": ("FINISHED", "2"), "running": ("RUNNING", None),
+                   "ended": ("FINISHED", None)}
+
+
 def test_a_relative_sqlite_uri_is_the_callers_file(tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
     from scale_diffrec.trackers import check_mlflow

@@ -14,6 +14,7 @@ from this driver's start (after a ``--resume``, from the resumed start).
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from ray.tune import Callback
 
 from .. import runs
 from ..progress import format_seconds, log
+from ..trackers import end_stopped_run
 
 
 STOPPED = "stopped_early"     # RUN_DIR/stopped_early: the scheduler cut this trial
@@ -64,10 +66,14 @@ def summary_line(trials, runs_dir: Path, metric: str, elapsed: float,
 
 class SearchProgress(Callback):
     """Logs ``summary_line`` after a trial ends and every ``every_s`` seconds (at the end of
-    Tune's loop step, when the ended trial's status is set)."""
+    Tune's loop step, when the ended trial's status is set). With ``mlflow`` (the search's
+    tracking URI), ends the MLflow run of a trial the scheduler cut
+    (``trackers.end_stopped_run``)."""
 
-    def __init__(self, runs_dir: Path, metric: str, every_s: float = 30.0):
+    def __init__(self, runs_dir: Path, metric: str, every_s: float = 30.0,
+                 mlflow: str | None = None):
         self.runs_dir, self.metric, self.every_s = Path(runs_dir), metric, every_s
+        self.mlflow = mlflow
         self.total = None
         self.due = False
         self.started = self.last = time.time()
@@ -90,6 +96,9 @@ class SearchProgress(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.due = True
+        stopped = self.runs_dir / trial.trial_id / STOPPED
+        if self.mlflow and stopped.is_file():
+            end_stopped_run(self.mlflow, stopped.parent, json.loads(stopped.read_text())["epoch"])
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.due = True

@@ -125,7 +125,8 @@ def _tuner(out: Path, space: Space, settings: Settings, scheduler):
                                    else None),   # BasicVariantGenerator limits its own
             trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=0,
-                                  callbacks=[SearchProgress(out / RUNS, METRIC)]))
+                                  callbacks=[SearchProgress(out / RUNS, METRIC,
+                                                             mlflow=settings.mlflow)]))
 
 
 def prepare(config: str | Path, overrides: list[str], space_path: str | Path, out: Path,
