@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from .errors import ConfigError
+from .files import check_output_file
 from .shard.collectives import world
 
 MLFLOW_EXPERIMENT = "scale-diffrec"
@@ -90,7 +91,8 @@ def check_mlflow(uri: str) -> str:
     """Before a run starts: the ``mlflow`` package is installed and ``uri`` answers (one
     try, 10 s); returns the URI with a relative sqlite path made absolute (Ray's workers run
     in other folders). One-line ConfigError naming ``--mlflow`` otherwise, also for an
-    empty URI and an in-memory database (which keeps nothing)."""
+    empty URI, an in-memory database (which keeps nothing) and a new sqlite file that
+    cannot be created (``files.check_output_file``)."""
     if not uri.strip():
         raise ConfigError("--mlflow needs a tracking URI (a server, or sqlite:///PATH.db)")
     if uri.startswith("sqlite:///"):
@@ -99,6 +101,8 @@ def check_mlflow(uri: str) -> str:
             raise ConfigError(f"--mlflow {uri}: an in-memory database keeps nothing; give "
                               f"a file, e.g. sqlite:///mlflow.db")
         uri = "sqlite:///" + str(Path(path).resolve())
+        if not Path(path).exists():   # MLflow would retry an unwritable place for minutes
+            check_output_file(path, "--mlflow")
     try:
         from mlflow.tracking import MlflowClient
     except ImportError:

@@ -275,7 +275,8 @@ def test_an_mlflow_uri_that_does_not_answer_is_one_error_line_before_anything(tm
                      "1", "--out", str(tmp_path / "search")]):
         for uri, words in (("nosuch://x", "nosuch://x: the tracking store does not answer"),
                            ("", "needs a tracking URI"),
-                           ("sqlite:///", "sqlite:///: an in-memory database keeps nothing")):
+                           ("sqlite:///", "sqlite:///: an in-memory database keeps nothing"),
+                           ("sqlite:////proc/m.db", "/proc/m.db: cannot write in /proc")):
             assert main(command + ["--mlflow", uri]) == 2
             err = capsys.readouterr().err
             assert err.startswith(f"error: --mlflow {words}") and err.count("\n") == 1, err
