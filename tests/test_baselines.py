@@ -131,6 +131,8 @@ def test_one_fit_in_the_training_loop_and_the_run_reloads(tmp_path, name):
     assert metrics["best_epoch"] == 1 and len(metrics["history"]) == 1
     assert metrics["history"][0]["loss"] is None
     run = load_run(tmp_path / name)                 # buffers of fitted shapes load back
+    fitted = sum(b.numel() for b in run.model.buffers())
+    assert metrics["parameters"] == {"total": fitted} and fitted >= run.data.n_items
     again = evaluate(run.model, run.data, "test", ks=(10, 20))
     for key in ("recall@20", "ndcg@20"):
         assert again[key] == pytest.approx(metrics["test"][key], abs=1e-12)

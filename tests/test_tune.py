@@ -541,14 +541,21 @@ def test_the_diffurec_space_holds_every_valid_steps_and_schedule_pair_and_no_oth
     assert pairs.choices[0] == (32, "trunc_lin")                  # the released setting
 
 
-@pytest.mark.parametrize("grace, epochs, asha", [(2, 40, True), (40, 40, False),
-                                                  (40, 3, False)])
-def test_asha_runs_only_when_the_runs_are_longer_than_its_grace_period(grace, epochs, asha):
+@pytest.mark.parametrize("grace, epochs, asha, said", [
+    (2, 40, True, None), (40, 40, False, "scheduler.grace_period 40 is not below"),
+    (40, 3, False, "scheduler.grace_period 40"),
+    (None, 5, False, "the grace period (default: eval_every) 5 is not below")])
+def test_asha_runs_only_when_the_runs_are_longer_than_its_grace_period(grace, epochs, asha,
+                                                                       said, caplog):
     from scale_diffrec.tune.search import _scheduler
     space = load_space(REPO / "configs" / "tune" / "paper-diffurec.yaml")
-    space = dataclasses.replace(space, scheduler={"grace_period": grace})
-    scheduler = _scheduler(space, {"epochs": epochs, "eval_every": 1})
+    space = dataclasses.replace(space, scheduler={} if grace is None else
+                                {"grace_period": grace})
+    with caplog.at_level("INFO", logger="scale_diffrec"):
+        scheduler = _scheduler(space, {"epochs": epochs, "eval_every": 5})
     assert (scheduler is not None) == asha
+    assert (said is None) == ("no trial is stopped early" not in caplog.text)
+    assert said is None or said in caplog.text
 
 
 def test_the_committed_selected_configs_load_and_lie_in_their_search_space():

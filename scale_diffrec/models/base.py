@@ -97,6 +97,12 @@ class FittedRecommender(Recommender):
         """Fit on the train matrix [U, I] (values: interaction weights)."""
         raise NotImplementedError
 
+    def parameter_counts(self) -> dict[str, int]:
+        """{"total": its fitted values}: the buffers' elements (ALS's item factors, EASE's
+        B, ItemKNN's neighbour lists with their indices, most-popular's counts); 0 before
+        ``fit``."""
+        return {"total": sum(b.numel() for b in self.buffers())}
+
     def training_loss(self, batch: SparseRows, progress: Progress) -> dict[str, torch.Tensor]:
         raise TypeError(f"{type(self).__name__} is fitted once by fit(train), "
                         f"not by gradient steps")

@@ -87,7 +87,11 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
 
 
 def describe_model(model: torch.nn.Module) -> str:
-    """Parameter counts, and the bytes of parameters + gradients + Adam's two moments."""
+    """Parameter counts, and the bytes of parameters + gradients + Adam's two moments (a
+    fitted baseline, before its fit: that it has no gradient parameters)."""
+    if isinstance(model, FittedRecommender):
+        return (f"fitted once on the train matrix, no gradient parameters (metrics.json "
+                f"counts its fitted values); peak RSS so far {peak_rss_mib():.0f} MiB")
     counts = parameter_counts(model)
     train_mib = 4 * counts["total"] * 4 / 2 ** 20
     return (", ".join(f"{k} {v:,}" for k, v in counts.items())

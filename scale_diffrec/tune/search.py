@@ -96,8 +96,10 @@ def _scheduler(space: Space, cfg: dict):
         return None
     grace = space.scheduler.get("grace_period", cfg["eval_every"])
     if grace >= cfg["epochs"]:
-        log.info("%s: scheduler.grace_period %d is not below the base config's epochs (%d): "
-                 "no trial is stopped early", space.path, grace, cfg["epochs"])
+        named = ("scheduler.grace_period" if "grace_period" in space.scheduler
+                 else "the grace period (default: eval_every)")
+        log.info("%s: %s %d is not below the base config's epochs (%d): no trial is "
+                 "stopped early", space.path, named, grace, cfg["epochs"])
         return None
     from ray.tune.schedulers import ASHAScheduler
     return ASHAScheduler(time_attr="epoch", max_t=cfg["epochs"], grace_period=grace,
