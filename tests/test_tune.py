@@ -522,6 +522,18 @@ def test_every_shipped_space_loads_and_lists_no_impossible_combination():
     assert paper.grid_size == 4 * 3 * 17 * 5 * 5 * 5     # 5 noise scales: 0 is refused
 
 
+@pytest.mark.parametrize("row", [f"ml1m-{split}-{model}" for split in ("clean", "noisy")
+                                 for model in ("diffrec", "ldiffrec")])
+def test_each_row_space_searches_inside_the_papers_grid(row):
+    """The tuned rows are 'within the paper's published search space': a row's space names
+    the same parameters as the paper's grid, each with a subset of its values."""
+    space = load_space(REPO / "configs" / "tune" / f"{row}.yaml")
+    paper = load_space(REPO / "configs" / "tune" / f"paper-{row.split('-')[-1]}.yaml")
+    assert [p.keys for p in space.params] == [p.keys for p in paper.params]
+    for mine, theirs in zip(space.params, paper.params):
+        assert all(choice in theirs.choices for choice in mine.choices), mine.keys
+
+
 def test_the_diffurec_space_holds_every_valid_steps_and_schedule_pair_and_no_other():
     from scale_diffrec.errors import ConfigError
     space = load_space(REPO / "configs" / "tune" / "paper-diffurec.yaml")
