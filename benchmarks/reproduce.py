@@ -99,8 +99,10 @@ def row_config(name: str, tuned: Path | None) -> tuple[Path, dict | None]:
     if best is None or not best.is_file():
         return ROOT / ROWS[name], None
     summary = json.loads((best.parent / "tune.json").read_text())
+    table = (best.parent / "trials.csv").resolve()      # beside best.yaml, where it moves
     return best, {"search": summary["search"], "trials": summary["trials"],
-                  "params": summary["best"]["params"], "table": summary["table"]}
+                  "params": summary["best"]["params"],
+                  "table": str(table.relative_to(ROOT) if table.is_relative_to(ROOT) else table)}
 
 
 def seed_spread(runs: dict[int, dict], keys: tuple[str, ...]) -> dict:
