@@ -45,6 +45,8 @@ def cmd_train(args) -> int:
                                    resume=args.resume))
         if args.log_dir:              # created (or refused) before any work, like --out
             from .claim import claim
+            if Path(args.log_dir).exists() and not Path(args.log_dir).is_dir():
+                raise ConfigError(f"--log-dir {args.log_dir}: is a file, not a folder")
             from .trackers import TensorBoardLog
             stack.enter_context(claim(args.log_dir, shared=True))
             hooks.append(TensorBoardLog(Path(args.log_dir).resolve()))   # workers: other cwd

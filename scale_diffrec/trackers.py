@@ -95,13 +95,13 @@ def check_mlflow(uri: str) -> str:
     cannot be created (``files.check_output_file``)."""
     if not uri.strip():
         raise ConfigError("--mlflow needs a tracking URI (a server, or sqlite:///PATH.db)")
-    if uri.startswith("sqlite:///"):
+    if uri.rstrip("/") == "sqlite:" or uri.startswith("sqlite:///"):
         path = uri[len("sqlite:///"):]
         if path in ("", ":memory:"):
             raise ConfigError(f"--mlflow {uri}: an in-memory database keeps nothing; give "
                               f"a file, e.g. sqlite:///mlflow.db")
         uri = "sqlite:///" + str(Path(path).resolve())
-        if not Path(path).exists():   # MLflow would retry an unwritable place for minutes
+        if not Path(path).is_file():  # MLflow would retry an unwritable place for minutes
             check_output_file(path, "--mlflow")
     try:
         from mlflow.tracking import MlflowClient

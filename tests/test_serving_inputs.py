@@ -328,6 +328,14 @@ def test_an_out_that_cannot_be_written_is_refused_before_the_index_is_read(tmp_p
     assert list(locked.iterdir()) == []
 
 
+def test_out_with_items_is_refused_not_ignored(bundles, tmp_path, capsys):
+    code, out, err = run_cli(capsys, "recommend", "--index", bundles["int"], "--items", "17",
+                             "--out", tmp_path / "recs.parquet")
+    assert code == 2 and out == ""
+    assert_one_line(err, "with --items they are printed")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_out_that_is_the_histories_file_is_refused_before_writing(bundles, tmp_path, capsys):
     histories = write_interactions(tmp_path / "h.parquet", [1], [17])
     before = histories.read_bytes()

@@ -159,7 +159,19 @@ def test_search_options_are_checked_before_anything_is_written(tmp_path, files, 
     assert "leave out --trials" in capsys.readouterr().err
     assert main(["tune", "--out", str(out), "--resume"]) == 2
     assert "no search to resume" in capsys.readouterr().err
+    for option, value, words in (("--cpus-per-trial", "0", "must be > 0, got 0"),
+                                 ("--cpus-per-trial", "-1", "must be > 0, got -1"),
+                                 ("--gpus-per-trial", "-1", "must be >= 0, got -1"),
+                                 ("--max-concurrent", "0", "must be >= 1, got 0")):
+        assert main(base + ["--trials", "2", option, value]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {option} {words}\n", err
     assert not out.exists()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert main(base[:-1] + [str(a_file), "--trials", "2"]) == 2
+    assert capsys.readouterr().err == f"error: --out {a_file}: is a file; give the search's folder\n"
+    assert a_file.read_text() == ""
     assert main(base + ["--trials", "2", "--set", "data.source=parquet",
                         "--set", f"data.path={tmp_path / 'missing.parquet'}"]) == 2
     assert "missing.parquet" in capsys.readouterr().err
@@ -234,6 +246,16 @@ def test_train_mlflow_logs_the_config_and_every_epoch(tmp_path, files):
     assert [step for step, _ in metrics["train/loss"]] == [1, 2, 3, 4, 5]
 
 
+def test_a_log_dir_that_is_a_file_is_one_line_before_any_work(tmp_path, files, capsys):
+    config, _ = files
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run"),
+                 "--log-dir", str(a_file)]) == 2
+    assert capsys.readouterr().err == f"error: --log-dir {a_file}: is a file, not a folder\n"
+    assert not (tmp_path / "run").exists() and a_file.read_text() == ""
+
+
 def test_a_trial_the_scheduler_cuts_ends_its_mlflow_run(tmp_path):
     """Tune stops a cut trial's process, so its MLflowLog never closes: the driver's
     callback ends the run, tagged with the epoch; other trials' runs are left alone."""
@@ -276,7 +298,9 @@ def test_an_mlflow_uri_that_does_not_answer_is_one_error_line_before_anything(tm
         for uri, words in (("nosuch://x", "nosuch://x: the tracking store does not answer"),
                            ("", "needs a tracking URI"),
                            ("sqlite:///", "sqlite:///: an in-memory database keeps nothing"),
-                           ("sqlite:////proc/m.db", "/proc/m.db: cannot write in /proc")):
+                           ("sqlite://", "sqlite://: an in-memory database keeps nothing"),
+                           ("sqlite:////proc/m.db", "/proc/m.db: cannot write in /proc"),
+                           (f"sqlite:///{tmp_path}", f"{tmp_path}: is a folder")):
             assert main(command + ["--mlflow", uri]) == 2
             err = capsys.readouterr().err
             assert err.startswith(f"error: --mlflow {words}") and err.count("\n") == 1, err

@@ -92,6 +92,9 @@ def cmd_recommend(args) -> int:
         raise ConfigError("give either --items ID,ID,... or --histories FILE.parquet")
     if args.histories is not None and args.out is None:
         raise ConfigError("--histories needs --out RECS.parquet")
+    if args.items is not None and args.out is not None:
+        raise ConfigError("--out writes the recommendations of --histories; with --items "
+                          "they are printed (as JSON): leave out --out")
     if args.histories is not None and args.out is not None and \
             Path(args.out).resolve() == Path(args.histories).resolve():
         raise ConfigError(f"--out {args.out}: is the --histories file; give another file to "

@@ -136,6 +136,14 @@ def prepare(config: str | Path, overrides: list[str], space_path: str | Path, ou
     """Validate everything (the base config and its data, the space, OUT), then write
     OUT/base.yaml, space.yaml and settings.json. ConfigError or DataError (nothing written)
     on bad input."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file; give the search's folder")
+    for option, value, low, strict in (("--cpus-per-trial", settings.cpus_per_trial, 0, True),
+                                       ("--gpus-per-trial", settings.gpus_per_trial, 0, False),
+                                       ("--max-concurrent", settings.max_concurrent, 1, False)):
+        if value is not None and (value <= low if strict else value < low):
+            raise ConfigError(f"{option} must be {'>' if strict else '>='} {low}, "
+                              f"got {value:g}")
     cfg = absolute_paths(load_config(config, overrides))
     space = load_space(space_path, settings.search)
     settings.search = space.search
