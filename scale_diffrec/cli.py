@@ -127,7 +127,8 @@ def _tune(args, out: Path) -> int:
     from .train.distributed.trainer import connect
     search_args = {"--config": args.config, "--space": args.space, "--trials": args.trials,
                    "--search": args.search, "--set": args.overrides or None,
-                   "--workers-per-trial": args.workers_per_trial, "--mlflow": args.mlflow}
+                   "--workers-per-trial": args.workers_per_trial, "--mlflow": args.mlflow,
+                   "--overwrite": args.overwrite or None}
     if args.resume:
         given = [name for name, value in search_args.items() if value is not None]
         if given:

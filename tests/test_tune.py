@@ -126,10 +126,11 @@ def test_a_space_extends_another_and_starts_from_points_of_its_grid(tmp_path, fi
     ({"params": {"denoiser.dims": [[8], [16]]}}, ["params 'denoiser.dims'", "model 'ldiffrec' "
                                                   "does not read 'denoiser.dims'"]),
     ({"extends": "space.yaml"}, ["extends", "which extends it back"]),
+    ({"scheduler": {"grace_period": 2, "bogus": 3}}, ["scheduler must be", "unknown: bogus"]),
 ], ids=["top-key", "search", "scheduler", "empty", "joint-length", "repeated-key", "twice",
         "unknown-config-key", "wrong-type", "start-missing", "start-unknown", "start-value",
-        "start-form", "start-grid", "extends-missing", "extends-loop", "start-twice",
-        "unread-key"])
+        "start-form", "start-grid", "extends-missing", "start-twice", "unread-key",
+        "extends-loop", "scheduler-unknown-key"])
 def test_bad_space_file_is_one_error_line_and_writes_nothing(tmp_path, files, capsys, change,
                                                              words):
     config, space_file = files
@@ -150,6 +151,8 @@ def test_search_options_are_checked_before_anything_is_written(tmp_path, files, 
     assert main(base + ["--search", "grid", "--trials", "4"]) == 2
     assert "the grid has 6 points" in capsys.readouterr().err
     assert main(base + ["--search", "optuna"]) == 2
+    assert "--search optuna needs --trials N" in capsys.readouterr().err
+    assert main(base + ["--search", "optuna", "--trials", "0"]) == 2
     assert "--trials must be >= 1" in capsys.readouterr().err
     _write(space_file, {**SPACE, "start": [START, FIRST]})
     assert main(base + ["--trials", "1"]) == 2
@@ -157,6 +160,8 @@ def test_search_options_are_checked_before_anything_is_written(tmp_path, files, 
     _write(space_file, SPACE)
     assert main(["tune", "--out", str(out), "--resume", "--trials", "3"]) == 2
     assert "leave out --trials" in capsys.readouterr().err
+    assert main(["tune", "--out", str(out), "--resume", "--overwrite"]) == 2
+    assert "leave out --overwrite" in capsys.readouterr().err
     assert main(["tune", "--out", str(out), "--resume"]) == 2
     assert "no search to resume" in capsys.readouterr().err
     for option, value, words in (("--cpus-per-trial", "0", "must be > 0, got 0"),
@@ -170,7 +175,8 @@ def test_search_options_are_checked_before_anything_is_written(tmp_path, files, 
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     assert main(base[:-1] + [str(a_file), "--trials", "2"]) == 2
-    assert capsys.readouterr().err == f"error: --out {a_file}: is a file; give the search's folder\n"
+    err = capsys.readouterr().err
+    assert err == f"error: --out {a_file}: is a file; give the search's folder\n", err
     assert a_file.read_text() == ""
     assert main(base + ["--trials", "2", "--set", "data.source=parquet",
                         "--set", f"data.path={tmp_path / 'missing.parquet'}"]) == 2

@@ -152,7 +152,9 @@ def prepare(config: str | Path, overrides: list[str], space_path: str | Path, ou
                           f"must be {space.grid_size} or left out for --search grid")
     if settings.search == "grid":
         settings.trials = space.grid_size
-    elif not settings.trials or settings.trials < 1:
+    elif settings.trials is None:
+        raise ConfigError(f"--search {settings.search} needs --trials N (how many to run)")
+    elif settings.trials < 1:
         raise ConfigError(f"--trials must be >= 1 for --search {settings.search}")
     elif settings.trials < len(space.start):
         raise ConfigError(f"{space.path}: --trials {settings.trials} is fewer than the space's "

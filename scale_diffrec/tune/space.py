@@ -220,9 +220,12 @@ def load_space(path: str | Path, search: str | None = None) -> Space:
         raise ConfigError(f"{path}: search must be one of {', '.join(SEARCHES)}, got {search!r}")
     scheduler = raw.get("scheduler", {})
     if scheduler is not None:
-        if not isinstance(scheduler, dict) or set(scheduler) - set(SCHEDULER_KEYS):
+        unknown = sorted(set(scheduler) - set(SCHEDULER_KEYS)) if isinstance(scheduler, dict) \
+            else None
+        if unknown is None or unknown:
             raise ConfigError(f"{path}: scheduler must be null or a mapping of "
-                              f"{', '.join(SCHEDULER_KEYS)}")
+                              f"{', '.join(SCHEDULER_KEYS)}"
+                              + (f"; unknown: {', '.join(map(str, unknown))}" if unknown else ""))
         for key, value in scheduler.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (
                     key == "reduction_factor" and value < 2):

@@ -304,8 +304,9 @@ def train_loop(config: dict) -> None:
     """Ray Train's per-worker function (``config``: cfg, run_dir, plan, use_gpu, test,
     on_epoch): the one-process epoch loop (``train.run_epochs``) and end (``train.finish``)
     on this rank's ``ShardedRun``, each epoch reported to Ray once its checkpoint is
-    complete, then ``on_epoch(entry, record)`` when given (and its ``close()``, if it has
-    one, when the loop ends: ``trackers.TensorBoardLog`` writes its last events then)."""
+    complete and ``on_epoch(entry, record)``, when given, has seen it (first, so that a
+    tracker has the epoch at which Tune stops a trial). ``on_epoch.close()``, if it has one,
+    runs when the loop ends: ``trackers.TensorBoardLog`` writes its last events then."""
     import ray.train
     from ray.train.torch import get_device
     from ...tune.trial import evaluation_report   # cycle: tune.trial imports this module
@@ -323,10 +324,10 @@ def train_loop(config: dict) -> None:
     on_epoch = config.get("on_epoch")
 
     def report(entry: dict, record: dict) -> None:
+        if on_epoch is not None:      # first: Tune may stop the trial at this report
+            on_epoch(entry, record)
         ray.train.report({"epoch": entry["epoch"], "loss": entry["loss"],
                           **(evaluation_report(entry, record) or {})})
-        if on_epoch is not None:
-            on_epoch(entry, record)
 
     checkpoints = ShardedCheckpoints(run, run_dir, config, record)
     try:
