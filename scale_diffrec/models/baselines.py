@@ -171,7 +171,7 @@ class EASE(FittedRecommender):
             raise ConfigError(
                 f"config key 'ease.max_items': the catalogue has {n_items:,} items, more than "
                 f"{max_items:,}; EASE inverts a dense {n_items:,} x {n_items:,} matrix "
-                f"({8 * n_items ** 2 / 2 ** 30:.1f} GiB in float64): raise ease.max_items "
+                f"({8 * n_items ** 2 / 2 ** 30:.3g} GiB in float64): raise ease.max_items "
                 f"if that fits, or use itemknn")
         return cls(n_items, cfg.ease.lamda)
 
