@@ -2,8 +2,8 @@
 
 Bad input (data, config, run directory) ends with one line 'error: ...' naming the file,
 field or row, and exit status 2 — never a bare traceback, and nothing written over. Ctrl-C
-(SIGINT) ends any command with one line, 'interrupted: ...' saying what it left (a
-command's ``interrupted`` default), and exit status 130.
+(SIGINT) or SIGTERM ends any command with one line, 'interrupted: ...' saying what it left
+(a command's ``interrupted`` default), and exit status 130.
 """
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ import argparse
 import contextlib
 import json
 import math
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .errors import ConfigError, DataError, NonFiniteError
@@ -115,6 +118,17 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def _seed(text: str) -> int:
+    """A searcher seed (argparse type): numpy's and Optuna's samplers take 0 .. 2**32 - 1."""
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -1
+    if not 0 <= seed < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**32 - 1, got {text!r}")
+    return seed
+
+
 def cmd_tune(args) -> int:
     from .claim import claim
     with claim(args.out):         # the search directory; each trial claims its own run
@@ -126,7 +140,8 @@ def _tune(args, out: Path) -> int:
     from .tune.search import prepare as prepare_search
     from .train.distributed.trainer import connect
     search_args = {"--config": args.config, "--space": args.space, "--trials": args.trials,
-                   "--search": args.search, "--set": args.overrides or None,
+                   "--search": args.search, "--seed": args.seed,
+                   "--set": args.overrides or None,
                    "--workers-per-trial": args.workers_per_trial, "--mlflow": args.mlflow,
                    "--overwrite": args.overwrite or None}
     if args.resume:
@@ -146,17 +161,18 @@ def _tune(args, out: Path) -> int:
         if args.mlflow is not None:
             from .trackers import check_mlflow
             args.mlflow = check_mlflow(args.mlflow)
-        settings = Settings(trials=args.trials, search=args.search, seed=args.seed,
+        settings = Settings(trials=args.trials, search=args.search, seed=args.seed or 0,
                             cpus_per_trial=args.cpus_per_trial,
                             gpus_per_trial=args.gpus_per_trial,
                             max_concurrent=args.max_concurrent, mlflow=args.mlflow)
         cfg, space = prepare_search(args.config, args.overrides or [], args.space, out,
-                                    settings, overwrite=args.overwrite)
+                                    settings, overwrite=args.overwrite, address=args.address)
     # a local Ray gets a logical CPU for each trial's driver besides its W training workers
     workers = cfg["distributed"]["workers"]
     local = {"workers": workers + (math.ceil(settings.cpus_per_trial) if workers > 1 else 0),
              "address": args.address or cfg["distributed"]["address"]}
     started = connect({**cfg, "distributed": {**cfg["distributed"], **local}})
+    sigterm_as_sigint()            # again: ray.init installs its own SIGTERM handler
     try:
         summary = run_search(out, cfg, space, settings, resume=args.resume)
     except SearchFailed as err:
@@ -222,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, help="trials to run (grid: its size, the default)")
     p.add_argument("--search", choices=["grid", "random", "optuna"],
                    help="searcher (default: the space file's, else optuna)")
-    p.add_argument("--seed", type=int, default=0, help="searcher seed (random, optuna)")
+    p.add_argument("--seed", type=_seed, help="searcher seed (random, optuna; 0 to "
+                   "2**32 - 1, default 0)")
     p.add_argument("--workers-per-trial", type=int, help="W: each trial is a W-worker "
                    "L-DiffRec run on Ray Train (distributed.workers; default: the config's)")
     p.add_argument("--cpus-per-trial", type=float, default=1.0,
@@ -243,8 +260,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def sigterm_as_sigint() -> None:
+    """SIGTERM (``timeout``, Slurm, Kubernetes, ``ray job stop``) ends a command as Ctrl-C
+    does: a search saves its state and says how to resume, any command one line, 130."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
+    sigterm_as_sigint()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

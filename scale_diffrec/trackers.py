@@ -183,8 +183,9 @@ def _newest_run(client, experiment_id: str, run_dir: str):
 
 def end_stopped_run(uri: str, run_dir: str | Path, epoch: int | None) -> None:
     """Mark the MLflow run of ``run_dir`` FINISHED and tag it ``STOPPED_TAG`` = ``epoch``:
-    Tune ends a trial that its scheduler cuts by stopping the trial's process, so the
-    trial's own ``MLflowLog.close`` does not run (the search driver calls this instead).
+    Tune ends a trial that its scheduler cuts by stopping the trial's process, whose own
+    ``MLflowLog.close`` may not run (the search driver calls this; where it does run, it
+    sees the driver's mark and ends the run FINISHED too, ``tune.trial.run_trial``).
     Nothing happens where the run has no MLflow run yet (cut before its first epoch's
     end)."""
     from mlflow.tracking import MlflowClient

@@ -112,8 +112,13 @@ def test_a_space_extends_another_and_starts_from_points_of_its_grid(tmp_path, fi
      ["joint choice of 2 keys"]),
     ({"params": {"lr": [0.1], "lr,seed": [[0.1, 1]]}}, ["key 'lr' appears in two"]),
     ({"params": {"lr": [0.1, 0.1]}}, ["lists a value twice"]),
-    ({"params": {"diffusion.nosie_min": [0.1]}}, ["params 'diffusion.nosie_min' choice 0.1",
-                                                  "unknown config key"]),
+    ({"params": {"diffusion.nosie_min": [0.1]}}, ["params 'diffusion.nosie_min': unknown "
+                                                  "config key 'diffusion.nosie_min'"]),
+    ({"params": {"lr": [0.1, 0.2], "ldiffrec.bogus": [1, 2]}},
+     ["params 'ldiffrec.bogus': unknown config key 'ldiffrec.bogus'"]),
+    ({"params": {"diffusion": [{"steps": 5}, {"steps": 10}]}},
+     ["params 'diffusion': 'diffusion' is a section: each value must name all its keys"]),
+    ({"params": {"model": ["ldiffrec", "diffrec"]}}, ["'model' cannot be searched"]),
     ({"params": {"epochs": ["many"]}}, ["params 'epochs' choice many", "must be a number"]),
     ({"start": [{"lr": 1.0e-3}]}, ["start[0]", "'diffusion.noise_min,diffusion.noise_max' "
                                                 "has no value"]),
@@ -128,7 +133,7 @@ def test_a_space_extends_another_and_starts_from_points_of_its_grid(tmp_path, fi
     ({"extends": "space.yaml"}, ["extends", "which extends it back"]),
     ({"scheduler": {"grace_period": 2, "bogus": 3}}, ["scheduler must be", "unknown: bogus"]),
 ], ids=["top-key", "search", "scheduler", "empty", "joint-length", "repeated-key", "twice",
-        "unknown-config-key", "wrong-type", "start-missing", "start-unknown", "start-value",
+        "unknown-config-key", "unknown-second-key", "section", "model", "wrong-type", "start-missing", "start-unknown", "start-value",
         "start-form", "start-grid", "extends-missing", "start-twice", "unread-key",
         "extends-loop", "scheduler-unknown-key"])
 def test_bad_space_file_is_one_error_line_and_writes_nothing(tmp_path, files, capsys, change,
@@ -144,7 +149,8 @@ def test_bad_space_file_is_one_error_line_and_writes_nothing(tmp_path, files, ca
     assert not out.exists()
 
 
-def test_search_options_are_checked_before_anything_is_written(tmp_path, files, capsys):
+def test_search_options_are_checked_before_anything_is_written(tmp_path, files, capsys,
+                                                                monkeypatch):
     config, space_file = files
     out = tmp_path / "search"
     base = ["tune", "--config", str(config), "--space", str(space_file), "--out", str(out)]
@@ -158,6 +164,22 @@ def test_search_options_are_checked_before_anything_is_written(tmp_path, files, 
     assert main(base + ["--trials", "1"]) == 2
     assert "--trials 1 is fewer than the space's 2 start points" in capsys.readouterr().err
     _write(space_file, SPACE)
+    assert main(base + ["--search", "random", "--trials", "7"]) == 2
+    assert "--trials 7 is more than the grid's 6 points" in capsys.readouterr().err
+    for seed in ("-1", str(2 ** 32), "x"):          # numpy's and Optuna's seed range
+        with pytest.raises(SystemExit) as exit_:
+            main(base + ["--trials", "2", "--seed", seed])
+        assert exit_.value.code == 2
+        assert "--seed: must be an integer from 0 to 2**32 - 1" in capsys.readouterr().err
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert main(base + ["--trials", "2", "--cpus-per-trial", str(os.cpu_count() + 1)]) == 2
+    assert (f"--cpus-per-trial {os.cpu_count() + 1}: the local Ray instance has "
+            f"{os.cpu_count()} CPUs") in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(base + ["--trials", "2", "--gpus-per-trial", "1"]) == 2
+        assert "the local Ray instance has 0 GPUs" in capsys.readouterr().err
+    assert main(["tune", "--out", str(out), "--resume", "--seed", "3"]) == 2
+    assert "leave out --seed" in capsys.readouterr().err
     assert main(["tune", "--out", str(out), "--resume", "--trials", "3"]) == 2
     assert "leave out --trials" in capsys.readouterr().err
     assert main(["tune", "--out", str(out), "--resume", "--overwrite"]) == 2
@@ -186,6 +208,42 @@ def test_search_options_are_checked_before_anything_is_written(tmp_path, files, 
     assert main(base + ["--trials", "2"]) == 2
     assert "already holds a search" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["tune"]
+    # a folder of other files is not a search: it is not written into
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert main(base[:-1] + [str(mine), "--trials", "2"]) == 2
+    assert f"{mine}: holds other files, not a search" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    # an --overwrite whose own options are bad removes nothing
+    assert main(base + ["--trials", "9", "--overwrite"]) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["tune"]
+
+
+def test_random_and_optuna_searches_try_each_point_once(tmp_path):
+    """Tune's random variants and TPE draw a categorical space with replacement: a repeated
+    point trains the same run again. The drawn points are distinct, start points first."""
+    from scale_diffrec.tune.search import DistinctOptunaSearch, _OptunaSpace, distinct_points
+    import optuna
+    space = load_space(_write(tmp_path / "space.yaml", {**SPACE, "start": [START]}))
+    assert space.grid_size == 6
+    points = distinct_points(space, 6, seed=4)
+    assert points[0] == space.start[0] and len({tuple(p.items()) for p in points}) == 6
+    assert distinct_points(space, 3, seed=4) == points[:3]
+    assert distinct_points(space, 3, seed=5) != points[:3] or distinct_points(
+        space, 3, seed=6) != points[:3]
+    search = DistinctOptunaSearch(space=_OptunaSpace(space), metric="best_valid", mode="max",
+                                  sampler=optuna.samplers.TPESampler(seed=0),
+                                  points_to_evaluate=list(space.start))
+    seen = []
+    for i in range(6):
+        config = search.suggest(f"t{i}")
+        seen.append(tuple(sorted(config.items())))
+        if i % 2:      # some trials end before the next is proposed, some are still running
+            search.on_trial_complete(f"t{i - 1}", {"best_valid": 0.1 * i})
+            search.on_trial_complete(f"t{i}", {"best_valid": 0.1 * i + 0.05})
+    assert len(set(seen)) == 6
+    assert dict(seen[0]) == space.start[0]
 
 
 # ----------------------------------------------------------------------------- the hook
@@ -343,9 +401,40 @@ def test_progress_line_counts_trials_by_state(tmp_path):
     line = summary_line(trials, tmp_path, "best_valid", elapsed=90.0, total=8)
     assert line.startswith("tune: 1 running, 1 pending, 1 done, 1 stopped early, 1 failed "
                            "of 8 | best best_valid 0.3000 (trial c)")
+    assert "| best valid recall@20 0.3000 (trial c) |" in summary_line(
+        trials, tmp_path, "best_valid", 90.0, 8, shown="valid recall@20")
     assert line.endswith("elapsed 1m30s | ETA 2m30s")    # 30 s per ended trial, 5 to go
     assert summary_line(trials[3:4], tmp_path, "best_valid", 5.0, None).endswith(
         "no best_valid yet | elapsed 0m05s | ETA ?")
+
+
+def test_reports_outlive_a_resume_for_the_wall_seconds_and_the_plot(tmp_path):
+    """Tune's progress.csv of a restored trial starts again (its time_total_s at 0, its
+    columns from its first result: a trial resumed at an epoch without an evaluation and cut
+    there has no valid column); the driver's own REPORTS file keeps every result."""
+    from scale_diffrec.tune.progress import REPORTS, SearchProgress
+    from scale_diffrec.tune.results import plot, reports, wall_seconds
+    progress = SearchProgress(tmp_path / "runs", "best_valid")
+    a, b = SimpleNamespace(trial_id="a"), SimpleNamespace(trial_id="b")
+    for trial, result in ((a, {"epoch": 2, "time_total_s": 2.0, "valid/recall@20": 0.1}),
+                          (a, {"epoch": 4, "time_total_s": 4.0, "valid/recall@20": 0.2}),
+                          # the driver stopped; a restored trial's time starts again
+                          (a, {"epoch": 4, "time_total_s": 1.0, "valid/recall@20": 0.2}),
+                          (a, {"epoch": 6, "time_total_s": 3.0, "valid/recall@20": 0.3}),
+                          (b, {"epoch": 11, "time_total_s": 0.5, "done": True})):
+        progress.on_trial_result(0, [], trial, {**result, "timestamp": 100 + result["epoch"],
+                                                "trial_id": trial.trial_id, "loss": 1.0})
+    frame = reports(tmp_path / "runs" / "a")
+    assert list(frame["epoch"]) == [2, 4, 4, 6] and "loss" not in frame
+    assert wall_seconds(frame) == 4.0 + 3.0
+    assert wall_seconds(reports(tmp_path / "runs" / "b")) == 0.5
+    assert wall_seconds(reports(tmp_path / "runs" / "none")) is None
+    assert (tmp_path / "runs" / "b" / STOPPED).is_file()
+    assert (tmp_path / "runs" / "a" / REPORTS).is_file()
+    table = pd.DataFrame({"trial": ["a", "b"], "state": ["done", "stopped early"],
+                          "best_valid": [0.3, None],
+                          "run_dir": [str(tmp_path / "runs" / t) for t in "ab"]})
+    assert plot(table, "recall@20", tmp_path).stat().st_size > 0
 
 
 # ----------------------------------------------------------------------------- Ray
@@ -356,6 +445,14 @@ def _wait(predicate, timeout: float, what: str):
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def _has_mlflow() -> bool:
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _history_epochs(run_dir: Path) -> list[int]:
@@ -379,8 +476,10 @@ def test_search_interrupted_and_resumed_selects_the_best_valid_trial(ray_local, 
         "PYTHONPATH", "")]), "RAY_AUTH_MODE": "disabled", "RAY_DEDUP_LOGS": "0"}
     cmd = [sys.executable, "-m", "scale_diffrec", "tune", "--out", str(out), "--address",
            address]
+    mlflow = (f"sqlite:///{tmp_path / 'mlflow.db'}",) if _has_mlflow() else ()
     first = subprocess.Popen(cmd + ["--config", str(config), "--space", str(space_file),
-                                    "--trials", "3", "--seed", "1", "--max-concurrent", "1"],
+                                    "--trials", "3", "--seed", "1", "--max-concurrent", "1",
+                                    *(("--mlflow",) + mlflow if mlflow else ())],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)
     try:
@@ -390,7 +489,7 @@ def test_search_interrupted_and_resumed_selects_the_best_valid_trial(ray_local, 
                        and not (d / runs.METRICS).exists()
                        for d in (out / "runs").glob("*"))
         _wait(mid_trial, 300, "a trial's first epoch")
-        first.send_signal(signal.SIGINT)
+        first.send_signal(signal.SIGTERM)      # as Ctrl-C (SIGINT), which it is turned into
         log, _ = first.communicate(timeout=120)
     finally:
         first.kill()
@@ -457,29 +556,37 @@ def test_search_interrupted_and_resumed_selects_the_best_valid_trial(ray_local, 
     valid = json.loads(capsys.readouterr().out)
     assert valid["recall@20"] == pytest.approx(best_of[winner], abs=1e-12)
     assert valid["recall@20"] == pytest.approx(summary["best"]["valid"]["recall@20"], abs=1e-12)
+    if mlflow:       # every trial's MLflow run ended FINISHED, a cut one tagged with its epoch
+        from scale_diffrec.trackers import STOPPED_TAG
+        logged = {name: (run.info.status, STOPPED_TAG in run.data.tags)
+                  for name, (run, _) in _mlflow_runs(mlflow[0]).items()}
+        assert logged == {t: ("FINISHED", state == "stopped early")
+                          for t, state in zip(table["trial"], table["state"])}, logged
 
 
 @pytest.mark.ray
 def test_a_trial_can_be_a_two_worker_run(ray_local, tmp_path, files, capsys):
     config, space_file = files
-    _write(config, {**TINY, "epochs": 2, "eval_every": 1})
+    # eval_every 2: rank 0 reports epoch 1 to Ray Train without a valid metric, which Tune
+    # must not see (it refuses a result without best_valid)
+    _write(config, {**TINY, "epochs": 3, "eval_every": 2})
     _write(space_file, {"search": "grid", "scheduler": None, "params": {"lr": [1.0e-3]}})
     out = tmp_path / "search"
     mlflow = pytest.importorskip("mlflow") and f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert main(["tune", "--config", str(config), "--space", str(space_file), "--out",
                  str(out), "--workers-per-trial", "2", "--mlflow", mlflow]) == 0
     table = pd.read_csv(out / "trials.csv")
-    assert list(table["state"]) == ["done"] and list(table["epochs"]) == [2]
+    assert list(table["state"]) == ["done"] and list(table["epochs"]) == [3]
     metrics = json.loads((out / "best" / runs.METRICS).read_text())
     (run, logged), = _mlflow_runs(mlflow).values()       # rank 0 of the trial's workers
     assert run.info.run_name == table["trial"][0] and run.info.status == "FINISHED"
     assert run.data.params["lr"] == "0.001"
     assert logged["valid/recall_20"] == [(h["epoch"], pytest.approx(h["valid"]["recall@20"]))
-                                         for h in metrics["history"]]
+                                         for h in metrics["history"] if "valid" in h]
     assert metrics["distributed"]["workers"] == 2 and "test" in metrics
     assert table["best_valid"][0] == pytest.approx(metrics["valid"]["recall@20"], abs=1e-12)
     progress = pd.read_csv(next((out / "tune").glob("*/progress.csv")))
-    assert list(progress["epoch"]) == [1, 2]            # rank 0's reports reached Tune
+    assert list(progress["epoch"]) == [2, 3]   # rank 0's reports from its first evaluation
     assert progress["best_valid"].iloc[-1] == pytest.approx(table["best_valid"][0])
     capsys.readouterr()
     assert main(["evaluate", "--run", str(out / "best"), "--split", "test"]) == 0

@@ -1,8 +1,13 @@
 """Progress of a search, as a Ray Tune callback: one log line when a trial ends and at most
 every ``every_s`` seconds otherwise.
 
-    tune: 3 running, 1 pending, 4 done, 2 stopped early, 0 failed of 10 | best best_valid
-          0.1234 (trial 9a1b2_00003) | elapsed 4m10s | ETA 6m15s
+    tune: 3 running, 1 pending, 4 done, 2 stopped early, 0 failed of 10 | best valid
+          recall@20 0.1234 (trial 9a1b2_00003) | elapsed 4m10s | ETA 6m15s
+
+Every result Tune receives is also appended to the trial's RUN_DIR/tune_reports.jsonl
+(epoch, timestamp, time_total_s and the valid metrics): unlike Tune's per-trial
+progress.csv, which a restored trial starts again, it keeps the evaluations from before a
+``--resume``, for the table's wall seconds and the plot (``results``).
 
 "done" = the trial's run ended by itself (all epochs, or its own early stopping on patience)
 and wrote its metrics.json; "stopped early" = cut by the scheduler (ASHA), which this
@@ -26,6 +31,7 @@ from ..trackers import end_stopped_run
 
 
 STOPPED = "stopped_early"     # RUN_DIR/stopped_early: the scheduler cut this trial
+REPORTS = "tune_reports.jsonl"  # RUN_DIR/tune_reports.jsonl: every result Tune received
 
 
 def ended_state(run_dir: Path) -> str:
@@ -48,8 +54,9 @@ def trial_state(trial, runs_dir: Path) -> str:
 
 
 def summary_line(trials, runs_dir: Path, metric: str, elapsed: float,
-                 total: int | None) -> str:
-    """The progress line for Tune ``trials`` (see the module docstring)."""
+                 total: int | None, shown: str | None = None) -> str:
+    """The progress line for Tune ``trials`` (see the module docstring): ``metric`` is the
+    reported key compared, ``shown`` its name in the line (default: ``metric``)."""
     states = [trial_state(t, runs_dir) for t in trials]
     count = {s: states.count(s) for s in ("running", "pending", "done", "stopped early",
                                           "failed")}
@@ -57,8 +64,9 @@ def summary_line(trials, runs_dir: Path, metric: str, elapsed: float,
     total = total or len(trials)
     scored = [t for t in trials if t.last_result.get(metric) is not None]
     best = max(scored, key=lambda t: t.last_result[metric], default=None)
-    best_text = (f"best {metric} {best.last_result[metric]:.4f} (trial {best.trial_id})"
-                 if best else f"no {metric} yet")
+    shown = shown or metric
+    best_text = (f"best {shown} {best.last_result[metric]:.4f} (trial {best.trial_id})"
+                 if best else f"no {shown} yet")
     eta = format_seconds(elapsed / ended * (total - ended)) if ended else "?"
     return (f"tune: {', '.join(f'{n} {s}' for s, n in count.items())} of {total} | "
             f"{best_text} | elapsed {format_seconds(elapsed)} | ETA {eta}")
@@ -66,13 +74,14 @@ def summary_line(trials, runs_dir: Path, metric: str, elapsed: float,
 
 class SearchProgress(Callback):
     """Logs ``summary_line`` after a trial ends and every ``every_s`` seconds (at the end of
-    Tune's loop step, when the ended trial's status is set). With ``mlflow`` (the search's
-    tracking URI), ends the MLflow run of a trial the scheduler cut
-    (``trackers.end_stopped_run``)."""
+    Tune's loop step, when the ended trial's status is set), appends each result to the
+    trial's REPORTS file, and marks a trial the scheduler cut (STOPPED). With ``mlflow`` (the
+    search's tracking URI), ends the MLflow run of a cut trial (``trackers.end_stopped_run``)."""
 
     def __init__(self, runs_dir: Path, metric: str, every_s: float = 30.0,
-                 mlflow: str | None = None):
+                 mlflow: str | None = None, shown: str | None = None):
         self.runs_dir, self.metric, self.every_s = Path(runs_dir), metric, every_s
+        self.shown = shown
         self.mlflow = mlflow
         self.total = None
         self.due = False
@@ -86,12 +95,16 @@ class SearchProgress(Callback):
         if self.due or time.time() - self.last >= self.every_s:
             self.due, self.last = False, time.time()
             log.info("%s", summary_line(trials, self.runs_dir, self.metric,
-                                        self.last - self.started, self.total))
+                                        self.last - self.started, self.total, self.shown))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_dir = self.runs_dir / trial.trial_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        kept = {k: v for k, v in result.items()
+                if k in ("epoch", "timestamp", "time_total_s") or k.startswith("valid/")}
+        with open(run_dir / REPORTS, "a") as f:
+            f.write(json.dumps(kept) + "\n")
         if result.get("done"):        # the scheduler's STOP (function trials never say done)
-            run_dir = self.runs_dir / trial.trial_id
-            run_dir.mkdir(parents=True, exist_ok=True)
             runs.write_json(run_dir / STOPPED, {"epoch": result.get("epoch")})
 
     def on_trial_complete(self, iteration, trials, trial, **info):

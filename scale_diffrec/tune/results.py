@@ -3,7 +3,8 @@
     OUT/trials.csv, OUT/trials.parquet   one row per trial: trial, state, the searched keys'
                                          values, epochs trained, best_epoch, best_valid (the
                                          select_metric), best/recall@20, best/ndcg@20 (valid,
-                                         at the best epoch), seconds (trial wall time), run_dir
+                                         at the best epoch), seconds (the trial's wall time,
+                                         summed over its runs when it was resumed), run_dir
 
 The metrics come from each trial's run directory (the records in its checkpoints), not from
 Tune's last result: a trial that ASHA cut may have trained on up to its next evaluation
@@ -28,7 +29,7 @@ import pandas as pd
 from .. import checkpoint, runs
 from ..progress import log
 from ..train import finish, split_metrics
-from .progress import ended_state
+from .progress import REPORTS, ended_state
 from .space import Space, label
 from .trial import METRIC, RUNS
 
@@ -69,6 +70,24 @@ def run_metrics(run_dir: Path) -> dict:
             **{f"best/{k}": best and best["valid"][k] for k in ("recall@20", "ndcg@20")}}
 
 
+def reports(run_dir: Path) -> pd.DataFrame:
+    """The results Tune received from a trial (RUN_DIR/tune_reports.jsonl, in arrival
+    order, across ``--resume``s); empty when there were none."""
+    path = Path(run_dir) / REPORTS
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return pd.DataFrame([json.loads(line) for line in lines if line.strip()])
+
+
+def wall_seconds(frame: pd.DataFrame) -> float | None:
+    """A trial's wall time from its reports: Tune's ``time_total_s`` starts again at 0 when a
+    trial is restored, so the time is the sum of each run's last figure."""
+    if frame.empty:
+        return None
+    total = frame["time_total_s"]
+    restarts = total.diff().fillna(0) < 0          # a later report with less time: restored
+    return float(total[restarts.shift(-1, fill_value=True)].sum())
+
+
 def trial_table(results, space: Space, out: Path) -> pd.DataFrame:
     """One row per trial of a ResultGrid (columns: see the module docstring), sorted by
     best_valid, best first; trials that never evaluated have NaN metrics."""
@@ -77,7 +96,7 @@ def trial_table(results, space: Space, out: Path) -> pd.DataFrame:
         trial = (result.metrics or {}).get("trial_id") or Path(result.path).name
         run_dir = out / RUNS / trial
         rows.append({"trial": trial, "state": state(result, out), **space.values(result.config),
-                     **run_metrics(run_dir), "seconds": (result.metrics or {}).get("time_total_s"),
+                     **run_metrics(run_dir), "seconds": wall_seconds(reports(run_dir)),
                      "run_dir": str(run_dir)})
     table = pd.DataFrame(rows)
     for key in {k for p in space.params for k in p.keys}:
@@ -91,29 +110,32 @@ def write_table(table: pd.DataFrame, out: Path) -> None:
     runs.atomic_write(out / f"{TABLE}.parquet", lambda tmp: table.to_parquet(tmp, index=False))
 
 
-def plot(results, table: pd.DataFrame, metric_name: str, out: Path) -> Path:
+def plot(table: pd.DataFrame, metric_name: str, out: Path) -> Path:
     """OUT/trials.png: the table's best valid per trial and each trial's valid curve over
-    wall time (from the per-result timestamps)."""
+    wall time (from the timestamps of its reports, ``reports``; an epoch trained again after
+    a ``--resume`` is shown once, at its last report)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    frames = {(r.metrics or {}).get("trial_id"): r.metrics_dataframe for r in results}
-    frames = {k: f for k, f in frames.items() if f is not None and METRIC in f}
+    column = f"valid/{metric_name}"
+    frames = {trial: reports(run_dir) for trial, run_dir in zip(table["trial"], table["run_dir"])}
+    frames = {k: f.drop_duplicates("epoch", keep="last").dropna(subset=[column])
+              for k, f in frames.items() if column in f}
+    frames = {k: f for k, f in frames.items() if not f.empty}
     start = min((f["timestamp"].min() - f["time_total_s"].iloc[0] for f in frames.values()),
                 default=0)
     order = sorted(frames, key=lambda k: frames[k]["timestamp"].min())
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     by_trial = table.set_index("trial")
-    colours = {"done": "tab:blue", "stopped early": "tab:orange", "failed": "tab:red"}
+    colours = {"done": "0.25", "stopped early": "0.7", "failed": "tab:red"}
     for i, trial in enumerate(order, 1):
         left.bar(i, by_trial.loc[trial, METRIC],
-                 color=colours.get(by_trial.loc[trial, "state"], "tab:gray"))
-        f = frames[trial].dropna(subset=[f"valid/{metric_name}"])
-        right.plot((f["timestamp"] - start) / 60, f[f"valid/{metric_name}"], marker=".",
-                   label=trial)
+                 color=colours.get(by_trial.loc[trial, "state"], "white"), edgecolor="0.25")
+        f = frames[trial]
+        right.plot((f["timestamp"] - start) / 60, f[column], marker=".", label=trial)
     left.set_xticks(range(1, len(order) + 1))
     left.set(xlabel="trial (start order)", ylabel=f"best valid {metric_name}",
-             title="blue: done, orange: stopped early")
+             title="dark: done, light: stopped early")
     right.set(xlabel="minutes since the search started", ylabel=f"valid {metric_name}",
               title="valid metric at each evaluation")
     if len(order) <= 12:

@@ -17,15 +17,18 @@ plot, best config and the selected run's test metrics.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from ray.tune.search.optuna import OptunaSearch
 
 from .. import runs
 from ..config import absolute_paths, load_config, save_config
 from ..data import load_data
+from ..claim import is_empty
 from ..errors import ConfigError
 from ..progress import log
 from ..train.distributed.trainer import check_workers
@@ -71,21 +74,84 @@ class _OptunaSpace:
             trial.suggest_categorical(name, labels)
 
 
+class DistinctOptunaSearch(OptunaSearch):
+    """Ray's ``OptunaSearch`` proposing each point of the grid once. TPE samples a
+    categorical space with replacement, and a trial of a point already tried trains the same
+    run again (same seed): a repeated proposal is told back to the study - as the earlier
+    trial's result when it has one, else as pruned - and the study asked again, up to
+    ``tries`` times (then the repeat stands, with a warning). Module-level: Tune pickles the
+    searcher with the experiment."""
+    tries = 100
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._given: dict[tuple, str] = {}       # point -> the trial it was given to
+        self._values: dict[str, float] = {}      # trial -> its final metric
+
+    def suggest(self, trial_id: str):
+        from optuna.trial import TrialState
+        for _ in range(self.tries):
+            config = super().suggest(trial_id)
+            if not isinstance(config, dict):
+                return config
+            point = tuple(sorted(config.items()))
+            if point not in self._given:
+                self._given[point] = trial_id
+                return config
+            value = self._values.get(self._given[point])
+            self._ot_study.tell(self._ot_trials.pop(trial_id), value,
+                                state=TrialState.PRUNED if value is None else TrialState.COMPLETE)
+        log.warning("optuna proposed only points tried already (%d times); trial %s repeats "
+                    "one", self.tries, trial_id)
+        return config
+
+    def on_trial_complete(self, trial_id: str, result=None, error: bool = False):
+        if result and result.get(self.metric) is not None:
+            self._values[trial_id] = result[self.metric]
+        super().on_trial_complete(trial_id, result, error)
+
+
+def distinct_points(space: Space, n: int, seed: int) -> list[dict]:
+    """The space's start points, then points drawn uniformly without replacement from the
+    rest of its grid (a draw of a point already taken is drawn again, so the first k of n
+    points are those of a search of k), ``n`` in all ({param name: label} each; ``n`` <= grid
+    size)."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    points = list(space.start)
+    taken = {tuple(point.values()) for point in points}
+    while len(points) < n:
+        index = int(rng.integers(space.grid_size))
+        point = {}
+        for p in reversed(space.params):             # the index in mixed radix
+            index, i = divmod(index, len(p.choices))
+            point[p.name] = p.labels[i]
+        point = {p.name: point[p.name] for p in space.params}
+        if tuple(point.values()) not in taken:
+            taken.add(tuple(point.values()))
+            points.append(point)
+    return points
+
+
 def _searcher(space: Space, settings: Settings):
-    """(search_alg, param_space) for Tune."""
+    """(search_alg, param_space) for Tune: grid, random (``distinct_points``: every trial a
+    different point) or Optuna's TPE (``DistinctOptunaSearch``)."""
     from ray import tune
     if settings.search == "optuna":
         import optuna
-        from ray.tune.search.optuna import OptunaSearch
         sampler = optuna.samplers.TPESampler(seed=settings.seed)
-        return (OptunaSearch(space=_OptunaSpace(space), metric=METRIC, mode="max", sampler=sampler,
-                             points_to_evaluate=list(space.start) or None), {})
+        return (DistinctOptunaSearch(space=_OptunaSpace(space), metric=METRIC, mode="max",
+                                     sampler=sampler,
+                                     points_to_evaluate=list(space.start) or None), {})
     from ray.tune.search.basic_variant import BasicVariantGenerator
-    pick = tune.grid_search if settings.search == "grid" else tune.choice
-    return (BasicVariantGenerator(random_state=settings.seed,
-                                  max_concurrent=settings.max_concurrent or 0,
-                                  points_to_evaluate=list(space.start) or None),
-            {p.name: pick(p.labels) for p in space.params})
+    if settings.search == "grid":
+        return (BasicVariantGenerator(max_concurrent=settings.max_concurrent or 0),
+                {p.name: tune.grid_search(p.labels) for p in space.params})
+    # every trial one of the drawn points (Tune's own random variants repeat points)
+    return (BasicVariantGenerator(max_concurrent=settings.max_concurrent or 0,
+                                  points_to_evaluate=distinct_points(space, settings.trials,
+                                                                     settings.seed)),
+            {p.name: tune.choice(p.labels) for p in space.params})
 
 
 def _scheduler(space: Space, cfg: dict):
@@ -114,7 +180,7 @@ def _trainable(out: Path, settings: Settings):
                                {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})
 
 
-def _tuner(out: Path, space: Space, settings: Settings, scheduler):
+def _tuner(out: Path, cfg: dict, space: Space, settings: Settings, scheduler):
     from ray import tune
     search_alg, param_space = _searcher(space, settings)
     return tune.Tuner(
@@ -127,15 +193,33 @@ def _tuner(out: Path, space: Space, settings: Settings, scheduler):
                                    else None),   # BasicVariantGenerator limits its own
             trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=0,
-                                  callbacks=[SearchProgress(out / RUNS, METRIC,
-                                                             mlflow=settings.mlflow)]))
+                                  callbacks=[SearchProgress(
+                                      out / RUNS, METRIC, mlflow=settings.mlflow,
+                                      shown=f"valid {cfg['select_metric']}")]))
+
+
+def _check_fits_locally(settings: Settings) -> None:
+    """A one-process trial must fit on the local Ray instance that the search starts (this
+    machine's CPUs and GPUs; a W-worker trial's instance is sized for it, ``cli``), or it
+    would wait forever: ConfigError otherwise."""
+    import torch
+    have = {"cpus": os.cpu_count() or 1, "gpus": torch.cuda.device_count()}
+    need = {"cpus": settings.cpus_per_trial, "gpus": settings.gpus_per_trial}
+    for kind in need:
+        if need[kind] > have[kind]:
+            raise ConfigError(f"--{kind}-per-trial {need[kind]:g}: the local Ray instance has "
+                              f"{have[kind]} {kind.upper()[:-1]}s (this machine's); give "
+                              f"--address of a cluster that has them")
 
 
 def prepare(config: str | Path, overrides: list[str], space_path: str | Path, out: Path,
-            settings: Settings, overwrite: bool = False) -> tuple[dict, Space]:
-    """Validate everything (the base config and its data, the space, OUT), then write
-    OUT/base.yaml, space.yaml and settings.json. ConfigError or DataError (nothing written)
-    on bad input."""
+            settings: Settings, overwrite: bool = False,
+            address: str | None = None) -> tuple[dict, Space]:
+    """Validate everything (the base config and its data, the space, the settings, OUT and,
+    without a cluster ``address``, $RAY_ADDRESS or ``distributed.address``, that a trial fits
+    on the local Ray instance the search starts), then write OUT/base.yaml, space.yaml and
+    settings.json. ConfigError or DataError (nothing written, nothing removed) on bad
+    input."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: is a file; give the search's folder")
     for option, value, low, strict in (("--cpus-per-trial", settings.cpus_per_trial, 0, True),
@@ -164,9 +248,19 @@ def prepare(config: str | Path, overrides: list[str], space_path: str | Path, ou
         space.check(config, overrides, check_cfg=check_workers)
     else:
         space.check(config, overrides)
-    if (out / EXPERIMENT).exists() and not overwrite:
-        raise ConfigError(f"{out}: already holds a search; pass --resume to continue it or "
-                          f"--overwrite to start again")
+    if settings.trials > space.grid_size:
+        raise ConfigError(f"{space.path}: --trials {settings.trials} is more than the grid's "
+                          f"{space.grid_size} points (each trial tries another point); use "
+                          f"--search grid to try them all")
+    if (out / EXPERIMENT).exists() or (out / SETTINGS).exists():
+        if not overwrite:
+            raise ConfigError(f"{out}: already holds a search; pass --resume to continue it "
+                              f"or --overwrite to start again")
+    elif out.is_dir() and not is_empty(out) and not overwrite:
+        raise ConfigError(f"{out}: holds other files, not a search; give a new --out (or "
+                          f"--overwrite to search there, beside them)")
+    if not (address or cfg["distributed"]["address"] or os.environ.get("RAY_ADDRESS")):
+        _check_fits_locally(settings)
     load_data(cfg)                  # the data's errors here, not in every trial
     for name in (EXPERIMENT, RUNS, results.BEST_RUN):
         path = out / name
@@ -216,7 +310,7 @@ def run_search(out: Path, cfg: dict, space: Space, settings: Settings,
                  "ASHA %s", settings.search, settings.trials, len(space.start), settings.seed,
                  settings.cpus_per_trial, settings.gpus_per_trial,
                  space.scheduler if scheduler else "off")
-        tuner = _tuner(out, space, settings, scheduler)
+        tuner = _tuner(out, cfg, space, settings, scheduler)
     grid = tuner.fit()
     ended = sum(results.ended(r, out) for r in grid)
     if ended < settings.trials:
@@ -237,7 +331,7 @@ def report(grid, out: Path, space: Space, cfg: dict) -> dict:
     results.write_table(table, out)
     metric_name = cfg["select_metric"]
     results.print_summary(table, metric_name)
-    png = results.plot(grid, table, metric_name, out)
+    png = results.plot(table, metric_name, out)
     scored = table.dropna(subset=[METRIC])
     if scored.empty:
         raise SearchFailed(f"no trial of the search in {out} reached an evaluation (their "
@@ -256,8 +350,9 @@ def report(grid, out: Path, space: Space, cfg: dict) -> dict:
                         "valid": metrics["valid"], "test": metrics["test"]},
                "table": str(out / f"{results.TABLE}.csv"), "plot": str(png)}
     runs.write_json(out / results.SUMMARY, summary)
-    log.info("best trial %s: valid %s %.4f, test recall@20 %.4f ndcg@20 %.4f | %s -> %s",
-             best["trial"], metric_name, metrics["valid"][metric_name],
-             metrics["test"]["recall@20"], metrics["test"]["ndcg@20"],
+    shown = dict.fromkeys([metric_name, "recall@20", "ndcg@20"])
+    log.info("best trial %s: valid %s %.4f, test %s | %s -> %s", best["trial"], metric_name,
+             metrics["valid"][metric_name],
+             " ".join(f"{k} {metrics['test'][k]:.4f}" for k in shown),
              out / results.BEST_RUN, run_dir)
     return summary

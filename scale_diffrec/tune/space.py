@@ -115,6 +115,10 @@ class Space:
         """Every choice, applied alone to the base config, and every start point must load
         (and pass ``check_cfg(cfg)`` if given); ConfigError naming the space file and the
         choice or point."""
+        base = load_config(base_path, list(base_overrides))
+        for p in self.params:
+            for i, key in enumerate(p.keys):
+                _check_key(self.path, p.name, key, [c[i] for c in p.choices], base)
         for p in self.params:
             for choice in p.choices:
                 config = {q.name: q.labels[0] for q in self.params}
@@ -140,6 +144,27 @@ class Space:
                     check_cfg(cfg)
             except ConfigError as err:
                 raise ConfigError(f"{self.path}: start[{i}]: {err}") from None
+
+
+def _check_key(path: Path, name: str, key: str, values: list, base: dict) -> None:
+    """A searched key must be a setting of the base config, not ``model`` (a search compares
+    runs of the base config's model); a section (e.g. ``data.time_weights``) only with
+    values that name each of its keys (else a value would be merged into the base config's
+    section, partly)."""
+    node = base
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"{path}: params '{name}': unknown config key '{key}'")
+        node = node[part]
+    if key == "model":
+        raise ConfigError(f"{path}: params '{name}': 'model' cannot be searched (a search "
+                          f"compares runs of the base config's model; run one per model)")
+    partial = [v for v in values if isinstance(node, dict) and not (
+        v is None or isinstance(v, dict) and set(v) == set(node))]
+    if partial:
+        raise ConfigError(f"{path}: params '{name}': '{key}' is a section: each value must "
+                          f"name all its keys ({', '.join(node)}), got {partial[0]!r}; or "
+                          f"search its keys (e.g. '{key}.{next(iter(node), 'KEY')}')")
 
 
 def _param(path: Path, name, values) -> Param:

@@ -4,8 +4,9 @@ The trial's run directory is ``OUT/runs/TRIAL_ID`` (a normal run directory: ``ev
 ``export`` work on it). A trial that Tune restarts (``tune --resume`` after the driver
 stopped) finds its ``checkpoints/last.pt`` there and continues from it, as ``train --resume``
 would. After every epoch from the first evaluation on, the trial reports to Tune
-(``ray.tune.report``; a W-worker trial through rank 0's ``ray.train.report`` and Ray's
-``TuneReportCallback``):
+(``ray.tune.report``; a W-worker trial through rank 0's ``ray.train.report``, which
+reports every epoch for its checkpoints, and ``EvaluationReports``, which passes Tune the
+reports from the first evaluation on):
 
     epoch, loss                      the epoch just trained
     valid/recall@20, valid/ndcg@20   that epoch's valid metrics (evaluation epochs only),
@@ -32,6 +33,7 @@ from ..progress import setup_logging
 from ..trackers import MLflowLog, Trackers
 from ..train import train
 from ..train.distributed.trainer import train_distributed
+from .progress import ended_state
 from .space import load_space
 
 BASE = "base.yaml"          # OUT/base.yaml: the resolved base config every trial starts from
@@ -60,6 +62,20 @@ def _report(entry: dict, record: dict) -> None:
         tune.report(result)
 
 
+def evaluation_reports():
+    """Ray's ``TuneReportCallback`` for a W-worker trial, passing on only the reports that
+    carry ``METRIC`` (Tune refuses a result without the metric it optimises; rank 0 reports
+    every epoch, the ones before the first evaluation without it)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EvaluationReports(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if METRIC in metrics[0]:
+                super().after_report(run_context, metrics, checkpoint)
+
+    return EvaluationReports()
+
+
 def trial_cfg(out: Path, config: dict) -> dict:
     """The trial's config: OUT/base.yaml with the choices of Tune's ``config`` applied."""
     space = load_space(out / SPACE)
@@ -81,13 +97,14 @@ def run_trial(config: dict, out: str, mlflow: str | None = None) -> None:
     failed = True
     try:
         if cfg["distributed"]["workers"] > 1:
-            from ray.tune.integration.ray_train import TuneReportCallback
             train_distributed(cfg, run_dir, resume=resume, overwrite=not resume,
-                              callbacks=[TuneReportCallback()], test=False, on_epoch=tracker)
+                              callbacks=[evaluation_reports()], test=False, on_epoch=tracker)
         else:
             train(cfg, run_dir, resume=resume, overwrite=not resume, test=False,
                   on_epoch=Trackers([tracker, _report]) if tracker else _report)
         failed = False
     finally:
         if tracker is not None:
-            tracker.close(failed)
+            # a trial the scheduler cut (the driver marked it before stopping it) ended well:
+            # its process may get here as Tune stops it, after the driver ended the run
+            tracker.close(failed and ended_state(run_dir) != "stopped early")
