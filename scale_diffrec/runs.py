@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from .claim import LOCK
 from .config import load_config, save_config
 from .data import InteractionData, Sequences, load_data
 from .errors import ConfigError, DataError
@@ -53,6 +54,7 @@ PARTITION = "partition.parquet"
 CHECKPOINTS = "checkpoints"
 PLAN = "plan.json"
 INPUTS = "inputs.json"
+RUN_FILES = {CONFIG, METRICS, PARTITION, CHECKPOINTS, PLAN, INPUTS, LOCK}
 ARTIFACTS = (CHECKPOINTS, METRICS, PARTITION, PLAN, INPUTS)   # what a fresh start replaces
 
 # Keys a resumed run may change: how long it trains and stops, how it evaluates, where it
@@ -107,6 +109,11 @@ def check_run_dir(run_dir: str | Path, cfg: dict, resume: bool = False,
         if holds_run(run_dir) and not overwrite:
             raise ConfigError(f"{run_dir}: already holds a run; pass --resume to continue it "
                               f"or --overwrite to start again")
+        others = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_FILES) \
+            if run_dir.is_dir() and not holds_run(run_dir) else []
+        if others and not overwrite:     # a given partition.parquet is a run's own file
+            raise ConfigError(f"{run_dir}: holds other files ({others[0]}), not a run; give a "
+                              f"new --out (or --overwrite to train there, beside them)")
         return
     saved_file = run_dir / CONFIG
     if not saved_file.is_file():

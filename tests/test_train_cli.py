@@ -142,6 +142,17 @@ def test_a_failed_overwrite_or_resume_changes_nothing(tmp_path, capsys):
     assert main(["evaluate", "--run", str(tmp_path / "run")]) == 0      # still a good run
 
 
+def test_a_folder_of_other_files_is_not_trained_into(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert _train(tmp_path, "mine", "epochs=1") == 2
+    _one_error_line(capsys, f"{mine}: holds other files (notes.txt), not a run")
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert _train(tmp_path, "mine", "epochs=1", flags=["--overwrite"]) == 0   # beside them
+    assert (mine / "notes.txt").read_text() == "mine" and (mine / "metrics.json").is_file()
+
+
 def test_resume_without_a_run_writes_nothing(tmp_path, capsys):
     assert _train(tmp_path, "none", flags=["--resume"]) == 2
     _one_error_line(capsys, "no checkpoint")
