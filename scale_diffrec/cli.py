@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import signal
 import sys
 import threading
@@ -260,11 +259,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _on_sigterm(signum, frame) -> None:
+    """SIGINT's Python handler (Tune's during a search, else KeyboardInterrupt's), also where
+    SIGINT itself is ignored (a background job: ``nohup``, ``&``)."""
+    handler = signal.getsignal(signal.SIGINT)
+    if not callable(handler):
+        raise KeyboardInterrupt
+    handler(signal.SIGINT, frame)
+
+
 def sigterm_as_sigint() -> None:
     """SIGTERM (``timeout``, Slurm, Kubernetes, ``ray job stop``) ends a command as Ctrl-C
     does: a search saves its state and says how to resume, any command one line, 130."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -168,16 +168,25 @@ def test_an_out_that_cannot_be_created_is_one_line_before_any_work(tmp_path, cap
 
 
 # ---------------------------------------------------------------------------- Ctrl-C
-def test_ctrl_c_is_one_line_exit_130_and_the_run_resumes(tmp_path, capsys):
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("stop, preexec", [
+    (signal.SIGINT, None),
+    # SIGTERM (timeout, Slurm, Kubernetes) as Ctrl-C, also in a background job (nohup, &),
+    # whose SIGINT is ignored
+    (signal.SIGTERM, _ignore_sigint)], ids=["sigint", "sigterm-in-background"])
+def test_ctrl_c_is_one_line_exit_130_and_the_run_resumes(tmp_path, capsys, stop, preexec):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "scale_diffrec",
                              *_train_argv(out, "epochs=100000", "patience=100000")],
-                            env=ENV,
+                            env=ENV, preexec_fn=preexec,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:                  # progress lines: epoch 1 is saved by now
         if " epoch 2/" in line:
             break
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130
     assert err.strip().splitlines() == [f"interrupted: run directory {out} is resumable "

@@ -153,6 +153,13 @@ def test_a_folder_of_other_files_is_not_trained_into(tmp_path, capsys):
     assert (mine / "notes.txt").read_text() == "mine" and (mine / "metrics.json").is_file()
 
 
+def test_an_unreachable_ray_address_is_one_line_before_anything(tmp_path, capsys):
+    assert _train(tmp_path, "far", "epochs=1", flags=["--workers", "2", "--address",
+                                                      "127.0.0.1:1"], model="ldiffrec") == 2
+    _one_error_line(capsys, "Ray cluster address 127.0.0.1:1: cannot connect")
+    assert not (tmp_path / "far").exists()
+
+
 def test_resume_without_a_run_writes_nothing(tmp_path, capsys):
     assert _train(tmp_path, "none", flags=["--resume"]) == 2
     _one_error_line(capsys, "no checkpoint")

@@ -178,6 +178,10 @@ def test_search_options_are_checked_before_anything_is_written(tmp_path, files, 
     if not torch.cuda.is_available():
         assert main(base + ["--trials", "2", "--gpus-per-trial", "1"]) == 2
         assert "the local Ray instance has 0 GPUs" in capsys.readouterr().err
+    for address, words in (("127.0.0.1:1", "Ray cluster address 127.0.0.1:1: cannot connect"),
+                           ("headnode", "Ray cluster address 'headnode': expected HOST:PORT")):
+        assert main(base + ["--trials", "2", "--address", address]) == 2
+        assert words in capsys.readouterr().err       # at once, not after Ray's retries
     assert main(["tune", "--out", str(out), "--resume", "--seed", "3"]) == 2
     assert "leave out --seed" in capsys.readouterr().err
     assert main(["tune", "--out", str(out), "--resume", "--trials", "3"]) == 2

@@ -31,7 +31,7 @@ from ..data import load_data
 from ..claim import is_empty
 from ..errors import ConfigError
 from ..progress import log
-from ..train.distributed.trainer import check_workers
+from ..train.distributed.trainer import check_address, check_workers
 from . import results
 from .progress import SearchProgress
 from .space import Space, load_space
@@ -259,7 +259,9 @@ def prepare(config: str | Path, overrides: list[str], space_path: str | Path, ou
     elif out.is_dir() and not is_empty(out) and not overwrite:
         raise ConfigError(f"{out}: holds other files, not a search; give a new --out (or "
                           f"--overwrite to search there, beside them)")
-    if not (address or cfg["distributed"]["address"] or os.environ.get("RAY_ADDRESS")):
+    address = address or cfg["distributed"]["address"] or os.environ.get("RAY_ADDRESS")
+    check_address(address)
+    if not address:
         _check_fits_locally(settings)
     load_data(cfg)                  # the data's errors here, not in every trial
     for name in (EXPERIMENT, RUNS, results.BEST_RUN):

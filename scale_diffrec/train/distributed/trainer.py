@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Callable
 
@@ -85,6 +86,23 @@ def build_plan(cfg: dict, partition: Partition, n_workers: int) -> Plan:
     widths = [d[-1] for d in latent_dims(sizes, cfg["ldiffrec"]["in_dims"])]
     return plan_placement(sizes, n_workers, weight=placement, latent_dims=widths,
                           decoder_params=cluster_parameters(cfg, sizes), bytes_per_param=16)
+
+
+def check_address(address: str | None) -> None:
+    """A Ray cluster address (the head's host:port, or ray://host:port) must accept a TCP
+    connection within 10 s (Ray itself retries for minutes): ConfigError naming it
+    otherwise. None, "auto" and "local" pass."""
+    if not address or address in ("auto", "local"):
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"Ray cluster address {address!r}: expected HOST:PORT (or "
+                          f"ray://HOST:PORT)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as err:
+        raise ConfigError(f"Ray cluster address {address}: cannot connect "
+                          f"({err.strerror or err})") from None
 
 
 def connect(cfg: dict) -> bool:
@@ -170,14 +188,16 @@ def train_distributed(cfg: dict, run_dir: str | Path, resume: bool = False,
     The driver claims the run directory for the whole run (``claim.claim``; the workers
     write under its claim). Nothing is written before the run directory, data, partition
     and plan are validated.
-    ``callbacks``: Ray Train ``UserCallback``s (``tune`` passes ``TuneReportCallback``: rank
-    0's per-epoch metrics, with ``tune.trial.evaluation_report``'s keys, go to Tune);
+    ``callbacks``: Ray Train ``UserCallback``s (``tune`` passes ``trial.evaluation_reports``:
+    rank 0's metrics from the first evaluation, with ``tune.trial.evaluation_report``'s
+    keys, go to Tune);
     ``test=False`` computes no test metrics (as ``train.train``); ``on_epoch(entry,
     record)``, a picklable function, runs on every worker after each epoch's report (as
     ``train.train``'s), and its ``close()``, if it has one, on every worker at the end
     (``train --log-dir`` passes ``trackers.TensorBoardLog``, which writes on rank 0)."""
     run_dir = Path(run_dir).resolve()
     n_workers = check_workers(cfg)       # before any data, file or Ray process
+    check_address(cfg["distributed"]["address"] or os.environ.get("RAY_ADDRESS"))
     cfg = absolute_paths(cfg)            # the workers run in other directories
     with claim(run_dir):          # the driver's, held to the end; workers never take it
         runs.check_run_dir(run_dir, cfg, resume=resume, overwrite=overwrite)
