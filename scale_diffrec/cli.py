@@ -82,9 +82,9 @@ def train_interrupted(args) -> str:
 
 
 def tune_interrupted(args) -> str | None:
-    """How an interrupted ``tune`` goes on, once its Tune experiment has been saved."""
-    from .tune.search import EXPERIMENT
-    if (Path(args.out) / EXPERIMENT).is_dir():
+    """How an interrupted ``tune`` goes on, once its settings have been saved."""
+    from .tune.search import SETTINGS
+    if (Path(args.out) / SETTINGS).is_file():
         return f"continue the search with `scale-diffrec tune --out {args.out} --resume`"
     return None
 
@@ -170,9 +170,12 @@ def _tune(args, out: Path) -> int:
     workers = cfg["distributed"]["workers"]
     local = {"workers": workers + (math.ceil(settings.cpus_per_trial) if workers > 1 else 0),
              "address": args.address or cfg["distributed"]["address"]}
-    started = connect({**cfg, "distributed": {**cfg["distributed"], **local}})
-    sigterm_as_sigint()            # again: ray.init installs its own SIGTERM handler
+    started = False
+    with _interrupts_held() as interrupted:     # Ray's start-up would swallow them
+        started = connect({**cfg, "distributed": {**cfg["distributed"], **local}})
     try:
+        if interrupted:
+            raise KeyboardInterrupt
         summary = run_search(out, cfg, space, settings, resume=args.resume)
     except SearchFailed as err:
         print(f"error: {err}", file=sys.stderr)
@@ -189,8 +192,16 @@ def _tune(args, out: Path) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are one line, 'error: ...' naming the argument, exit status 2, as any
+    other bad input (argparse's default prints the usage first; --help still shows it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog.split()[-1]}: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scale-diffrec", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="scale-diffrec", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model; writes RUN_DIR/metrics.json")
@@ -266,6 +277,25 @@ def _on_sigterm(signum, frame) -> None:
     if not callable(handler):
         raise KeyboardInterrupt
     handler(signal.SIGINT, frame)
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """SIGINT and SIGTERM while the block runs (Ray's start-up, which loses a SIGINT and exits
+    on a SIGTERM with its own handler) are held, listed in the yielded list, for the caller to
+    act on after it; SIGTERM is SIGINT's again afterwards (``sigterm_as_sigint``)."""
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    signal.signal(signal.SIGTERM, lambda signum, frame: held.append(signum))
+    try:
+        yield held
+    except SystemExit as err:       # ray.init's own SIGTERM handler: sys.exit(SIGTERM)
+        if err.code != signal.SIGTERM:
+            raise
+        held.append(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        sigterm_as_sigint()
 
 
 def sigterm_as_sigint() -> None:

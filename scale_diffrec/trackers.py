@@ -182,7 +182,8 @@ def _newest_run(client, experiment_id: str, run_dir: str):
 
 
 def end_stopped_run(uri: str, run_dir: str | Path, epoch: int | None) -> None:
-    """Mark the MLflow run of ``run_dir`` FINISHED and tag it ``STOPPED_TAG`` = ``epoch``:
+    """Mark the MLflow run of ``run_dir`` FINISHED and tag it ``STOPPED_TAG`` = ``epoch``
+    (no tag with None: stopped at its last epoch, it ran out):
     Tune ends a trial that its scheduler cuts by stopping the trial's process, whose own
     ``MLflowLog.close`` may not run (the search driver calls this; where it does run, it
     sees the driver's mark and ends the run FINISHED too, ``tune.trial.run_trial``).
@@ -193,8 +194,9 @@ def end_stopped_run(uri: str, run_dir: str | Path, epoch: int | None) -> None:
     experiment = client.get_experiment_by_name(MLFLOW_EXPERIMENT)
     run = experiment and _newest_run(client, experiment.experiment_id,
                                      str(Path(run_dir).resolve()))
-    if run:
+    if run and epoch is not None:
         client.set_tag(run.info.run_id, STOPPED_TAG, str(epoch))
+    if run:
         client.set_terminated(run.info.run_id, "FINISHED")
 
 

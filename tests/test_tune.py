@@ -31,7 +31,7 @@ from scale_diffrec import runs
 from scale_diffrec.cli import main
 from scale_diffrec.config import load_config
 from scale_diffrec.train import train
-from scale_diffrec.tune.progress import STOPPED, summary_line
+from scale_diffrec.tune.progress import STOPPED, ended_state, summary_line
 from scale_diffrec.tune.results import finish_best
 from scale_diffrec.tune.space import load_space
 from scale_diffrec.tune.trial import evaluation_report
@@ -112,6 +112,9 @@ def test_a_space_extends_another_and_starts_from_points_of_its_grid(tmp_path, fi
      ["joint choice of 2 keys"]),
     ({"params": {"lr": [0.1], "lr,seed": [[0.1, 1]]}}, ["key 'lr' appears in two"]),
     ({"params": {"lr": [0.1, 0.1]}}, ["lists a value twice"]),
+    ({"params": {"lr": ["1e-3", 1.0e-3]}}, ["params 'lr' choices 1e-3 and 0.001 are the same "
+                                            "setting"]),
+    ({"params": {"diffusion.steps": [5, 5.0]}}, ["choices 5 and 5.0 are the same setting"]),
     ({"params": {"diffusion.nosie_min": [0.1]}}, ["params 'diffusion.nosie_min': unknown "
                                                   "config key 'diffusion.nosie_min'"]),
     ({"params": {"lr": [0.1, 0.2], "ldiffrec.bogus": [1, 2]}},
@@ -133,6 +136,7 @@ def test_a_space_extends_another_and_starts_from_points_of_its_grid(tmp_path, fi
     ({"extends": "space.yaml"}, ["extends", "which extends it back"]),
     ({"scheduler": {"grace_period": 2, "bogus": 3}}, ["scheduler must be", "unknown: bogus"]),
 ], ids=["top-key", "search", "scheduler", "empty", "joint-length", "repeated-key", "twice",
+        "same-setting-as-text", "same-setting-as-float",
         "unknown-config-key", "unknown-second-key", "section", "model", "wrong-type", "start-missing", "start-unknown", "start-value",
         "start-form", "start-grid", "extends-missing", "start-twice", "unread-key",
         "extends-loop", "scheduler-unknown-key"])
@@ -170,7 +174,8 @@ def test_search_options_are_checked_before_anything_is_written(tmp_path, files, 
         with pytest.raises(SystemExit) as exit_:
             main(base + ["--trials", "2", "--seed", seed])
         assert exit_.value.code == 2
-        assert "--seed: must be an integer from 0 to 2**32 - 1" in capsys.readouterr().err
+        assert capsys.readouterr().err == ("error: tune: argument --seed: must be an integer "
+                                           f"from 0 to 2**32 - 1, got '{seed}'\n")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert main(base + ["--trials", "2", "--cpus-per-trial", str(os.cpu_count() + 1)]) == 2
     assert (f"--cpus-per-trial {os.cpu_count() + 1}: the local Ray instance has "
@@ -222,6 +227,25 @@ def test_search_options_are_checked_before_anything_is_written(tmp_path, files, 
     # an --overwrite whose own options are bad removes nothing
     assert main(base + ["--trials", "9", "--overwrite"]) == 2
     assert sorted(p.name for p in out.iterdir()) == ["tune"]
+
+
+def test_resume_refuses_a_search_whose_saved_files_changed(tmp_path, files, capsys):
+    from scale_diffrec.tune.search import Settings, prepare
+    config, space_file = files
+    out = tmp_path / "search"
+    prepare(config, [], space_file, out, Settings(trials=2, search="random"))
+    resume = ["tune", "--out", str(out), "--resume"]
+    for name, edit in (("base.yaml", lambda t: t.replace("epochs: 4", "epochs: 5")),
+                       ("space.yaml", lambda t: t.replace("0.01", "0.02")),
+                       ("settings.json", lambda t: t[:-5])):
+        before = (out / name).read_text()
+        assert edit(before) != before
+        (out / name).write_text(edit(before))
+        assert main(resume) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {out / name}: ") and err.count("\n") == 1, err
+        assert ("changed since the search started" in err) != (name == "settings.json"), err
+        (out / name).write_text(before)
 
 
 def test_random_and_optuna_searches_try_each_point_once(tmp_path):
@@ -324,28 +348,37 @@ def test_a_log_dir_that_is_a_file_is_one_line_before_any_work(tmp_path, files, c
     assert not (tmp_path / "run").exists() and a_file.read_text() == ""
 
 
-def test_a_trial_the_scheduler_cuts_ends_its_mlflow_run(tmp_path):
+def test_a_trial_the_scheduler_cuts_ends_its_mlflow_run(tmp_path, monkeypatch):
     """Tune stops a cut trial's process, so its MLflowLog never closes: the driver's
     callback ends the run, tagged with the epoch; other trials' runs are left alone."""
     pytest.importorskip("mlflow")
     from scale_diffrec.trackers import STOPPED_TAG, MLflowLog
     from scale_diffrec.tune.progress import SearchProgress
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    progress = SearchProgress(tmp_path / "runs", "best_valid", mlflow=uri)
+    progress = SearchProgress("best_valid", mlflow=uri)
+    monkeypatch.setattr(SearchProgress, "runs_dir", tmp_path / "runs")
     entry = {"epoch": 1, "loss": 1.0, "seconds": 0.1}
-    for name in ("cut", "running", "ended"):
+    names = ("cut", "running", "ended", "cut-before-its-first-epoch", "stopped-at-its-last")
+    for name in names:
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / runs.CONFIG).write_text("epochs: 3\n")
+    for name in ("cut", "running", "ended", "stopped-at-its-last"):
         tracker = MLflowLog(uri, name, {"lr": 0.1}, tmp_path / "runs" / name)
         tracker(entry, {})
-    tracker.close()                                   # "ended" ended by itself
+        if name == "ended":
+            tracker.close()                           # ended by itself
     for name, result in (("cut", {"done": True, "epoch": 2}), ("running", {"epoch": 2}),
-                         ("cut-before-its-first-epoch", {"done": True, "epoch": 1})):
+                         ("cut-before-its-first-epoch", {"done": True, "epoch": 1}),
+                         ("stopped-at-its-last", {"done": True, "epoch": 3})):
         trial = SimpleNamespace(trial_id=name)
         progress.on_trial_result(0, [], trial, result)
         progress.on_trial_complete(0, [], trial)
     got = {name: (run.info.status, run.data.tags.get(STOPPED_TAG))
            for name, (run, _) in _mlflow_runs(uri).items()}
     assert got == {"cut": ("FINISHED", "2"), "running": ("RUNNING", None),
-                   "ended": ("FINISHED", None)}
+                   "ended": ("FINISHED", None), "stopped-at-its-last": ("FINISHED", None)}
+    assert [ended_state(tmp_path / "runs" / n) for n in names] == [
+        "stopped early", "unfinished", "unfinished", "stopped early", "done"]
 
 
 def test_a_relative_sqlite_uri_is_the_callers_file(tmp_path, monkeypatch):
@@ -399,7 +432,8 @@ def test_progress_line_counts_trials_by_state(tmp_path):
                                last_result={} if best is None else {"best_valid": best})
     for name, marker in (("a", runs.METRICS), ("b", STOPPED)):
         (tmp_path / name).mkdir()
-        (tmp_path / name / marker).write_text("{}")
+        (tmp_path / name / marker).write_text('{"epoch": 2}')
+        (tmp_path / name / runs.CONFIG).write_text("epochs: 4\n")
     trials = [trial("a", "TERMINATED", 0.2), trial("b", "TERMINATED", 0.1),
               trial("c", "RUNNING", 0.3), trial("d", "PENDING"), trial("e", "ERROR")]
     line = summary_line(trials, tmp_path, "best_valid", elapsed=90.0, total=8)
@@ -412,14 +446,15 @@ def test_progress_line_counts_trials_by_state(tmp_path):
         "no best_valid yet | elapsed 0m05s | ETA ?")
 
 
-def test_reports_outlive_a_resume_for_the_wall_seconds_and_the_plot(tmp_path):
+def test_reports_outlive_a_resume_for_the_wall_seconds_and_the_plot(tmp_path, monkeypatch):
     """Tune's progress.csv of a restored trial starts again (its time_total_s at 0, its
     columns from its first result: a trial resumed at an epoch without an evaluation and cut
     there has no valid column); the driver's own REPORTS file keeps every result."""
     from scale_diffrec.tune.progress import REPORTS, SearchProgress
     from scale_diffrec.tune.results import plot, reports, wall_seconds
-    progress = SearchProgress(tmp_path / "runs", "best_valid")
-    a, b = SimpleNamespace(trial_id="a"), SimpleNamespace(trial_id="b")
+    progress = SearchProgress("best_valid")
+    monkeypatch.setattr(SearchProgress, "runs_dir", tmp_path / "runs")
+    a, b = (SimpleNamespace(trial_id=t) for t in "ab")
     for trial, result in ((a, {"epoch": 2, "time_total_s": 2.0, "valid/recall@20": 0.1}),
                           (a, {"epoch": 4, "time_total_s": 4.0, "valid/recall@20": 0.2}),
                           # the driver stopped; a restored trial's time starts again
@@ -505,10 +540,15 @@ def test_search_interrupted_and_resumed_selects_the_best_valid_trial(ray_local, 
                    if not (d / runs.METRICS).exists()}
     assert interrupted, log
 
+    # moved, the search resumes where it lies now (and writes nothing where it was)
+    started_in, out = out, tmp_path / "moved search"
+    started_in.rename(out)
+    cmd[cmd.index("--out") + 1] = str(out)
     second = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True,
                             timeout=600)
-    assert second.returncode == 0, second.stdout + second.stderr
     (tmp_path / "resume.log").write_text(second.stdout + second.stderr)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert not started_in.exists()
     printed = json.loads(second.stdout.strip().splitlines()[-1])
     summary = json.loads((out / "tune.json").read_text())
     table = pd.read_csv(out / "trials.csv")
@@ -547,8 +587,12 @@ def test_search_interrupted_and_resumed_selects_the_best_valid_trial(ray_local, 
 
     assert set(table["state"]) <= {"done", "stopped early"}
     for trial, state in zip(table["trial"], table["state"]):    # cut by ASHA: no metrics.json
-        assert (out / "runs" / trial / STOPPED).is_file() == (state == "stopped early")
-        assert (out / "runs" / trial / runs.METRICS).is_file() == (state == "done")
+        run_dir = out / "runs" / trial
+        assert state == ended_state(run_dir)
+        assert (state == "stopped early") <= (run_dir / STOPPED).is_file()
+        assert (run_dir / runs.METRICS).is_file() <= (state == "done")
+        assert (state == "done") == (len(_history_epochs(run_dir)) == 40 or
+                                     (run_dir / runs.METRICS).is_file())
 
     # test metrics only for the selected trial; its run directory works with evaluate
     for run_dir in (out / "runs").iterdir():
@@ -562,8 +606,13 @@ def test_search_interrupted_and_resumed_selects_the_best_valid_trial(ray_local, 
     assert valid["recall@20"] == pytest.approx(summary["best"]["valid"]["recall@20"], abs=1e-12)
     if mlflow:       # every trial's MLflow run ended FINISHED, a cut one tagged with its epoch
         from scale_diffrec.trackers import STOPPED_TAG
-        logged = {name: (run.info.status, STOPPED_TAG in run.data.tags)
-                  for name, (run, _) in _mlflow_runs(mlflow[0]).items()}
+        from mlflow.tracking import MlflowClient
+        client = MlflowClient(mlflow[0])
+        newest = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                    order_by=["attributes.start_time ASC"])
+        # each trial's newest run (one moved in the middle of its run starts another there)
+        logged = {run.info.run_name: (run.info.status, STOPPED_TAG in run.data.tags)
+                  for run in newest}
         assert logged == {t: ("FINISHED", state == "stopped early")
                           for t, state in zip(table["trial"], table["state"])}, logged
 

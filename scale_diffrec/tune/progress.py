@@ -23,6 +23,8 @@ import json
 import time
 from pathlib import Path
 
+import yaml
+
 from ray.tune import Callback
 
 from .. import runs
@@ -35,12 +37,17 @@ REPORTS = "tune_reports.jsonl"  # RUN_DIR/tune_reports.jsonl: every result Tune 
 
 
 def ended_state(run_dir: Path) -> str:
-    """'done' (the run wrote its metrics.json), 'stopped early' (the scheduler cut it) or
-    'unfinished' of a trial's run directory."""
+    """'done' (the run wrote its metrics.json, or the scheduler stopped it at its last epoch,
+    before it wrote it), 'stopped early' (the scheduler cut it before) or 'unfinished' of a
+    trial's run directory."""
     run_dir = Path(run_dir)
     if (run_dir / runs.METRICS).is_file():
         return "done"
-    return "stopped early" if (run_dir / STOPPED).is_file() else "unfinished"
+    if not (run_dir / STOPPED).is_file():
+        return "unfinished"
+    epoch = json.loads((run_dir / STOPPED).read_text())["epoch"]
+    planned = yaml.safe_load((run_dir / runs.CONFIG).read_text())["epochs"]
+    return "done" if epoch is not None and epoch >= planned else "stopped early"
 
 
 def trial_state(trial, runs_dir: Path) -> str:
@@ -78,10 +85,9 @@ class SearchProgress(Callback):
     trial's REPORTS file, and marks a trial the scheduler cut (STOPPED). With ``mlflow`` (the
     search's tracking URI), ends the MLflow run of a cut trial (``trackers.end_stopped_run``)."""
 
-    def __init__(self, runs_dir: Path, metric: str, every_s: float = 30.0,
-                 mlflow: str | None = None, shown: str | None = None):
-        self.runs_dir, self.metric, self.every_s = Path(runs_dir), metric, every_s
-        self.shown = shown
+    def __init__(self, metric: str, every_s: float = 30.0, mlflow: str | None = None,
+                 shown: str | None = None):
+        self.metric, self.every_s, self.shown = metric, every_s, shown
         self.mlflow = mlflow
         self.total = None
         self.due = False
@@ -91,8 +97,14 @@ class SearchProgress(Callback):
         self.total = total_num_samples
         self.started = self.last = time.time()
 
+    # OUT/runs of the search this driver runs, set by ``search.run_search`` for the callback
+    # Tune restores too: not an instance attribute, which the experiment would keep with the
+    # path the search started at (a search moved or copied, then resumed, writes where it
+    # lies now; Tune's restored trials also keep their old experiment path)
+    runs_dir: Path | None = None
+
     def on_step_end(self, iteration, trials, **info):
-        if self.due or time.time() - self.last >= self.every_s:
+        if trials and (self.due or time.time() - self.last >= self.every_s):
             self.due, self.last = False, time.time()
             log.info("%s", summary_line(trials, self.runs_dir, self.metric,
                                         self.last - self.started, self.total, self.shown))
@@ -109,9 +121,11 @@ class SearchProgress(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.due = True
-        stopped = self.runs_dir / trial.trial_id / STOPPED
-        if self.mlflow and stopped.is_file():
-            end_stopped_run(self.mlflow, stopped.parent, json.loads(stopped.read_text())["epoch"])
+        run_dir = self.runs_dir / trial.trial_id
+        if self.mlflow and (run_dir / STOPPED).is_file():
+            cut = ended_state(run_dir) == "stopped early"
+            end_stopped_run(self.mlflow, run_dir,
+                            json.loads((run_dir / STOPPED).read_text())["epoch"] if cut else None)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.due = True

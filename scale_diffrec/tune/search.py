@@ -30,11 +30,12 @@ from ..config import absolute_paths, load_config, save_config
 from ..data import load_data
 from ..claim import is_empty
 from ..errors import ConfigError
+from ..files import sha256
 from ..progress import log
 from ..train.distributed.trainer import check_address, check_workers
 from . import results
 from .progress import SearchProgress
-from .space import Space, load_space
+from .space import Space, dotted, load_space
 from .trial import BASE, METRIC, RUNS, SPACE, run_trial
 
 EXPERIMENT = "tune"           # OUT/tune: Ray Tune's experiment directory
@@ -55,6 +56,7 @@ class Settings:
     gpus_per_trial: float = 0.0
     max_concurrent: int | None = None
     mlflow: str | None = None       # tracking URI: each trial logs an MLflow run
+    sha256: dict | None = None      # of OUT/base.yaml and space.yaml: --resume checks them
 
 
 def trial_name(trial) -> str:
@@ -194,7 +196,7 @@ def _tuner(out: Path, cfg: dict, space: Space, settings: Settings, scheduler):
             trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=0,
                                   callbacks=[SearchProgress(
-                                      out / RUNS, METRIC, mlflow=settings.mlflow,
+                                      METRIC, mlflow=settings.mlflow,
                                       shown=f"valid {cfg['select_metric']}")]))
 
 
@@ -273,6 +275,7 @@ def prepare(config: str | Path, overrides: list[str], space_path: str | Path, ou
     runs.atomic_write(out / BASE, lambda tmp: save_config(cfg, tmp))
     runs.atomic_write(out / SPACE, lambda tmp: tmp.write_text(
         f"# {space.path}, resolved\n" + yaml.safe_dump(space.resolved(), sort_keys=False)))
+    settings.sha256 = {name: sha256(out / name) for name in (BASE, SPACE)}
     runs.write_json(out / SETTINGS, settings.__dict__)
     return cfg, load_space(out / SPACE, settings.search)
 
@@ -281,7 +284,16 @@ def saved(out: Path) -> tuple[dict, Space, Settings]:
     """The base config, space and settings of the search in OUT (for --resume)."""
     if not (out / SETTINGS).is_file():
         raise FileNotFoundError(f"{out / SETTINGS}: no search to resume in {out}")
-    settings = Settings(**json.loads((out / SETTINGS).read_text()))
+    try:
+        settings = Settings(**json.loads((out / SETTINGS).read_text()))
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{out / SETTINGS}: not a search's settings ({err}); start the "
+                          f"search again with --overwrite") from None
+    for name, digest in (settings.sha256 or {}).items():
+        if not (out / name).is_file() or sha256(out / name) != digest:
+            raise ConfigError(f"{out / name}: changed since the search started (its trials "
+                              f"ran with the saved one); put it back, or start again with "
+                              f"--overwrite")
     return load_config(out / BASE), load_space(out / SPACE, settings.search), settings
 
 
@@ -300,9 +312,15 @@ def run_search(out: Path, cfg: dict, space: Space, settings: Settings,
         # only as many trials as the cluster can give both (else they deadlock)
         per_trial = workers + settings.cpus_per_trial
         settings.max_concurrent = max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
+    if resume and not tune.Tuner.can_restore(str(experiment)):
+        # stopped before Tune saved its state (e.g. while Ray started): nothing ran that a
+        # restore could continue, so the saved search starts
+        log.info("%s: no Ray Tune state saved yet: starting the search from its saved "
+                 "settings", experiment)
+        for path in (experiment, out / RUNS):
+            shutil.rmtree(path, ignore_errors=True)
+        resume = False
     if resume:
-        if not tune.Tuner.can_restore(str(experiment)):
-            raise FileNotFoundError(f"{experiment}: no Ray Tune experiment to resume")
         log.info("resuming the search in %s", experiment)
         tuner = tune.Tuner.restore(str(experiment), trainable=_trainable(out, settings),
                                    resume_unfinished=True, resume_errored=True)
@@ -313,18 +331,13 @@ def run_search(out: Path, cfg: dict, space: Space, settings: Settings,
                  settings.cpus_per_trial, settings.gpus_per_trial,
                  space.scheduler if scheduler else "off")
         tuner = _tuner(out, cfg, space, settings, scheduler)
+    SearchProgress.runs_dir = out / RUNS      # where the search lies now (progress.py)
     grid = tuner.fit()
     ended = sum(results.ended(r, out) for r in grid)
     if ended < settings.trials:
         log.warning("search interrupted with %d of %d trials ended", ended, settings.trials)
         return None
     return report(grid, out, space, cfg)
-
-
-def _dotted(cfg: dict, key: str):
-    for part in key.split("."):
-        cfg = cfg[part]
-    return cfg
 
 
 def report(grid, out: Path, space: Space, cfg: dict) -> dict:
@@ -347,7 +360,7 @@ def report(grid, out: Path, space: Space, cfg: dict) -> dict:
     best_cfg = load_config(run_dir / runs.CONFIG)
     summary = {"metric": f"valid {metric_name}", "search": space.search, "trials": len(table),
                "best": {"trial": best["trial"], "run_dir": str(run_dir),
-                        "params": {k: _dotted(best_cfg, k) for p in space.params
+                        "params": {k: dotted(best_cfg, k) for p in space.params
                                    for k in p.keys},
                         "valid": metrics["valid"], "test": metrics["test"]},
                "table": str(out / f"{results.TABLE}.csv"), "plot": str(png)}

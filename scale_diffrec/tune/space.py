@@ -120,6 +120,7 @@ class Space:
             for i, key in enumerate(p.keys):
                 _check_key(self.path, p.name, key, [c[i] for c in p.choices], base)
         for p in self.params:
+            settings: dict[tuple, str] = {}     # the choice's typed values -> its label
             for choice in p.choices:
                 config = {q.name: q.labels[0] for q in self.params}
                 config[p.name] = p.label(choice)
@@ -136,6 +137,13 @@ class Space:
                 except ConfigError as err:
                     raise ConfigError(f"{self.path}: params '{p.name}' choice "
                                       f"{p.label(choice)}: {err}") from None
+                setting = tuple(label(dotted(cfg, k)) for k in p.keys)
+                if setting in settings:      # e.g. 1e-3 (a string in YAML 1.1) and 0.001
+                    raise ConfigError(f"{self.path}: params '{p.name}' choices "
+                                      f"{settings[setting]} and {p.label(choice)} are the same "
+                                      f"setting ({', '.join(setting)}): a trial of each would "
+                                      f"train the same run")
+                settings[setting] = p.label(choice)
         for i, point in enumerate(self.start):
             try:
                 cfg = load_config(base_path, [*base_overrides,
@@ -144,6 +152,13 @@ class Space:
                     check_cfg(cfg)
             except ConfigError as err:
                 raise ConfigError(f"{self.path}: start[{i}]: {err}") from None
+
+
+def dotted(cfg: dict, key: str):
+    """The value of dotted ``key`` ('diffusion.steps') in a config."""
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
 
 
 def _check_key(path: Path, name: str, key: str, values: list, base: dict) -> None:
