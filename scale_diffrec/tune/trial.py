@@ -33,6 +33,7 @@ from ..progress import setup_logging
 from ..trackers import MLflowLog, Trackers
 from ..train import train
 from ..train.distributed.trainer import train_distributed
+from .progress import ended_state
 from .space import load_space
 
 BASE = "base.yaml"          # OUT/base.yaml: the resolved base config every trial starts from
@@ -106,5 +107,4 @@ def run_trial(config: dict, out: str, mlflow: str | None = None) -> None:
         if tracker is not None:
             # a trial the scheduler stopped (the driver marked it before stopping it) ended
             # well: its process may get here as Tune stops it, after the driver ended the run
-            from .progress import ended_state     # cycle: progress imports RUNS from here
             tracker.close(failed and ended_state(run_dir) == "unfinished")
